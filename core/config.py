@@ -1,0 +1,47 @@
+"""Process settings, read once per process from `MSGCORE_*` variables and an optional TOML file.
+
+Settings are built in each entry point (`Settings()`), never at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MSGCORE_", extra="ignore")
+
+    # Stores. Empty URL = use the embedded servers that `msgcore up` started (their URLs are
+    # written to `<data_dir>/endpoints.json`).
+    mongo_url: str = ""
+    mongo_db: str = "msgcore"
+    pg_url: str = ""
+    reporting_schema: str = "reporting"
+
+    data_dir: Path = Path(".msgcore")
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    # Admin key for /v1/admin; `msgcore up` generates one and stores it in the data dir.
+    admin_key: str = ""
+
+    # Routes loaded into the `routes` collection on start (TOML file with [[routes]] tables).
+    routes_file: Path | None = None
+
+    # Workers.
+    batch_size: int = Field(default=500, ge=1, le=5000)
+    poll_interval_s: float = Field(default=0.05, gt=0)
+    lease_s: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=5, ge=1)
+    default_validity_s: int = Field(default=48 * 3600, ge=60)
+    max_parts: int = Field(default=10, ge=1, le=255)
+
+    # Simulator (msgcore smsc-sim) defaults.
+    sim_host: str = "127.0.0.1"
+    sim_port: int = 2775
+    sim_receipt_delay_s: float = 0.2
+
+    log_level: str = "INFO"

@@ -1,0 +1,106 @@
+"""Lifecycle events: immutable, past-tense facts about one message, stored as documents in `events`.
+
+Document shape in MongoDB (collection `events`, unique index on (message_id, seq)):
+
+    {message_id: str, seq: int (1, 2, 3 ... per message), type: str, at: datetime (UTC),
+     tenant_id: str, route_id: str | None, channel: "sms" | "email", v: int (schema version),
+     data: {...}}
+
+`data` per type (all keys present unless marked optional):
+
+    accepted      to, sender, text, encoding ("gsm7"|"ucs2"), parts, priority, validity_s,
+                  send_at (datetime|None), campaign_id (None), client_ref (None)
+    routed        route_id, price_per_part (int, minor units), currency, strategy
+    sent          route_id, smsc_message_ids (list[str], one per part), attempt, parts
+    retry         route_id, attempt, error_code (int), error_name, next_at (datetime)
+    failed        route_id (or None), attempt, error_code (int|None), error_name, reason
+    delivered     route_id, smsc_message_id, stat, err, done_at (datetime|None)
+    undelivered   route_id, smsc_message_id, stat, err, done_at (datetime|None)
+    expired       reason
+    billed        route_id, parts, price_per_part, amount (int, minor units), currency
+    rejected      reason
+    canceled      reason
+    dead_lettered reason, attempts
+    inbound       from, to, text, smsc_message_id (optional), reply_to (message id, optional)
+
+Money is integer minor units (e.g. 1 = 0.01 EUR); times are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+
+class EventType(StrEnum):
+    ACCEPTED = "accepted"
+    ROUTED = "routed"
+    SENT = "sent"
+    RETRY = "retry"
+    FAILED = "failed"
+    DELIVERED = "delivered"
+    UNDELIVERED = "undelivered"
+    EXPIRED = "expired"
+    BILLED = "billed"
+    REJECTED = "rejected"
+    CANCELED = "canceled"
+    DEAD_LETTERED = "dead_lettered"
+    INBOUND = "inbound"
+
+
+class Event(BaseModel):
+    """One fact in a message's life. `seq` is its position in the message's stream (1-based)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    message_id: str
+    seq: int = Field(ge=1)
+    type: EventType
+    at: datetime
+    tenant_id: str
+    route_id: str | None = None
+    channel: str = "sms"
+    v: int = SCHEMA_VERSION
+    data: dict[str, Any] = Field(default_factory=dict)
+
+    def to_doc(self) -> dict[str, Any]:
+        return {
+            "message_id": self.message_id,
+            "seq": self.seq,
+            "type": self.type.value,
+            "at": self.at,
+            "tenant_id": self.tenant_id,
+            "route_id": self.route_id,
+            "channel": self.channel,
+            "v": self.v,
+            "data": self.data,
+        }
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Event:
+        at = doc["at"]
+        if at.tzinfo is None:  # BSON dates come back naive unless the client is tz_aware
+            at = at.replace(tzinfo=UTC)
+        return cls(
+            message_id=doc["message_id"],
+            seq=doc["seq"],
+            type=EventType(doc["type"]),
+            at=at,
+            tenant_id=doc["tenant_id"],
+            route_id=doc.get("route_id"),
+            channel=doc.get("channel", "sms"),
+            v=doc.get("v", SCHEMA_VERSION),
+            data=doc.get("data", {}),
+        )
+
+
+def utcnow() -> datetime:
+    """Now in UTC, truncated to milliseconds: BSON dates keep milliseconds, so a time read back from
+    the log equals the one the domain decided with."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)

@@ -1,0 +1,173 @@
+"""The message lifecycle as two pure functions: `evolve(state, event)` and the `decide_*` functions.
+
+A message's head in MongoDB is `fold(events)`, cached. Every stage of the pipeline works on heads in
+one *queue* (the stage that must act next); the queue follows from the state alone.
+
+    accepted ─route─> routed ─submit_sm─> sent ─receipt─> delivered | undelivered ─> (billed)
+       │ ▲              │                   └─validity─> expired ─────────────────> (billed)
+       │ └──── retry <──┤ (temporary error: back to the router, avoiding that route)
+       └──> failed <────┘ (permanent error, no route, attempts exhausted -> dead_lettered)
+
+`billed` does not change the delivery state; it sets `billed` and empties the queue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from core.domain.errors import InvalidTransition
+from core.domain.events import Event, EventType
+
+# Which states each event may follow (None = a new stream).
+ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
+    EventType.ACCEPTED: frozenset({None}),
+    EventType.INBOUND: frozenset({None}),
+    EventType.ROUTED: frozenset({"accepted", "retry"}),
+    EventType.SENT: frozenset({"routed"}),
+    EventType.RETRY: frozenset({"routed", "sent"}),
+    EventType.FAILED: frozenset({"accepted", "retry", "routed"}),
+    EventType.DELIVERED: frozenset({"sent", "expired"}),
+    EventType.UNDELIVERED: frozenset({"sent", "expired"}),
+    EventType.EXPIRED: frozenset({"accepted", "retry", "routed", "sent"}),
+    EventType.BILLED: frozenset({"delivered", "undelivered", "expired"}),
+    EventType.REJECTED: frozenset({"accepted", "retry"}),
+    EventType.CANCELED: frozenset({"accepted", "retry", "routed"}),
+    EventType.DEAD_LETTERED: frozenset({"accepted", "retry", "routed", "sent"}),
+}
+
+TERMINAL_STATES = frozenset(
+    {"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered", "inbound"}
+)
+
+
+@dataclass(frozen=True)
+class MessageState:
+    """The fold of one message's events: what every stage needs to decide."""
+
+    message_id: str
+    tenant_id: str
+    state: str
+    version: int
+    channel: str = "sms"
+    to: str = ""
+    sender: str = ""
+    text: str = ""
+    encoding: str = "gsm7"
+    parts: int = 1
+    priority: int = 0
+    validity_s: int = 0
+    accepted_at: datetime | None = None
+    send_at: datetime | None = None
+    campaign_id: str | None = None
+    route_id: str | None = None
+    price_per_part: int = 0
+    currency: str = "EUR"
+    excluded_routes: tuple[str, ...] = ()
+    attempts: int = 0
+    smsc_message_ids: tuple[str, ...] = ()
+    sent_at: datetime | None = None
+    billed: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def expires_at(self) -> datetime | None:
+        start = self.send_at or self.accepted_at
+        if start is None or not self.validity_s:
+            return None
+        return start + timedelta(seconds=self.validity_s)
+
+
+def queue_for(state: MessageState) -> str | None:
+    """The stage that must act next on a message in this state, or None when nothing must."""
+    if state.state in ("accepted", "retry"):
+        return "route"
+    if state.state == "routed":
+        return f"send:{state.route_id}"
+    if state.state == "sent":
+        return "receipt"
+    if state.state in ("delivered", "undelivered", "expired") and not state.billed and state.sent_at is not None:
+        return "bill"
+    return None
+
+
+def check_allowed(state: MessageState | None, event_type: EventType, message_id: str) -> None:
+    current = state.state if state is not None else None
+    if event_type == EventType.BILLED and state is not None and state.billed:
+        raise InvalidTransition(message_id, "billed", event_type.value)
+    if current not in ALLOWED_FROM[event_type]:
+        raise InvalidTransition(message_id, current, event_type.value)
+
+
+def evolve(state: MessageState | None, event: Event) -> MessageState:
+    """Apply one event. Raises InvalidTransition if the event does not fit the state."""
+    check_allowed(state, event.type, event.message_id)
+    d = event.data
+    if state is None:
+        return _new_stream(event)
+    s = replace(state, version=event.seq)
+    match event.type:
+        case EventType.ROUTED:
+            return replace(s, state="routed", route_id=d["route_id"], price_per_part=d.get("price_per_part", 0),
+                           currency=d.get("currency", s.currency))
+        case EventType.SENT:
+            return replace(s, state="sent", sent_at=event.at, attempts=d.get("attempt", s.attempts),
+                           smsc_message_ids=tuple(d.get("smsc_message_ids", ())))
+        case EventType.RETRY:
+            excluded = s.excluded_routes
+            if d.get("exclude_route") and s.route_id and s.route_id not in excluded:
+                excluded = (*excluded, s.route_id)
+            return replace(s, state="retry", attempts=d.get("attempt", s.attempts), excluded_routes=excluded)
+        case EventType.BILLED:
+            return replace(s, billed=True)
+        case _:
+            return replace(s, state=event.type.value)
+
+
+def _new_stream(event: Event) -> MessageState:
+    d = event.data
+    if event.type == EventType.INBOUND:
+        return MessageState(message_id=event.message_id, tenant_id=event.tenant_id, state="inbound",
+                            version=event.seq, channel=event.channel, to=d.get("to", ""),
+                            sender=d.get("from", ""), text=d.get("text", ""))
+    return MessageState(
+        message_id=event.message_id,
+        tenant_id=event.tenant_id,
+        state="accepted",
+        version=event.seq,
+        channel=event.channel,
+        to=d["to"],
+        sender=d["sender"],
+        text=d["text"],
+        encoding=d.get("encoding", "gsm7"),
+        parts=d.get("parts", 1),
+        priority=d.get("priority", 0),
+        validity_s=d.get("validity_s", 0),
+        accepted_at=event.at,
+        send_at=d.get("send_at"),
+        campaign_id=d.get("campaign_id"),
+    )
+
+
+def fold(events: list[Event]) -> MessageState | None:
+    state: MessageState | None = None
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+def next_event(state: MessageState, event_type: EventType, at: datetime, data: dict[str, Any],
+               route_id: str | None = None) -> Event:
+    """Build the event that follows `state`, after checking the transition is allowed."""
+    check_allowed(state, event_type, state.message_id)
+    return Event(
+        message_id=state.message_id,
+        seq=state.version + 1,
+        type=event_type,
+        at=at,
+        tenant_id=state.tenant_id,
+        route_id=route_id if route_id is not None else state.route_id,
+        channel=state.channel,
+        data=data,
+    )

@@ -1,0 +1,103 @@
+"""Routes and the strategies that pick one (after Envoy, seed 000). Pure: no I/O.
+
+Priority 1 is the highest. A route is DOWN while its connection is down and BUSY while its window is
+full. Among routes matching a destination, the longest matching prefix wins ("" is the default).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.domain.errors import NoRoute
+
+
+class Strategy(StrEnum):
+    LOAD_BALANCE = "load_balance"
+    FAILOVER = "failover"
+    SMART = "smart"
+
+
+class RouteStatus(StrEnum):
+    UP = "up"
+    BUSY = "busy"
+    DOWN = "down"
+
+
+class Route(BaseModel):
+    """An upstream: an SMPP connection to an SMSC, with its commercial terms."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    kind: str = "smpp"
+    host: str = "127.0.0.1"
+    port: int = Field(default=2775, ge=1, le=65535)
+    system_id: str = "msgcore"
+    password: str = "secret"
+    system_type: str = ""
+    priority: int = Field(default=1, ge=1)
+    weight: int = Field(default=1, ge=1)
+    prefixes: tuple[str, ...] = ("",)
+    tps: int = Field(default=0, ge=0)  # 0 = no limit
+    binds: int = Field(default=1, ge=1, le=32)
+    window: int = Field(default=20, ge=1, le=1000)
+    price_per_part: int = Field(default=0, ge=0)  # minor units
+    currency: str = "EUR"
+    group: str = "default"
+    strategy: Strategy = Strategy.FAILOVER
+    enabled: bool = True
+
+    def match_length(self, destination: str) -> int:
+        """Length of the longest prefix of this route matching `destination`, or -1."""
+        digits = destination.lstrip("+")
+        best = -1
+        for p in self.prefixes:
+            p = p.lstrip("+")
+            if digits.startswith(p) and len(p) > best:
+                best = len(p)
+        return best
+
+
+def candidates(routes: Sequence[Route], destination: str, excluded: Sequence[str] = ()) -> list[Route]:
+    """Enabled routes whose prefix match is the longest, not excluded, in priority order."""
+    scored = [(r.match_length(destination), r) for r in routes if r.enabled and r.id not in excluded]
+    scored = [(n, r) for n, r in scored if n >= 0]
+    if not scored:
+        return []
+    longest = max(n for n, _ in scored)
+    return sorted((r for n, r in scored if n == longest), key=lambda r: (r.priority, r.id))
+
+
+def choose_route(routes: Sequence[Route], destination: str, status: Mapping[str, RouteStatus],
+                 excluded: Sequence[str] = (), rng: random.Random | None = None) -> Route:
+    """The route for `destination`. If every candidate is DOWN, the first by priority is chosen
+    anyway: the message waits for it rather than failing. Raises NoRoute if nothing matches."""
+    pool = candidates(routes, destination, excluded)
+    if not pool:
+        raise NoRoute(destination)
+    strategy = pool[0].strategy
+
+    def st(r: Route) -> RouteStatus:
+        return status.get(r.id, RouteStatus.DOWN)
+
+    if strategy == Strategy.FAILOVER:
+        return next((r for r in pool if st(r) != RouteStatus.DOWN), pool[0])
+    if strategy == Strategy.LOAD_BALANCE:
+        return next((r for r in pool if st(r) == RouteStatus.UP),
+                    next((r for r in pool if st(r) != RouteStatus.DOWN), pool[0]))
+    return _smart(pool, st, rng or random.Random())
+
+
+def _smart(pool: list[Route], st: object, rng: random.Random) -> Route:
+    """Balance by weight across the highest priority level with a live route; prefer non-BUSY."""
+    status_of = st  # callable Route -> RouteStatus
+    for level in sorted({r.priority for r in pool}):
+        live = [r for r in pool if r.priority == level and status_of(r) != RouteStatus.DOWN]  # type: ignore[operator]
+        if live:
+            free = [r for r in live if status_of(r) == RouteStatus.UP] or live  # type: ignore[operator]
+            return rng.choices(free, weights=[r.weight for r in free])[0]
+    return pool[0]

@@ -1,0 +1,268 @@
+"""The event log and its heads in MongoDB: append with an expected version, claim due work.
+
+Contract:
+- `events` holds immutable facts, unique on (message_id, seq); nothing here updates or deletes one.
+- Every event is written in the same transaction as its head, and the head write is guarded by the
+  version the writer read (and by its lease token, for leased stages). A writer that lost a race
+  changes nothing; `commit` reports it as a conflict and commits the rest of its batch.
+- Work is found by claiming heads of one queue whose `due_at` has passed. Stages with a side effect
+  outside MongoDB (the SMSC connector) take a lease first; the lease records the attempt.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, ReplaceOne
+from pymongo.asynchronous.client_session import AsyncClientSession
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
+from pymongo.read_concern import ReadConcern
+from pymongo.write_concern import WriteConcern
+
+from core.domain.events import Event
+from core.domain.message import MessageState
+from core.store.heads import NOT_LEASED, head_doc, state_from_head
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_KEY = 11000
+
+
+SideWrites = Callable[[Sequence["Transition"]], list[tuple[str, list[Any]]]]
+
+
+class _Conflict(Exception):
+    """Raised inside a transaction to abort it: some head moved on since it was read."""
+
+
+@dataclass(frozen=True)
+class Transition:
+    """New events for one message and its head afterwards, guarded by the version read."""
+
+    expected_version: int
+    events: Sequence[Event]
+    state: MessageState
+    due_at: datetime | None = None
+    lease_token: str | None = None
+    head_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def message_id(self) -> str:
+        return self.state.message_id
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A head claimed by a stage. `token` is set for leased claims; `prior_lease` says a previous
+    holder's lease expired without an outcome (the attempt's result is unknown)."""
+
+    state: MessageState
+    token: str | None = None
+    prior_lease: bool = False
+
+
+@dataclass
+class CommitResult:
+    committed: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str  # "<tenant_id>:<client key>"
+    request_hash: str
+    message_ids: list[str]
+
+
+class IdempotencyReplay(Exception):
+    """The idempotency key was used before; carries the earlier record."""
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        super().__init__(record["_id"])
+        self.record = record
+
+
+class EventStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.db = db
+        self.events = db["events"]
+        self.streams = db["streams"]
+        self.idempotency = db["idempotency"]
+        # Durable writes: majority where the server supports it (a single node acknowledges alone).
+        self._wc = WriteConcern("majority")
+        self._rc = ReadConcern("majority")
+
+    async def ensure_indexes(self) -> None:
+        await self.events.create_index([("message_id", ASCENDING), ("seq", ASCENDING)], unique=True,
+                                       name="message_seq")
+        await self.streams.create_index([("queue", ASCENDING), ("due_at", ASCENDING)], name="queue_due")
+        await self.streams.create_index([("route_id", ASCENDING), ("smsc_ids", ASCENDING)], name="route_smsc_ids")
+        await self.streams.create_index([("lease_token", ASCENDING)], name="lease_token", sparse=True)
+        await self.streams.create_index([("tenant_id", ASCENDING), ("state", ASCENDING)], name="tenant_state")
+
+    # ---- transactions -------------------------------------------------------------------------
+
+    async def _in_transaction(self, body: Any) -> Any:
+        """Run `body(session)` in a transaction; the driver retries TransientTransactionError and
+        UnknownTransactionCommitResult as its documented rules say."""
+        async with self.db.client.start_session() as session:
+            return await session.with_transaction(body, read_concern=self._rc, write_concern=self._wc)
+
+    async def accept(self, items: Sequence[tuple[Event, dict[str, Any]]],
+                     idempotency: IdempotencyRecord | None = None) -> None:
+        """Append the first event of new streams with their heads, in one transaction.
+
+        Raises IdempotencyReplay if the idempotency key was used before (nothing is written then).
+        """
+
+        async def body(session: AsyncClientSession) -> None:
+            if idempotency is not None:
+                await self.idempotency.insert_one(
+                    {"_id": idempotency.key, "request_hash": idempotency.request_hash,
+                     "message_ids": idempotency.message_ids, "created_at": items[0][0].at if items else None},
+                    session=session,
+                )
+            if items:
+                await self.events.insert_many([e.to_doc() for e, _ in items], ordered=False, session=session)
+                await self.streams.insert_many([h for _, h in items], ordered=False, session=session)
+
+        try:
+            await self._in_transaction(body)
+        except (DuplicateKeyError, BulkWriteError) as e:
+            if idempotency is not None and _is_duplicate(e):
+                existing = await self.idempotency.find_one({"_id": idempotency.key})
+                if existing is not None:
+                    raise IdempotencyReplay(existing) from e
+            raise
+
+    async def commit(self, transitions: Sequence[Transition], now: datetime,
+                     side_writes: SideWrites | None = None) -> CommitResult:
+        """Append each transition's events and replace its head, all in one transaction.
+
+        Transitions whose head moved on (another writer, or a lost lease) are dropped and reported in
+        `conflicts`; the others are committed together. `side_writes(batch)` returns further writes
+        (collection name, operations) that belong to exactly the transitions committed, such as a
+        tenant's spend; it is called again for whatever remains after a conflict.
+        """
+        result = CommitResult()
+        pending = list(transitions)
+        for _ in range(5):
+            if not pending:
+                return result
+            try:
+                await self._in_transaction(lambda s, batch=pending: self._write(batch, now, s, side_writes))
+                result.committed.extend(t.message_id for t in pending)
+                return result
+            except (_Conflict, DuplicateKeyError, BulkWriteError) as e:
+                if not isinstance(e, _Conflict) and not _is_duplicate(e):
+                    raise
+                pending, lost = await self._drop_stale(pending)
+                result.conflicts.extend(lost)
+                log.debug("commit: %d lost a race and were dropped: %s", len(lost), lost[:5])
+        raise RuntimeError("commit: conflicts did not settle after 5 rounds")
+
+    async def _write(self, batch: Sequence[Transition], now: datetime, session: AsyncClientSession,
+                     side_writes: SideWrites | None) -> None:
+        docs = [e.to_doc() for t in batch for e in t.events]
+        if docs:
+            await self.events.insert_many(docs, ordered=False, session=session)
+        ops = []
+        for t in batch:
+            guard: dict[str, Any] = {"_id": t.message_id, "version": t.expected_version}
+            if t.lease_token is not None:
+                guard["lease_token"] = t.lease_token
+            ops.append(ReplaceOne(guard, head_doc(t.state, now=now, due_at=t.due_at, **t.head_extra)))
+        res = await self.streams.bulk_write(ops, ordered=False, session=session)
+        if res.matched_count != len(ops):
+            raise _Conflict()
+        for collection, writes in (side_writes(batch) if side_writes else []):
+            if writes:
+                await self.db[collection].bulk_write(writes, ordered=False, session=session)
+
+    async def _drop_stale(self, batch: list[Transition]) -> tuple[list[Transition], list[str]]:
+        heads = {
+            d["_id"]: d
+            async for d in self.streams.find({"_id": {"$in": [t.message_id for t in batch]}},
+                                             {"version": 1, "lease_token": 1})
+        }
+        keep, lost = [], []
+        for t in batch:
+            h = heads.get(t.message_id)
+            fresh = h is not None and h["version"] == t.expected_version and (
+                t.lease_token is None or h.get("lease_token") == t.lease_token)
+            (keep if fresh else lost).append(t if fresh else t.message_id)  # type: ignore[arg-type]
+        return keep, lost  # type: ignore[return-value]
+
+    # ---- claims ---------------------------------------------------------------------------------
+
+    async def due(self, queue: str, now: datetime, limit: int) -> list[Claimed]:
+        """Heads of `queue` whose time has come, oldest first; no lease (the commit's version guard
+        settles races)."""
+        cursor = self.streams.find({"queue": queue, "due_at": {"$lte": now}}).sort("due_at", ASCENDING).limit(limit)
+        return [Claimed(state_from_head(d)) async for d in cursor]
+
+    async def claim(self, queue: str, now: datetime, limit: int, owner: str, lease_s: float) -> list[Claimed]:
+        """Lease up to `limit` due heads of `queue` for `lease_s` seconds and count the attempt.
+
+        Three round trips whatever the batch size: find candidates, lease them in one update, read
+        back what this claim won (another worker may have won some of them).
+        """
+        if limit <= 0:
+            return []
+        free = {"queue": queue, "due_at": {"$lte": now}, "lease_until": {"$lte": now}}
+        ids = [d["_id"] async for d in self.streams.find(free, {"_id": 1}).sort("due_at", ASCENDING).limit(limit)]
+        if not ids:
+            return []
+        # Heads whose previous lease expired without an outcome: the earlier attempt's result is unknown.
+        prior = {d["_id"] async for d in self.streams.find({"_id": {"$in": ids}, "lease_token": {"$ne": None}},
+                                                           {"_id": 1})}
+        token = uuid.uuid4().hex
+        await self.streams.update_many(
+            {**free, "_id": {"$in": ids}},
+            {"$set": {"lease_owner": owner, "lease_token": token, "lease_until": now + timedelta(seconds=lease_s)},
+             "$inc": {"attempts": 1}},
+        )
+        won = [d async for d in self.streams.find({"lease_token": token})]
+        return [Claimed(state_from_head(d), token=token, prior_lease=d["_id"] in prior) for d in won]
+
+    async def release(self, claims: Sequence[Claimed], due_at: datetime) -> None:
+        """Give leased heads back untouched (e.g. shutdown before sending), undoing the attempt count."""
+        tokens = {c.token for c in claims if c.token}
+        ids = [c.state.message_id for c in claims]
+        if not ids:
+            return
+        await self.streams.update_many(
+            {"_id": {"$in": ids}, "lease_token": {"$in": list(tokens)}},
+            {"$set": {"lease_owner": None, "lease_token": None, "lease_until": NOT_LEASED, "due_at": due_at},
+             "$inc": {"attempts": -1}},
+        )
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    async def head(self, message_id: str) -> dict[str, Any] | None:
+        return await self.streams.find_one({"_id": message_id})
+
+    async def load_events(self, message_id: str) -> list[Event]:
+        cursor = self.events.find({"message_id": message_id}).sort("seq", ASCENDING)
+        return [Event.from_doc(d) async for d in cursor]
+
+    async def heads_by_smsc_ids(self, route_id: str, smsc_ids: Sequence[str]) -> list[MessageState]:
+        cursor = self.streams.find({"route_id": route_id, "smsc_ids": {"$in": list(smsc_ids)}})
+        return [state_from_head(d) async for d in cursor]
+
+    async def heads_by_ids(self, ids: Sequence[str]) -> dict[str, MessageState]:
+        return {d["_id"]: state_from_head(d) async for d in self.streams.find({"_id": {"$in": list(ids)}})}
+
+
+def _is_duplicate(e: Exception) -> bool:
+    if isinstance(e, DuplicateKeyError):
+        return True
+    if isinstance(e, BulkWriteError):
+        return any(err.get("code") == DUPLICATE_KEY for err in e.details.get("writeErrors", []))
+    return isinstance(e, OperationFailure) and e.code == DUPLICATE_KEY

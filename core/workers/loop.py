@@ -1,0 +1,38 @@
+"""The poll loop shared by the stages: do a step, sleep only when there was nothing to do."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from pymongo.errors import ConnectionFailure, OperationFailure
+
+log = logging.getLogger(__name__)
+
+
+async def run_until_stopped(name: str, step: Callable[[], Awaitable[int]], stop: asyncio.Event,
+                            idle_s: float, max_backoff_s: float = 5.0) -> None:
+    """Call `step()` until `stop` is set. A step returns how much work it did; 0 means idle.
+
+    Transient store errors back off and retry: a stage holds nothing that a restart would lose.
+    """
+    backoff = idle_s
+    while not stop.is_set():
+        try:
+            done = await step()
+            backoff = idle_s
+        except (ConnectionFailure, OperationFailure) as e:
+            log.warning("%s: store error, retrying in %.1fs: %s", name, backoff, e)
+            done = 0
+            backoff = min(max_backoff_s, backoff * 2)
+            await _sleep_or_stop(stop, backoff)
+            continue
+        if done == 0:
+            await _sleep_or_stop(stop, idle_s)
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)

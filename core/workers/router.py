@@ -1,0 +1,78 @@
+"""Router: takes accepted (and retrying) messages, picks a route, appends `routed`.
+
+No lease: the commit is guarded by version, so two routers racing for one message change it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from datetime import datetime
+
+from core.domain.errors import NoRoute
+from core.domain.events import Event, EventType
+from core.domain.message import MessageState, evolve, next_event
+from core.domain.routing import Route, RouteStatus, choose_route
+from core.store.eventstore import EventStore, Transition
+from core.store.routes import RouteStore
+
+log = logging.getLogger(__name__)
+
+ROUTES_TTL_S = 1.0
+
+
+class Router:
+    def __init__(self, store: EventStore, routes: RouteStore, clock: Callable[[], datetime], *,
+                 batch_size: int = 500, max_attempts: int = 5, rng: random.Random | None = None) -> None:
+        self.store = store
+        self.routes = routes
+        self.clock = clock
+        self.batch_size = batch_size
+        self.max_attempts = max_attempts
+        self.rng = rng or random.Random()
+        self._routes: list[Route] = []
+        self._status: dict[str, RouteStatus] = {}
+        self._loaded_at = float("-inf")
+        self.routed = 0
+
+    async def _refresh(self, now: datetime) -> None:
+        # Routes change at run time through the admin API; a short cache keeps reads off the hot path.
+        if time.monotonic() - self._loaded_at >= ROUTES_TTL_S:
+            self._routes = await self.routes.list(include_disabled=False)
+            self._status = await self.routes.statuses(now)
+            self._loaded_at = time.monotonic()
+
+    async def step(self) -> int:
+        now = self.clock()
+        claims = await self.store.due("route", now, self.batch_size)
+        if not claims:
+            return 0
+        await self._refresh(now)
+        transitions = [self._decide(c.state, now) for c in claims]
+        result = await self.store.commit(transitions, now)
+        self.routed += len(result.committed)
+        log.debug("router: committed %d, conflicts %d", len(result.committed), len(result.conflicts))
+        return len(claims)
+
+    def _decide(self, state: MessageState, now: datetime) -> Transition:
+        event = self._route_event(state, now)
+        return Transition(state.version, [event], evolve(state, event))
+
+    def _route_event(self, state: MessageState, now: datetime) -> Event:
+        if state.expires_at is not None and now >= state.expires_at:
+            return next_event(state, EventType.EXPIRED, now, {"reason": "validity passed before routing"})
+        if state.attempts >= self.max_attempts:
+            return next_event(state, EventType.DEAD_LETTERED, now,
+                              {"reason": f"{state.attempts} attempts failed", "attempts": state.attempts})
+        try:
+            route = choose_route(self._routes, state.to, self._status, state.excluded_routes, self.rng)
+        except NoRoute as e:
+            log.info("router: message=%s tenant=%s no route for %s", state.message_id, state.tenant_id, state.to)
+            return next_event(state, EventType.FAILED, now,
+                              {"route_id": None, "attempt": state.attempts, "error_code": None,
+                               "error_name": "NO_ROUTE", "reason": str(e)}, route_id=None)
+        return next_event(state, EventType.ROUTED, now,
+                          {"route_id": route.id, "price_per_part": route.price_per_part, "currency": route.currency,
+                           "strategy": route.strategy.value}, route_id=route.id)
