@@ -76,7 +76,9 @@ def choose_route(routes: Sequence[Route], destination: str, status: Mapping[str,
                  excluded: Sequence[str] = (), rng: random.Random | None = None) -> Route:
     """The route for `destination`. If every candidate is DOWN, the first by priority is chosen
     anyway: the message waits for it rather than failing. Raises NoRoute if nothing matches."""
-    pool = candidates(routes, destination, excluded)
+    # A message that failed on every matching route tries them again rather than failing for want
+    # of a route: its exceptions steer it away from a bad route only while there is another one.
+    pool = candidates(routes, destination, excluded) or candidates(routes, destination)
     if not pool:
         raise NoRoute(destination)
     strategy = pool[0].strategy

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 from pymongo.errors import ConnectionFailure, OperationFailure
+
+from core.aio import sleep_or_stop
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,7 @@ async def run_until_stopped(name: str, step: Callable[[], Awaitable[int]], stop:
             log.warning("%s: store error, retrying in %.1fs: %s", name, backoff, e)
             done = 0
             backoff = min(max_backoff_s, backoff * 2)
-            await _sleep_or_stop(stop, backoff)
+            await sleep_or_stop(stop, backoff)
             continue
         if done == 0:
-            await _sleep_or_stop(stop, idle_s)
-
-
-async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+            await sleep_or_stop(stop, idle_s)

@@ -1,0 +1,167 @@
+"""Composition roots: one async `main` per component process, wiring stores, clock and workers.
+
+Each runs until SIGTERM/SIGINT, then stops claiming, finishes or releases what is in flight, and
+exits. None needs another component to be up: the log in MongoDB decouples them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core.config import Settings
+from core.domain.events import utcnow
+from core.store.eventstore import EventStore
+from core.store.mongo import connect
+from core.store.routes import RouteStore
+from core.store.tenants import TenantStore
+from core.workers.biller import Biller
+from core.workers.expiry import Expirer
+from core.workers.loop import run_until_stopped
+from ops.embedded import read_endpoints
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(RuntimeError):
+    """Settings that cannot work; the message names the variable to set."""
+
+
+def resolve_urls(settings: Settings) -> Settings:
+    """Fill empty store URLs from the endpoints a running `msgcore up` recorded in the data dir."""
+    endpoints = read_endpoints(settings.data_dir)
+    mongo = settings.mongo_url or endpoints.get("mongo", "")
+    pg = settings.pg_url or endpoints.get("pg", "")
+    if not mongo:
+        raise ConfigError("no MongoDB: set MSGCORE_MONGO_URL, or start the embedded default with `msgcore up`")
+    return settings.model_copy(update={"mongo_url": mongo, "pg_url": pg,
+                                       "admin_key": settings.admin_key or endpoints.get("admin_key", "")})
+
+
+def stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+@asynccontextmanager
+async def database(settings: Settings, component: str):  # type: ignore[no-untyped-def]
+    client = connect(settings.mongo_url, component)
+    try:
+        yield client[settings.mongo_db]
+    finally:
+        await client.close()
+
+
+async def prepare(db: AsyncDatabase) -> None:
+    """Indexes every component relies on; idempotent."""
+    await EventStore(db).ensure_indexes()
+    await TenantStore(db).ensure_indexes()
+
+
+def worker_id(component: str) -> str:
+    return f"{component}@{socket.gethostname()}:{os.getpid()}"
+
+
+async def _run_stage(settings: Settings, component: str,
+                     build: Callable[[AsyncDatabase], Any]) -> None:
+    stop = stop_on_signals()
+    async with database(settings, component) as db:
+        await prepare(db)
+        stage = build(db)
+        log.info("%s started (%s)", component, worker_id(component))
+        await run_until_stopped(component, stage.step, stop, settings.poll_interval_s)
+        log.info("%s stopped", component)
+
+
+async def router_main(settings: Settings) -> None:
+    from core.workers.router import Router
+
+    await _run_stage(settings, "router", lambda db: Router(EventStore(db), RouteStore(db), utcnow,
+                                                           batch_size=settings.batch_size,
+                                                           max_attempts=settings.max_attempts))
+
+
+async def biller_main(settings: Settings) -> None:
+    await _run_stage(settings, "biller", lambda db: Biller(EventStore(db), utcnow, batch_size=settings.batch_size))
+
+
+async def scheduler_main(settings: Settings) -> None:
+    """Timed jobs: expire messages whose receipt never came (every second)."""
+    stop = stop_on_signals()
+    async with database(settings, "scheduler") as db:
+        await prepare(db)
+        expirer = Expirer(EventStore(db), utcnow, batch_size=settings.batch_size)
+        scheduler = AsyncIOScheduler(timezone="UTC")
+
+        async def expire_due() -> None:
+            while await expirer.step():
+                pass
+
+        scheduler.add_job(expire_due, "interval", seconds=1, max_instances=1, coalesce=True, id="expire")
+        scheduler.start()
+        log.info("scheduler started (%s)", worker_id("scheduler"))
+        await stop.wait()
+        scheduler.shutdown(wait=False)
+        log.info("scheduler stopped; expired %d", expirer.expired)
+
+
+async def connector_main(settings: Settings, route_ids: list[str]) -> None:
+    """Run the connectors of the given routes (all enabled SMPP routes when none are named)."""
+    from smsc.connector import Connector
+
+    stop = stop_on_signals()
+    async with database(settings, "connector") as db:
+        await prepare(db)
+        routes = RouteStore(db)
+        chosen = [r for r in await routes.list(include_disabled=False)
+                  if r.kind == "smpp" and (not route_ids or r.id in route_ids)]
+        if not chosen:
+            among = f" among {', '.join(route_ids)}" if route_ids else ""
+            raise ConfigError(f"no enabled SMPP route to connect{among}")
+        connectors = [Connector(EventStore(db), routes, r, utcnow, owner=worker_id(f"connector-{r.id}"),
+                                lease_s=settings.lease_s, batch_size=settings.batch_size,
+                                max_attempts=settings.max_attempts) for r in chosen]
+        log.info("connector started for routes %s", [r.id for r in chosen])
+        await asyncio.gather(*(c.run(stop) for c in connectors))
+
+
+async def projector_main(settings: Settings) -> None:
+    from projections.projector import Projector
+    from projections.schema import migrate
+
+    if not settings.pg_url:
+        raise ConfigError("no PostgreSQL: set MSGCORE_PG_URL, or start the embedded default with `msgcore up`")
+    stop = stop_on_signals()
+    async with database(settings, "projector") as db:
+        await migrate(settings.pg_url, settings.reporting_schema)
+        projector = Projector(db["events"], settings.pg_url, settings.reporting_schema)
+        log.info("projector started (%s) schema=%s", worker_id("projector"), settings.reporting_schema)
+        await projector.run(stop)
+
+
+async def simulator_main(settings: Settings, port: int, receipt_delay_s: float, journal: str | None) -> None:
+    from smsc.simulator import Simulator
+
+    stop = stop_on_signals()
+    sim = Simulator(port=port, receipt_delay_s=receipt_delay_s, journal_path=journal)
+    await sim.start()
+    log.info("smsc-sim listening on 127.0.0.1:%d", sim.port)
+    await stop.wait()
+    await sim.stop()
+    log.info("smsc-sim stopped: %s", sim.stats())
+
+
+def run(main: Awaitable[None]) -> None:
+    asyncio.run(main)  # type: ignore[arg-type]

@@ -1,0 +1,218 @@
+"""`msgcore up`: the embedded default on one machine, supervised.
+
+Starts (unless MSGCORE_MONGO_URL / MSGCORE_PG_URL name real servers) SecantusDB and PostgreSQL under
+the data directory, prepares both stores, makes sure a first route (to the simulator) and a demo
+tenant exist, then runs every component as its own child process and restarts any that dies.
+SIGINT/SIGTERM stops the components (each finishes its in-flight work), then the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.config import Settings
+from core.domain.events import utcnow
+from core.domain.routing import Route
+from core.ids import new_token
+from core.store.routes import RouteStore, load_routes_file
+from core.store.tenants import TenantStore
+from ops.components import database, prepare
+from ops.embedded import EmbeddedMongo, EmbeddedPostgres, free_port, write_endpoints
+
+log = logging.getLogger(__name__)
+
+COMPONENTS = ("smsc-sim", "api", "router", "connector", "biller", "scheduler", "projector")
+DEMO_TENANT = "demo"
+STOP_GRACE_S = 20.0
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM if `msgcore up` itself is killed, instead of running on as orphans."""
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _secret_file(path: Path, make: str) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.write_text(make)
+    path.chmod(0o600)
+    return make
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+
+async def _bootstrap(settings: Settings, sim_port: int) -> str:
+    """Indexes, reporting schema, first route and demo tenant. Returns the demo tenant's API key."""
+    async with database(settings, "up") as db:
+        await prepare(db)
+        now = utcnow()
+        routes = RouteStore(db)
+        if settings.routes_file:
+            for route in load_routes_file(settings.routes_file):
+                await routes.upsert(route, actor="msgcore up (routes file)", now=now)
+        existing = {r.id: r for r in await routes.list()}
+        sim = existing.get("sim")
+        if not existing or (sim and sim.host == "127.0.0.1" and sim.port != sim_port):
+            base = sim or Route(id="sim", price_per_part=5, window=50)
+            await routes.upsert(base.model_copy(update={"port": sim_port}), actor="msgcore up", now=now)
+        tenants = TenantStore(db)
+        key_file = settings.data_dir / "demo-tenant.key"
+        if key_file.exists() and await tenants.get(DEMO_TENANT):
+            key = key_file.read_text().strip()
+        else:
+            key = (await tenants.add_key(DEMO_TENANT, now) if await tenants.get(DEMO_TENANT)
+                   else await tenants.create(DEMO_TENANT, "Demo tenant", now)) or ""
+            key_file.write_text(key)
+            key_file.chmod(0o600)
+    if settings.pg_url:
+        from projections.schema import migrate
+
+        await migrate(settings.pg_url, settings.reporting_schema)
+    return key
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, sim_port: int) -> None:
+        self.settings = settings
+        self.stopping = False
+        env_args = ["--port", str(sim_port)]
+        self.children = [Child(name, [sys.executable, "-m", "ops.cli", name, *(env_args if name == "smsc-sim" else [])])
+                         for name in COMPONENTS]
+        self.env = {**os.environ,
+                    "MSGCORE_MONGO_URL": settings.mongo_url, "MSGCORE_PG_URL": settings.pg_url,
+                    "MSGCORE_ADMIN_KEY": settings.admin_key, "MSGCORE_DATA_DIR": str(settings.data_dir)}
+
+    def start(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.args, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
+        child.started_at = time.monotonic()
+
+    def watch(self) -> None:
+        """Restart a component that died, with back-off: one crash must not take the product down."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                if child.proc is None and now >= child.next_start:
+                    self.start(child)
+                continue
+            code = child.proc.returncode
+            quick = now - child.started_at < 10
+            child.restarts += 1
+            delay = min(30.0, 2 ** min(child.restarts, 5)) if quick else 1.0
+            log.warning("component %s exited with code %s; restarting in %.0fs", child.name, code, delay)
+            child.proc = None
+            child.next_start = now + delay
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.proc and child.proc.poll() is None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            if child.proc is None:
+                continue
+            try:
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("component %s did not stop within %.0fs; killing it", child.name, STOP_GRACE_S)
+                child.proc.kill()
+                child.proc.wait()
+
+
+def up(settings: Settings) -> None:
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = settings.model_copy(update={"data_dir": data_dir})
+    if not _port_free(settings.api_port):
+        raise SystemExit(f"msgcore up: 127.0.0.1:{settings.api_port} is in use; set MSGCORE_API_PORT to a free port")
+    servers: list[EmbeddedMongo | EmbeddedPostgres] = []
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    supervisor: Supervisor | None = None
+    try:
+        updates: dict[str, object] = {}
+        if not settings.mongo_url:
+            mongo = EmbeddedMongo(data_dir)
+            mongo.start()
+            servers.append(mongo)
+            updates["mongo_url"] = mongo.url
+        if not settings.pg_url:
+            pg = EmbeddedPostgres(data_dir)
+            pg.start()
+            servers.append(pg)
+            updates["pg_url"] = pg.url
+        updates["admin_key"] = settings.admin_key or _secret_file(data_dir / "admin.key", new_token("mka_"))
+        settings = settings.model_copy(update=updates)
+        sim_port = settings.sim_port if _port_free(settings.sim_port) else free_port()
+        demo_key = asyncio.run(_bootstrap(settings, sim_port))
+        api_url = f"http://{settings.api_host}:{settings.api_port}"
+        write_endpoints(data_dir, {"mongo": settings.mongo_url, "pg": settings.pg_url, "api": api_url,
+                                   "admin_key": settings.admin_key, "smsc_sim": f"127.0.0.1:{sim_port}"})
+        supervisor = Supervisor(settings, sim_port)
+        supervisor.watch()
+        _banner(api_url, demo_key, settings, data_dir, sim_port)
+        while not stop_requested:
+            time.sleep(0.5)
+            supervisor.watch()
+    finally:
+        log.info("stopping components")
+        if supervisor:
+            supervisor.stop()
+        for server in reversed(servers):
+            server.stop()
+        log.info("msgcore stopped")
+
+
+def _banner(api_url: str, key: str, settings: Settings, data_dir: Path, sim_port: int) -> None:
+    print(
+        f"""
+msgcore is up.
+  API:         {api_url}   (OpenAPI: {api_url}/docs)
+  API key:     {key}   (tenant "{DEMO_TENANT}")
+  Admin key:   {settings.admin_key}
+  PostgreSQL:  {settings.pg_url}   (schema "{settings.reporting_schema}")
+  MongoDB:     {settings.mongo_url}
+  SMSC sim:    127.0.0.1:{sim_port} (route "sim")
+  Data:        {data_dir}
+Try:
+  curl -s -X POST {api_url}/v1/messages -H "Authorization: Bearer {key}" \\
+       -H 'Content-Type: application/json' -d '{{"to": "+4915112345678", "from": "msgcore", "text": "Hello"}}'
+Ctrl-C stops everything.
+""",
+        flush=True,
+    )
