@@ -133,11 +133,16 @@ class Supervisor:
             child.next_start = now + delay
 
     def stop(self) -> None:
-        for child in self.children:
+        # The simulator stands in for the SMSC: it goes last, so connectors can unbind cleanly.
+        self._stop([c for c in self.children if c.name != "smsc-sim"])
+        self._stop([c for c in self.children if c.name == "smsc-sim"])
+
+    def _stop(self, children: list[Child]) -> None:
+        for child in children:
             if child.proc and child.proc.poll() is None:
                 child.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
+        for child in children:
             if child.proc is None:
                 continue
             try:

@@ -1,0 +1,214 @@
+"""The FastAPI application: composition root of the api process and the one place errors become HTTP.
+
+Every error answer has the shape `{"error": {"code": "<stable code>", "message": "...", "details": ...}}`:
+
+    400 invalid_json            body is not JSON (or not UTF-8)
+    401 unauthorized            API key missing or unknown (with `WWW-Authenticate: Bearer`)
+    403 forbidden               tenant not active
+    404 not_found               no such route, or no such message for this tenant
+    405 method_not_allowed      (with `Allow`)
+    413 payload_too_large       body over `max_body_bytes`
+    415 unsupported_media_type  body sent with a non-JSON content type
+    422 validation_error        details: [{field, loc, type, message}]
+        too_many_parts          details: {field, parts, limit}
+        batch_too_large         details: {limit, count}
+        idempotency_key_reused  same Idempotency-Key, different body
+    503 unavailable             MongoDB unreachable (retry later)
+    500 internal_error          a bug: logged with its traceback; client input never gets here
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.deps import ApiError, TenantCache
+from api.routes import health, messages
+from core.config import Settings
+from core.domain.errors import DomainError
+from core.store.eventstore import EventStore
+from core.store.mongo import connect
+from core.store.tenants import TenantStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # a full batch of 1,000 long UCS-2 texts, \u-escaped, fits
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
+              415: "unsupported_media_type", 429: "too_many_requests"}
+
+DESCRIPTION = """\
+Submit SMS one at a time or in batches, follow their status and read their audit trail.
+
+Authenticate with `Authorization: Bearer <api key>`. Every error is JSON with a stable code:
+`{"error": {"code": "...", "message": "...", "details": ...}}`.
+"""
+
+
+def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The API app. With `db`, it uses that database (tests); without, its lifespan connects to
+    `settings.mongo_url` / `settings.mongo_db` and closes the client on shutdown. Either way the
+    lifespan creates the stores' indexes."""
+    app = FastAPI(title="msgcore API", version="1", description=DESCRIPTION, lifespan=_lifespan)
+    app.state.settings = settings
+    app.state.db = db
+    app.state.tenant_cache = TenantCache()
+    app.include_router(health.router)
+    app.include_router(messages.router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(CatchAllMiddleware)  # added last = outermost: also catches the others' bugs
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    client = None
+    if app.state.db is None:
+        if not settings.mongo_url:
+            raise RuntimeError("settings.mongo_url is empty: resolve the MongoDB URL before starting the api")
+        client = connect(settings.mongo_url, "api")
+        app.state.db = client[settings.mongo_db]
+    try:
+        await EventStore(app.state.db).ensure_indexes()
+        await TenantStore(app.state.db).ensure_indexes()
+        log.info("api ready on database %s", app.state.db.name)
+        yield
+    finally:
+        if client is not None:
+            app.state.db = None
+            await client.close()
+
+
+# ---- error mapping ---------------------------------------------------------------------------------
+
+def error_response(status: int, code: str, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> Response:
+    # ensure_ascii: a client's stray lone surrogate echoed in a field path must not break rendering.
+    body = json.dumps({"error": {"code": code, "message": message, "details": details}},
+                      ensure_ascii=True, separators=(",", ":"), default=str)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
+
+
+def _field_errors(errors: Any) -> list[dict[str, Any]]:
+    out = []
+    for err in errors:
+        loc = [p if isinstance(p, int) else str(p) for p in err.get("loc", ())]
+        item: dict[str, Any] = {"field": ".".join(str(p) for p in loc), "loc": loc,
+                                "type": err.get("type", "value_error"), "message": err.get("msg", "")}
+        ctx = {k: v for k, v in (err.get("ctx") or {}).items() if isinstance(v, str | int | float | bool)}
+        if ctx:
+            item["ctx"] = ctx
+        out.append(item)
+    return out
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def api_error(_: Request, e: Exception) -> Response:
+        assert isinstance(e, ApiError)
+        return error_response(e.status, e.code, e.message, e.details, e.headers)
+
+    async def validation_error(_: Request, e: Exception) -> Response:
+        assert isinstance(e, RequestValidationError)
+        errors = list(e.errors())
+        if any(err.get("type") == "json_invalid" for err in errors):
+            return error_response(400, "invalid_json", "request body is not valid JSON")
+        return error_response(422, "validation_error", "the request is invalid", _field_errors(errors))
+
+    async def http_error(_: Request, e: Exception) -> Response:
+        assert isinstance(e, StarletteHTTPException)
+        code = HTTP_CODES.get(e.status_code, "internal_error" if e.status_code >= 500 else "http_error")
+        return error_response(e.status_code, code, str(e.detail), None, dict(e.headers or {}))
+
+    async def domain_error(_: Request, e: Exception) -> Response:
+        assert isinstance(e, DomainError)
+        return error_response(422, e.code, str(e))
+
+    async def store_unavailable(request: Request, e: Exception) -> Response:
+        log.warning("MongoDB unavailable during %s %s: %r", request.method, request.url.path, e)
+        return error_response(503, "unavailable", "the message store is unavailable, retry later",
+                              headers={"Retry-After": "1"})
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(DomainError, domain_error)
+    app.add_exception_handler(ConnectionFailure, store_unavailable)
+
+
+# ---- middleware (pure ASGI: no buffering of bodies or responses) -----------------------------------
+
+class BodyLimitMiddleware:
+    """Refuse bodies over `max_bytes`: at once when Content-Length says so, else (chunked) when the
+    route reads past the limit, by raising `payload_too_large` from `receive`."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = ApiError(413, "payload_too_large", f"request body over {self.max_bytes} bytes",
+                             {"limit": self.max_bytes})
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            response = error_response(too_large.status, too_large.code, too_large.message, too_large.details,
+                                      {"Connection": "close"})
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class CatchAllMiddleware:
+    """The last resort: an exception no handler mapped is a bug; log it with the request and answer
+    500 `internal_error` (unless the response had already started)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:
+                raise
+            await error_response(500, "internal_error", "internal error")(scope, receive, send)

@@ -1,0 +1,125 @@
+"""What routes depend on: settings, the stores, the calling tenant, and the API's error type.
+
+The app keeps its ports on `app.state` (set by `create_app`); dependencies only read them, so a test
+can build an app around any database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core.config import Settings
+from core.store.eventstore import EventStore
+from core.store.tenants import Tenant, TenantStore, hash_key
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message", "details"}}`; `api.app` renders it."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+@dataclass
+class TenantCache:
+    """Successful API-key lookups, kept `ttl_s` seconds so that a busy client costs no DB round trip
+    per request. Keyed by the key's hash, so no plaintext key sits in memory longer than a request.
+    A revoked key keeps working for at most `ttl_s`."""
+
+    ttl_s: float = 10.0
+    max_entries: int = 10_000
+    _entries: dict[str, tuple[Tenant, float]] = field(default_factory=dict)
+
+    def get(self, key_hash: str) -> Tenant | None:
+        hit = self._entries.get(key_hash)
+        if hit is None:
+            return None
+        if hit[1] <= time.monotonic():
+            self._entries.pop(key_hash, None)
+            return None
+        return hit[0]
+
+    def put(self, key_hash: str, tenant: Tenant) -> None:
+        now = time.monotonic()
+        if len(self._entries) >= self.max_entries:
+            self._entries = {k: v for k, v in self._entries.items() if v[1] > now}
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+        self._entries[key_hash] = (tenant, now + self.ttl_s)
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_db(request: Request) -> AsyncDatabase:
+    db = request.app.state.db
+    if db is None:  # only before the lifespan connected
+        raise ApiError(503, "unavailable", "the service is starting")
+    return db  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+DbDep = Annotated[AsyncDatabase, Depends(get_db)]
+
+
+def get_event_store(db: DbDep) -> EventStore:
+    return EventStore(db)
+
+
+def get_tenant_store(db: DbDep) -> TenantStore:
+    return TenantStore(db)
+
+
+EventStoreDep = Annotated[EventStore, Depends(get_event_store)]
+TenantStoreDep = Annotated[TenantStore, Depends(get_tenant_store)]
+
+# auto_error=False: we answer a missing key ourselves, in our error shape (and FastAPI still
+# documents the bearer scheme in OpenAPI).
+bearer_scheme = HTTPBearer(auto_error=False, description="The tenant's API key")
+
+
+def _unauthorized(message: str, error: str | None = None) -> ApiError:
+    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
+    return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
+
+
+async def get_tenant(
+    request: Request,
+    tenants: TenantStoreDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
+) -> Tenant:
+    """The tenant owning the bearer key; 401 `unauthorized` if the key is missing or unknown,
+    403 `forbidden` if the tenant is not active."""
+    if credentials is None:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    key_hash = hash_key(credentials.credentials)
+    cache: TenantCache = request.app.state.tenant_cache
+    tenant = cache.get(key_hash)
+    if tenant is None:
+        tenant = await tenants.authenticate(credentials.credentials)
+        if tenant is None:
+            log.info("auth failed: unknown API key (hash %s...)", key_hash[:8])
+            raise _unauthorized("invalid API key", "invalid_token")
+        cache.put(key_hash, tenant)
+    if tenant.status != "active":
+        raise ApiError(403, "forbidden", f"tenant {tenant.id} is {tenant.status}")
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -1,0 +1,254 @@
+"""Submission, status and audit trail of messages.
+
+POST parses its body itself (rather than declaring a pydantic parameter) for three reasons: the body
+is one message *or* a batch, and a union would report every error twice, once per member; a batch
+over the limit is refused before 1,001 messages are validated; and the idempotency hash needs the
+parsed JSON as sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from api.deps import ApiError, EventStoreDep, SettingsDep, TenantDep
+from api.schemas import (
+    MAX_BATCH,
+    PRIORITY_VALUES,
+    ErrorResponse,
+    MessageAccepted,
+    MessageBatchAccepted,
+    MessageBatchCreate,
+    MessageCreate,
+    MessageEvent,
+    MessageEvents,
+    MessageStatus,
+    Price,
+    submission_json_schema,
+)
+from core.domain.errors import TooManyParts
+from core.domain.events import Event, EventType, utcnow
+from core.domain.message import evolve
+from core.ids import new_message_id
+from core.store.eventstore import IdempotencyRecord, IdempotencyReplay
+from core.store.heads import head_doc
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/messages", tags=["messages"])
+
+# GSM-7 multipart holds 153 characters per part at most (UCS-2 fewer), so longer texts cannot fit
+# `max_parts`; refusing them before encoding keeps a huge text from costing CPU.
+MAX_CHARS_PER_PART = 153
+SINGLE_PART_CHARS = 160
+MAX_MESSAGE_ID_LEN = 64
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (`unauthorized`)"},
+    404: {"model": ErrorResponse, "description": "No such message for this tenant (`not_found`)"},
+    # Declared so that FastAPI does not document its default 422 shape, which this API never sends.
+    422: {"model": ErrorResponse, "description": "`validation_error`"},
+}
+SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Body is not valid JSON (`invalid_json`)"},
+    401: ERRORS[401],
+    413: {"model": ErrorResponse, "description": "Body too large (`payload_too_large`)"},
+    422: {"model": ErrorResponse, "description": "`validation_error`, `too_many_parts`, `batch_too_large`, "
+                                                 "`idempotency_key_reused`"},
+}
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$",
+           description="Retry-safe submission: the same key (per tenant) with the same body returns the "
+                       "same ids and creates nothing new"),
+]
+
+
+# ---- POST /v1/messages ----------------------------------------------------------------------------
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=MessageAccepted | MessageBatchAccepted,
+    responses=SUBMIT_ERRORS,
+    summary="Submit one message or a batch",
+    description=f"Body: one message object, or `{{\"messages\": [...]}}` with 1..{MAX_BATCH} of them. "
+                "The whole batch is accepted or refused as one. The answer lists the ids in request order.",
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"application/json": {"schema": submission_json_schema()}}}},
+)
+async def submit_messages(
+    request: Request,
+    response: Response,
+    tenant: TenantDep,
+    store: EventStoreDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> MessageAccepted | MessageBatchAccepted:
+    body = await _read_json(request)
+    messages, is_batch = _validate_submission(body)
+    encodings = [_encoding_and_parts(m.text, settings.max_parts, i if is_batch else None)
+                 for i, m in enumerate(messages)]
+    now = utcnow()
+    ids = [new_message_id() for _ in messages]
+    items = [_accepted_item(mid, tenant.id, m, enc, parts, now, settings.default_validity_s)
+             for mid, m, (enc, parts) in zip(ids, messages, encodings, strict=True)]
+    record = None
+    if idempotency_key is not None:
+        record = IdempotencyRecord(key=f"{tenant.id}:{idempotency_key}", request_hash=_request_hash(body),
+                                   message_ids=ids)
+    try:
+        await store.accept(items, record)
+    except IdempotencyReplay as replay:
+        assert record is not None and idempotency_key is not None  # only a keyed request can replay
+        ids = _replayed_ids(replay, record, idempotency_key, len(messages))
+        response.headers["Idempotent-Replayed"] = "true"
+        log.info("tenant %s: idempotent replay of key %r, %d message(s), first %s",
+                 tenant.id, idempotency_key, len(ids), ids[0])
+    else:
+        log.info("tenant %s: accepted %d message(s), first %s%s", tenant.id, len(ids), ids[0],
+                 f", idempotency key {idempotency_key!r}" if idempotency_key else "")
+    accepted = [MessageAccepted(id=mid, to=m.to, parts=parts, client_ref=m.client_ref)
+                for mid, m, (_, parts) in zip(ids, messages, encodings, strict=True)]
+    return MessageBatchAccepted(messages=accepted) if is_batch else accepted[0]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _read_json(request: Request) -> Any:
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.split(";")[0].lower():
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+    raw = await request.body()
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
+
+
+def _validate_submission(body: Any) -> tuple[list[MessageCreate], bool]:
+    """The messages of a single or batch body, and whether it was a batch; errors carry body paths."""
+    is_batch = isinstance(body, dict) and "messages" in body
+    if is_batch and isinstance(body["messages"], list) and len(body["messages"]) > MAX_BATCH:
+        raise ApiError(422, "batch_too_large", f"a batch holds at most {MAX_BATCH} messages",
+                       {"limit": MAX_BATCH, "count": len(body["messages"])})
+    try:
+        if is_batch:
+            return MessageBatchCreate.model_validate(body).messages, True
+        return [MessageCreate.model_validate(body)], False
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_input=False)]
+        raise RequestValidationError(errors) from e
+
+
+def _encoding_and_parts(text: str, max_parts: int, index: int | None) -> tuple[str, int]:
+    """(encoding, parts) of `text`; raises `too_many_parts` over `max_parts`."""
+    from core.domain.encoding import MessageTooLong, count_parts
+
+    if len(text) > SINGLE_PART_CHARS and len(text) > max_parts * MAX_CHARS_PER_PART:
+        # At least this many parts; counting exactly would only cost time.
+        raise _too_many_parts(-(-len(text) // MAX_CHARS_PER_PART), max_parts, index)
+    try:
+        encoding, parts = count_parts(text)
+    except MessageTooLong as e:
+        raise _too_many_parts(e.part_count, max_parts, index) from e
+    if parts > max_parts:
+        raise _too_many_parts(parts, max_parts, index)
+    return encoding, parts
+
+
+def _too_many_parts(parts: int, limit: int, index: int | None) -> ApiError:
+    err = TooManyParts(parts, limit)
+    field = "body.text" if index is None else f"body.messages.{index}.text"
+    return ApiError(422, err.code, str(err), {"field": field, "parts": err.parts, "limit": err.limit})
+
+
+def _accepted_item(message_id: str, tenant_id: str, m: MessageCreate, encoding: str, parts: int,
+                   now: datetime, default_validity_s: int) -> tuple[Event, dict[str, Any]]:
+    event = Event(
+        message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
+        data={
+            "to": m.to, "sender": m.sender, "text": m.text, "encoding": encoding, "parts": parts,
+            "priority": PRIORITY_VALUES[m.priority],
+            "validity_s": m.validity if m.validity is not None else default_validity_s,
+            "send_at": m.send_at, "campaign_id": None, "client_ref": m.client_ref,
+        },
+    )
+    return event, head_doc(evolve(None, event), now=now)
+
+
+def _request_hash(body: Any) -> str:
+    # ensure_ascii keeps the canonical form byte-stable whatever the characters.
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _replayed_ids(replay: IdempotencyReplay, record: IdempotencyRecord, key: str, count: int) -> list[str]:
+    """The ids of the earlier request with this key; 422 `idempotency_key_reused` if its body differed."""
+    earlier = replay.record
+    if earlier.get("request_hash") != record.request_hash:
+        raise ApiError(422, "idempotency_key_reused",
+                       "this Idempotency-Key was used before with a different request body",
+                       {"idempotency_key": key})
+    ids: list[str] = list(earlier["message_ids"])
+    if len(ids) != count:  # same hash means same body: only a store bug gets here
+        raise RuntimeError(f"idempotency record {earlier['_id']} holds {len(ids)} ids, request has {count}")
+    return ids
+
+
+# ---- GET /v1/messages/{id} ------------------------------------------------------------------------
+
+@router.get("/{message_id}", response_model=MessageStatus, responses=ERRORS,
+            summary="Current status of a message",
+            description="Read from the message's head, written in the same transaction as its events, "
+                        "so a message is visible as soon as its submission was answered.")
+async def get_message(message_id: str, tenant: TenantDep, store: EventStoreDep) -> MessageStatus:
+    head = await store.head(message_id) if len(message_id) <= MAX_MESSAGE_ID_LEN else None
+    if head is None or head.get("tenant_id") != tenant.id:
+        raise _not_found(message_id)
+    events = await store.load_events(message_id)
+    return _status(head, events)
+
+
+def _status(head: dict[str, Any], events: Sequence[Event]) -> MessageStatus:
+    msg = head.get("msg", {})
+    timestamps = {e.type.value: e.at for e in events}  # later events of a type overwrite earlier ones
+    billed = next((e for e in reversed(events) if e.type == EventType.BILLED), None)
+    price = None
+    if billed is not None:
+        price = Price(amount_minor=billed.data.get("amount", 0),
+                      currency=billed.data.get("currency", head.get("currency", "EUR")))
+    return MessageStatus(
+        id=head["_id"], status=head["state"], to=msg.get("to", ""), sender=msg.get("sender", ""),
+        parts=msg.get("parts", 1), encoding=msg.get("encoding", "gsm7"), route_id=head.get("route_id"),
+        created_at=msg.get("accepted_at"), send_at=msg.get("send_at"), sent_at=head.get("sent_at"),
+        billed=head.get("billed", False), price=price, timestamps=timestamps, attempts=head.get("attempts", 0),
+    )
+
+
+# ---- GET /v1/messages/{id}/events -----------------------------------------------------------------
+
+@router.get("/{message_id}/events", response_model=MessageEvents, responses=ERRORS,
+            summary="Audit trail of a message", description="Every event of the message, in order, from the log.")
+async def get_message_events(message_id: str, tenant: TenantDep, store: EventStoreDep) -> MessageEvents:
+    events = await store.load_events(message_id) if len(message_id) <= MAX_MESSAGE_ID_LEN else []
+    if not events or events[0].tenant_id != tenant.id:
+        raise _not_found(message_id)
+    return MessageEvents(id=message_id, events=[
+        MessageEvent(seq=e.seq, type=e.type.value, at=e.at, route_id=e.route_id, data=e.data) for e in events
+    ])
+
+
+def _not_found(message_id: str) -> ApiError:
+    return ApiError(404, "not_found", "no such message", {"id": message_id[:MAX_MESSAGE_ID_LEN]})
