@@ -97,7 +97,8 @@ class Stack:
         return proc.returncode
 
     def stop_all(self) -> dict[str, int | None]:
-        order = [n for n in self.procs if not n.startswith("smsc-sim")] + [n for n in self.procs if n.startswith("smsc-sim")]
+        # The simulator stands in for the SMSC: it goes last, so connectors can unbind cleanly.
+        order = sorted(self.procs, key=lambda n: n.startswith("smsc-sim"))
         return {n: self.stop(n) for n in order}
 
     def rss_mb(self) -> dict[str, float]:

@@ -11,7 +11,9 @@ from core.ids import new_message_id
 from core.store.heads import head_doc
 
 
-def accepted(tenant_id: str, now: datetime, to: str = "+4915112345678", text: str = "hello", **data: Any) -> tuple[Event, dict[str, Any]]:
+def accepted(
+    tenant_id: str, now: datetime, to: str = "+4915112345678", text: str = "hello", **data: Any
+) -> tuple[Event, dict[str, Any]]:
     """An `accepted` event and its head document, ready for EventStore.accept."""
     body = {"to": to, "sender": "msgcore", "text": text, "encoding": "gsm7", "parts": 1, "priority": 10,
             "validity_s": 3600, "send_at": None, "campaign_id": None, "client_ref": None, **data}
