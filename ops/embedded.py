@@ -8,11 +8,14 @@ GPL-2.0), so they are imported lazily.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib.util
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +32,13 @@ OPLOG_RETENTION_S = 7 * 24 * 3600
 # Quiet change streams stay resumable only if the oplog keeps moving.
 NOOP_HEARTBEAT_S = 2
 PG_OS_USER = "pgserver"
+
+
+def die_with_parent() -> None:
+    """For `preexec_fn`: the child gets SIGTERM when the process that started it dies, so a killed
+    `msgcore up` (or benchmark) leaves no servers or components running on as orphans. Linux only."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class EmbeddedError(RuntimeError):
@@ -89,7 +99,8 @@ class EmbeddedMongo:
             "--log-level", "WARNING",
         ]
         with log_path.open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                         preexec_fn=die_with_parent)
         _wait_port(self.port, self.proc, "the embedded MongoDB-wire server", log_path, timeout_s)
         log.info("embedded mongo listening on 127.0.0.1:%d data=%s pid=%d", self.port, storage, self.proc.pid)
 

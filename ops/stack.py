@@ -16,7 +16,13 @@ from pathlib import Path
 
 import psutil
 
-from ops.embedded import free_port
+from core.domain.events import utcnow
+from core.domain.routing import Route
+from core.store.mongo import connect
+from core.store.routes import RouteStore
+from core.store.tenants import TenantStore
+from ops.components import prepare
+from ops.embedded import die_with_parent, free_port
 
 WORKERS = ("router", "connector", "biller", "scheduler", "projector")
 
@@ -68,7 +74,8 @@ class Stack:
         """Start one component; `name` tells copies of the same component apart (router-2)."""
         name = name or component
         with (self.log_dir / f"{name}.log").open("ab") as out:
-            proc = subprocess.Popen(self.args_for(component), env=self.env(), stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(self.args_for(component), env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                                    preexec_fn=die_with_parent)
         self.procs[name] = proc
         return proc
 
@@ -136,3 +143,17 @@ class Stack:
     def log_tail(self, name: str, chars: int = 3000) -> str:
         path = self.log_dir / f"{name}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
+
+
+async def seed(mongo_url: str, db_name: str, routes: list[Route], tenants: list[str]) -> dict[str, str]:
+    """Prepare a fresh database: indexes, routes, tenants. Returns an API key per tenant."""
+    client = connect(mongo_url, "seed")
+    try:
+        db = client[db_name]
+        await prepare(db)
+        now = utcnow()
+        for r in routes:
+            await RouteStore(db).upsert(r, actor="seed", now=now)
+        return {t: await TenantStore(db).create(t, t.title(), now) for t in tenants}
+    finally:
+        await client.close()

@@ -9,8 +9,6 @@ SIGINT/SIGTERM stops the components (each finishes its in-flight work), then the
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -27,19 +25,13 @@ from core.ids import new_token
 from core.store.routes import RouteStore, load_routes_file
 from core.store.tenants import TenantStore
 from ops.components import database, prepare
-from ops.embedded import EmbeddedMongo, EmbeddedPostgres, free_port, write_endpoints
+from ops.embedded import EmbeddedMongo, EmbeddedPostgres, die_with_parent, free_port, write_endpoints
 
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("smsc-sim", "api", "router", "connector", "biller", "scheduler", "projector")
 DEMO_TENANT = "demo"
 STOP_GRACE_S = 20.0
-
-
-def _die_with_parent() -> None:
-    """Children get SIGTERM if `msgcore up` itself is killed, instead of running on as orphans."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _port_free(port: int) -> bool:
@@ -113,7 +105,7 @@ class Supervisor:
                     "MSGCORE_ADMIN_KEY": settings.admin_key, "MSGCORE_DATA_DIR": str(settings.data_dir)}
 
     def start(self, child: Child) -> None:
-        child.proc = subprocess.Popen(child.args, env=self.env, start_new_session=True, preexec_fn=_die_with_parent)
+        child.proc = subprocess.Popen(child.args, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
         child.started_at = time.monotonic()
 
     def watch(self) -> None:

@@ -26,6 +26,7 @@ from core.domain.events import EventType
 from core.domain.message import evolve, next_event
 from core.domain.retry import backoff_s
 from core.domain.routing import Route, RouteStatus
+from core.store.cursor import QueueCursor
 from core.store.eventstore import Claimed, EventStore, Transition
 from core.store.routes import RouteStore
 from smsc.session import DeliverSm, SessionError, SmppSession
@@ -61,6 +62,7 @@ class Connector:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.queue = f"send:{route.id}"
+        self.cursor = QueueCursor()
         self.sessions: list[SmppSession] = []
         self.bucket = TokenBucket(route.tps)
         self.outcomes: list[Outcome] = []
@@ -147,7 +149,8 @@ class Connector:
                 await wait_and_clear(self.wake, 0.05)
                 continue
             now = self.clock()
-            claims = await self.store.claim(self.queue, now, min(room, self.batch_size), self.owner, self.lease_s)
+            claims = await self.store.claim(self.queue, now, min(room, self.batch_size), self.owner, self.lease_s,
+                                            self.cursor)
             if not claims:
                 await wait_and_clear(self.wake, 0.05)
                 continue

@@ -7,6 +7,10 @@ Contract:
   changes nothing; `commit` reports it as a conflict and commits the rest of its batch.
 - Work is found by claiming heads of one queue whose `due_at` has passed. Stages with a side effect
   outside MongoDB (the SMSC connector) take a lease first; the lease records the attempt.
+- Every write to `events` and `streams` runs in a transaction, even a lone lease update: conflicts
+  then surface as TransientTransactionError, which the driver retries. (On the embedded server a
+  plain multi-document update that meets an open transaction waits on it under a collection lock,
+  which stalled the whole pipeline under load.)
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from pymongo import ASCENDING, ReplaceOne
+from pymongo import ASCENDING, ReplaceOne, UpdateOne
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
@@ -27,11 +31,13 @@ from pymongo.write_concern import WriteConcern
 
 from core.domain.events import Event
 from core.domain.message import MessageState
+from core.store.cursor import EPOCH, QueueCursor
 from core.store.heads import NOT_LEASED, head_doc, state_from_head
 
 log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
+MAX_SLICES_PER_SCAN = 20
 
 
 SideWrites = Callable[[Sequence["Transition"]], list[tuple[str, list[Any]]]]
@@ -101,10 +107,11 @@ class EventStore:
     async def ensure_indexes(self) -> None:
         await self.events.create_index([("message_id", ASCENDING), ("seq", ASCENDING)], unique=True,
                                        name="message_seq")
+        # Receipts are matched through the `sent` events: an insert-only collection, so each entry of
+        # this index is written once, instead of on every head write as an index on `streams` would be.
+        await self.events.create_index("data.smsc_message_ids", name="sent_smsc_ids", sparse=True)
+        # `streams` keeps a single secondary index: every head write pays for each index it has.
         await self.streams.create_index([("queue", ASCENDING), ("due_at", ASCENDING)], name="queue_due")
-        await self.streams.create_index([("route_id", ASCENDING), ("smsc_ids", ASCENDING)], name="route_smsc_ids")
-        await self.streams.create_index([("lease_token", ASCENDING)], name="lease_token", sparse=True)
-        await self.streams.create_index([("tenant_id", ASCENDING), ("state", ASCENDING)], name="tenant_state")
 
     # ---- transactions -------------------------------------------------------------------------
 
@@ -201,47 +208,63 @@ class EventStore:
 
     # ---- claims ---------------------------------------------------------------------------------
 
-    async def due(self, queue: str, now: datetime, limit: int) -> list[Claimed]:
+    async def due(self, queue: str, now: datetime, limit: int, cursor: QueueCursor | None = None) -> list[Claimed]:
         """Heads of `queue` whose time has come, oldest first; no lease (the commit's version guard
-        settles races)."""
-        cursor = self.streams.find({"queue": queue, "due_at": {"$lte": now}}).sort("due_at", ASCENDING).limit(limit)
-        return [Claimed(state_from_head(d)) async for d in cursor]
+        settles races). With a cursor, only its window is scanned (see core/store/cursor.py)."""
+        docs = await self._scan(queue, now, limit, cursor, projection=None)
+        return [Claimed(state_from_head(d)) for d in docs]
 
-    async def claim(self, queue: str, now: datetime, limit: int, owner: str, lease_s: float) -> list[Claimed]:
+    async def _scan(self, queue: str, now: datetime, limit: int, cursor: QueueCursor | None,
+                    projection: dict[str, int] | None) -> list[dict[str, Any]]:
+        for _ in range(MAX_SLICES_PER_SCAN):
+            lo, hi = cursor.window(now) if cursor else (EPOCH, now)
+            found = [d async for d in self.streams.find({"queue": queue, "due_at": {"$gte": lo, "$lte": hi}},
+                                                        projection).sort("due_at", ASCENDING).limit(limit)]
+            if cursor is None:
+                return found
+            full = len(found) >= limit
+            if not cursor.advance(now, hi, full, found[-1]["due_at"] if found else None):
+                return found
+        return []
+
+    async def claim(self, queue: str, now: datetime, limit: int, owner: str, lease_s: float,
+                    cursor: QueueCursor | None = None) -> list[Claimed]:
         """Lease up to `limit` due heads of `queue` for `lease_s` seconds and count the attempt.
 
-        Three round trips whatever the batch size: find candidates, lease them in one update, read
-        back what this claim won (another worker may have won some of them).
+        The lease moves `due_at` to the lease's end: if the holder dies, the head falls due again
+        then, and the next claim sees the earlier attempt (`prior_lease`). Three round trips whatever
+        the batch size: find candidates, lease them in one transaction, read back what was won.
         """
         if limit <= 0:
             return []
-        free = {"queue": queue, "due_at": {"$lte": now}, "lease_until": {"$lte": now}}
-        ids = [d["_id"] async for d in self.streams.find(free, {"_id": 1}).sort("due_at", ASCENDING).limit(limit)]
-        if not ids:
+        found = await self._scan(queue, now, limit, cursor, projection={"version": 1, "lease_token": 1, "due_at": 1})
+        if not found:
             return []
-        # Heads whose previous lease expired without an outcome: the earlier attempt's result is unknown.
-        prior = {d["_id"] async for d in self.streams.find({"_id": {"$in": ids}, "lease_token": {"$ne": None}},
-                                                           {"_id": 1})}
+        # A head whose previous lease expired without an outcome: that attempt's result is unknown.
+        prior = {d["_id"] for d in found if d.get("lease_token") is not None}
         token = uuid.uuid4().hex
-        await self.streams.update_many(
-            {**free, "_id": {"$in": ids}},
-            {"$set": {"lease_owner": owner, "lease_token": token, "lease_until": now + timedelta(seconds=lease_s)},
-             "$inc": {"attempts": 1}},
-        )
-        won = [d async for d in self.streams.find({"lease_token": token})]
+        until = now + timedelta(seconds=lease_s)
+        lease = {"$set": {"lease_owner": owner, "lease_token": token, "lease_until": until, "due_at": until},
+                 "$inc": {"attempts": 1}}
+        # One statement per head, guarded by the version read and by being due: a head another worker
+        # leased or moved on since the find is left alone. The filter names only `_id`, `version` and
+        # `due_at` on purpose: with the queue field in it, a server may plan each statement on the
+        # queue index and scan the whole queue. In a transaction like every write to `streams`, so a
+        # conflict is retried by the driver.
+        ops = [UpdateOne({"_id": d["_id"], "version": d["version"], "due_at": {"$lte": now}}, lease) for d in found]
+        await self._in_transaction(lambda s: self.streams.bulk_write(ops, ordered=False, session=s))
+        won = [d async for d in self.streams.find({"_id": {"$in": [d["_id"] for d in found]}})
+               if d.get("lease_token") == token]
         return [Claimed(state_from_head(d), token=token, prior_lease=d["_id"] in prior) for d in won]
 
     async def release(self, claims: Sequence[Claimed], due_at: datetime) -> None:
         """Give leased heads back untouched (e.g. shutdown before sending), undoing the attempt count."""
-        tokens = {c.token for c in claims if c.token}
-        ids = [c.state.message_id for c in claims]
-        if not ids:
-            return
-        await self.streams.update_many(
-            {"_id": {"$in": ids}, "lease_token": {"$in": list(tokens)}},
-            {"$set": {"lease_owner": None, "lease_token": None, "lease_until": NOT_LEASED, "due_at": due_at},
-             "$inc": {"attempts": -1}},
-        )
+        ops = [UpdateOne({"_id": c.state.message_id, "lease_token": c.token},
+                         {"$set": {"lease_owner": None, "lease_token": None, "lease_until": NOT_LEASED,
+                                   "due_at": due_at}, "$inc": {"attempts": -1}})
+               for c in claims if c.token]
+        if ops:
+            await self._in_transaction(lambda s: self.streams.bulk_write(ops, ordered=False, session=s))
 
     # ---- reads ----------------------------------------------------------------------------------
 
@@ -253,8 +276,18 @@ class EventStore:
         return [Event.from_doc(d) async for d in cursor]
 
     async def heads_by_smsc_ids(self, route_id: str, smsc_ids: Sequence[str]) -> list[MessageState]:
-        cursor = self.streams.find({"route_id": route_id, "smsc_ids": {"$in": list(smsc_ids)}})
-        return [state_from_head(d) async for d in cursor]
+        """Heads of the messages that `sent` these SMSC ids on `route_id`."""
+        sent = self.events.find({"data.smsc_message_ids": {"$in": list(smsc_ids)}, "type": "sent"},
+                                {"message_id": 1, "route_id": 1})
+        ids = list({e["message_id"] async for e in sent if e.get("route_id") == route_id})
+        if not ids:
+            return []
+        return [state_from_head(d) async for d in self.streams.find({"_id": {"$in": ids}})]
+
+    async def any_unfinished(self) -> bool:
+        """Whether some stage still has work on any head: one index probe, cheap enough to poll."""
+        queues = ["route", "receipt", "bill"] + [f"send:{r}" for r in await self.db["routes"].distinct("_id")]
+        return await self.streams.find_one({"queue": {"$in": queues}}, {"_id": 1}) is not None
 
     async def heads_by_ids(self, ids: Sequence[str]) -> dict[str, MessageState]:
         return {d["_id"]: state_from_head(d) async for d in self.streams.find({"_id": {"$in": list(ids)}})}

@@ -17,6 +17,7 @@ from pymongo import UpdateOne
 from core.domain.events import EventType
 from core.domain.message import evolve, next_event
 from core.domain.pricing import price_message
+from core.store.cursor import QueueCursor
 from core.store.eventstore import EventStore, Transition
 
 log = logging.getLogger(__name__)
@@ -27,11 +28,12 @@ class Biller:
         self.store = store
         self.clock = clock
         self.batch_size = batch_size
+        self.cursor = QueueCursor()
         self.billed = 0
 
     async def step(self) -> int:
         now = self.clock()
-        claims = await self.store.due("bill", now, self.batch_size)
+        claims = await self.store.due("bill", now, self.batch_size, self.cursor)
         if not claims:
             return 0
         transitions = []

@@ -7,6 +7,7 @@ from datetime import datetime
 
 from core.domain.events import EventType
 from core.domain.message import evolve, next_event
+from core.store.cursor import QueueCursor
 from core.store.eventstore import EventStore, Transition
 
 
@@ -15,11 +16,12 @@ class Expirer:
         self.store = store
         self.clock = clock
         self.batch_size = batch_size
+        self.cursor = QueueCursor()
         self.expired = 0
 
     async def step(self) -> int:
         now = self.clock()
-        claims = await self.store.due("receipt", now, self.batch_size)
+        claims = await self.store.due("receipt", now, self.batch_size, self.cursor)
         if not claims:
             return 0
         transitions = []

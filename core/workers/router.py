@@ -15,6 +15,7 @@ from core.domain.errors import NoRoute
 from core.domain.events import Event, EventType
 from core.domain.message import MessageState, evolve, next_event
 from core.domain.routing import Route, RouteStatus, choose_route
+from core.store.cursor import QueueCursor
 from core.store.eventstore import EventStore, Transition
 from core.store.routes import RouteStore
 
@@ -30,6 +31,7 @@ class Router:
         self.routes = routes
         self.clock = clock
         self.batch_size = batch_size
+        self.cursor = QueueCursor()
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self._routes: list[Route] = []
@@ -46,7 +48,7 @@ class Router:
 
     async def step(self) -> int:
         now = self.clock()
-        claims = await self.store.due("route", now, self.batch_size)
+        claims = await self.store.due("route", now, self.batch_size, self.cursor)
         if not claims:
             return 0
         await self._refresh(now)

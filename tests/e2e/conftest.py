@@ -9,9 +9,8 @@ import pytest_asyncio
 from psycopg import sql
 
 from core.domain.routing import Route
-from ops.stack import Stack
+from ops.stack import Stack, seed
 from tests.conftest import unique_name
-from tests.support.bootstrap import seed
 
 
 @pytest_asyncio.fixture(loop_scope="session")

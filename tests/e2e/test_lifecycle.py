@@ -11,6 +11,7 @@ import httpx
 import psycopg
 from psycopg import sql
 
+from core.store.eventstore import EventStore
 from ops.stack import Stack
 
 LIFECYCLE = ["accepted", "routed", "sent", "delivered", "billed"]
@@ -24,7 +25,7 @@ async def eventually(check, timeout_s: float, what: str, stack: Stack) -> None:
         if asyncio.get_running_loop().time() > deadline:
             tails = "\n".join(f"--- {n}\n{stack.log_tail(n, 1500)}" for n in stack.procs)
             raise AssertionError(f"{what} not reached within {timeout_s}s\n{tails}")
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.5)
 
 
 async def test_thousand_messages_end_to_end(stack: Stack, mongo_client) -> None:
@@ -45,9 +46,12 @@ async def test_thousand_messages_end_to_end(stack: Stack, mongo_client) -> None:
 
     db = mongo_client[stack.mongo_db]
 
-    async def all_billed() -> bool:
-        return await db["streams"].count_documents({"billed": True}) == N
-    await eventually(all_billed, 240, "all messages billed", stack)
+    store = EventStore(db)
+
+    async def all_done() -> bool:
+        return not await store.any_unfinished()
+    await eventually(all_done, 240, "all messages billed", stack)
+    assert await db["streams"].count_documents({"billed": True}) == N
 
     # Each message's log is exactly the five lifecycle facts, in order.
     by_message: dict[str, list[tuple[int, str]]] = {}

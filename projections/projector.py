@@ -1,0 +1,699 @@
+"""The reporting projector: follows the `events` change stream and writes PostgreSQL tables.
+
+Exactly-once effect: every batch is ONE PostgreSQL transaction holding the audit rows, the
+`messages` and `daily_stats` changes and the checkpoint (resume token). Events are inserted into
+`message_events` with ON CONFLICT DO NOTHING, and only the rows actually inserted move `messages`
+and `daily_stats`; so a replayed or duplicated event changes nothing, and after any crash the tables
+equal a fresh replay of the log.
+
+One active projector per (schema, projection name): it holds a session-level advisory lock on the
+same connection it writes with, so losing that connection loses the lock and the ability to write
+at the same instant (no window in which two projectors write). Others wait as hot standbys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+import pydantic
+from bson import Timestamp, json_util
+from psycopg import sql
+from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.errors import ConnectionFailure, OperationFailure
+
+from core.domain.events import Event
+from projections.schema import lock_key, migrate
+
+log = logging.getLogger(__name__)
+
+REBUILD_HINT = "run `msgcore projections rebuild` to replay the log into a new schema and swap it in"
+# ChangeStreamHistoryLost, ChangeStreamFatalError, CappedPositionLost.
+_HISTORY_LOST_CODES = frozenset({286, 280, 136})
+# Errors worth a reconnect: the stores went away or a transaction lost a race. Everything else
+# (bad data, lost resume token, a bug) stops the projector.
+_MIN_BACKOFF_S = 0.5
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailure, psycopg.OperationalError)
+
+
+class ResumeTokenLost(RuntimeError):
+    """The checkpoint's position is no longer in the oplog: following on would skip events."""
+
+    def __init__(self, schema: str, projection: str, detail: str) -> None:
+        super().__init__(
+            f"projection {projection!r} in schema {schema!r}: its resume point is no longer in the "
+            f"MongoDB oplog ({detail}); refusing to skip events: {REBUILD_HINT}"
+        )
+        self.schema = schema
+        self.projection = projection
+
+
+class UnprojectableEvent(ValueError):
+    """An event document that cannot be projected; the projector stops rather than skip it."""
+
+    def __init__(self, message_id: object, seq: object, reason: str) -> None:
+        super().__init__(f"event message_id={message_id!r} seq={seq!r} cannot be projected: {reason}")
+        self.message_id = message_id
+        self.seq = seq
+        self.reason = reason
+
+
+class ChangeStreamInvalidated(RuntimeError):
+    """The change stream ended (e.g. the `events` collection was dropped or renamed)."""
+
+
+@dataclass
+class ProjectorStats:
+    """Counters of one Projector instance (since it was created)."""
+
+    applied: int = 0  # events newly inserted (duplicates excluded)
+    received: int = 0  # events read, duplicates included
+    batches: int = 0  # transactions written that carried events
+    last_event_at: datetime | None = None  # `at` of the newest event received
+    active: bool = False  # holds the lock and projects
+    standby: bool = False  # waiting for another projector to release the lock
+    streams_opened: int = 0  # change streams opened (1 + reconnects/takeovers)
+
+
+# --- event document -> row ------------------------------------------------------------------------
+
+# Columns of the per-connection temp table, in the order `event_row` produces them.
+_ROW_COLUMNS = (
+    "message_id", "seq", "type", "at", "tenant_id", "route_id", "channel", "data",
+    "campaign_id", "to_number", "sender", "encoding", "parts", "price_per_part", "currency",
+    "amount", "smsc_message_id", "error_code", "attempt",
+)  # fmt: skip
+_PARTS_TYPES = frozenset({"accepted", "sent", "billed"})
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return str(value)  # ObjectId and friends: keep the audit copy readable rather than fail
+
+
+def _int_or_none(data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"data.{key} must be an integer, got {value!r}")
+    return value
+
+
+def _str_or_none(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return None if value is None else str(value)
+
+
+def event_row(doc: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The temp-table row (columns `_ROW_COLUMNS`) for one event document.
+
+    Raises UnprojectableEvent (naming message_id and seq) when the document does not match the
+    shape documented in `core.domain.events`.
+    """
+    try:
+        ev = Event.from_doc(dict(doc))
+        data = ev.data
+        kind = ev.type.value
+        route_id = ev.route_id if ev.route_id is not None else _str_or_none(data, "route_id")
+        smsc_ids = data.get("smsc_message_ids") or []
+        smsc_id = str(smsc_ids[0]) if kind == "sent" and smsc_ids else _str_or_none(data, "smsc_message_id")
+        data_json = json.dumps(data, default=_json_default, separators=(",", ":"))
+        if "\\u0000" in data_json:
+            raise ValueError("data contains a NUL character, which PostgreSQL jsonb rejects")
+        return (
+            ev.message_id, ev.seq, kind, ev.at, ev.tenant_id, route_id, ev.channel, data_json,
+            _str_or_none(data, "campaign_id") if kind == "accepted" else None,
+            _str_or_none(data, "to") if kind == "accepted" else None,
+            _str_or_none(data, "sender") if kind == "accepted" else None,
+            _str_or_none(data, "encoding") if kind == "accepted" else None,
+            _int_or_none(data, "parts") if kind in _PARTS_TYPES else None,
+            _int_or_none(data, "price_per_part") if kind in ("routed", "billed") else None,
+            _str_or_none(data, "currency") if kind in ("routed", "billed") else None,
+            _int_or_none(data, "amount") if kind == "billed" else None,
+            smsc_id,
+            _int_or_none(data, "error_code") if kind in ("retry", "failed") else None,
+            _int_or_none(data, "attempt") if kind in ("sent", "retry", "failed") else None,
+        )  # fmt: skip
+    except (pydantic.ValidationError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        raise UnprojectableEvent(doc.get("message_id"), doc.get("seq"), str(e)) from e
+
+
+def dedupe_rows(rows: Iterable[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Rows with one entry per (message_id, seq), first one kept.
+
+    Needed because a duplicate inside one batch would be inserted once but marked fresh twice.
+    """
+    seen: dict[tuple[str, int], tuple[Any, ...]] = {}
+    for row in rows:
+        seen.setdefault((row[0], row[1]), row)
+    return list(seen.values())
+
+
+# --- BSON Timestamp <-> bigint ---------------------------------------------------------------------
+
+
+def ts_to_int(ts: Timestamp) -> int:
+    return (ts.time << 32) | ts.inc
+
+
+def int_to_ts(value: int) -> Timestamp:
+    return Timestamp(value >> 32, value & 0xFFFFFFFF)
+
+
+# --- the batch writer ------------------------------------------------------------------------------
+
+_CREATE_TEMP = """
+CREATE TEMP TABLE IF NOT EXISTS batch_events (
+    message_id text NOT NULL, seq integer NOT NULL, type text NOT NULL, at timestamptz NOT NULL,
+    tenant_id text NOT NULL, route_id text, channel text NOT NULL, data jsonb NOT NULL,
+    campaign_id text, to_number text, sender text, encoding text, parts integer,
+    price_per_part bigint, currency text, amount bigint, smsc_message_id text, error_code integer,
+    attempt integer, fresh boolean NOT NULL DEFAULT false
+) ON COMMIT DELETE ROWS
+"""
+
+_INSERT_EVENTS = """
+WITH ins AS (
+    INSERT INTO {s}.message_events (message_id, seq, type, at, tenant_id, route_id, channel, data)
+    SELECT message_id, seq, type, at, tenant_id, route_id, channel, data FROM pg_temp.batch_events
+    ON CONFLICT (message_id, seq) DO NOTHING
+    RETURNING message_id, seq
+)
+UPDATE pg_temp.batch_events b SET fresh = true FROM ins
+WHERE b.message_id = ins.message_id AND b.seq = ins.seq
+"""
+
+_UPSERT_DAILY = """
+INSERT INTO {s}.daily_stats AS d (day, tenant_id, route_id, channel, state, events, parts, amount_minor)
+SELECT (at AT TIME ZONE 'UTC')::date, tenant_id, coalesce(route_id, ''), channel, type, count(*),
+       coalesce(sum(parts) FILTER (WHERE type IN ('accepted', 'sent', 'billed')), 0),
+       coalesce(sum(amount) FILTER (WHERE type = 'billed'), 0)
+FROM pg_temp.batch_events WHERE fresh
+GROUP BY 1, 2, 3, 4, 5
+ON CONFLICT (day, tenant_id, route_id, channel, state) DO UPDATE SET
+    events = d.events + EXCLUDED.events,
+    parts = d.parts + EXCLUDED.parts,
+    amount_minor = d.amount_minor + EXCLUDED.amount_minor
+"""
+
+# A message's row exists before the merge below, so the merge is a single UPDATE that can compare
+# each event's seq with the row's last_seq.
+_INSERT_MESSAGES = """
+INSERT INTO {s}.messages (message_id, tenant_id, channel)
+SELECT DISTINCT ON (message_id) message_id, tenant_id, channel
+FROM pg_temp.batch_events WHERE fresh ORDER BY message_id, seq
+ON CONFLICT (message_id) DO NOTHING
+"""
+
+# (messages column, temp column) whose newest value wins: taken from the newest fresh event above
+# last_seq that carries it; failing that the row keeps its value; failing that (a NULL column and
+# only older events) the newest older value fills it.
+_LATEST_WINS = (
+    ("tenant_id", "tenant_id"), ("channel", "channel"), ("route_id", "route_id"),
+    ("campaign_id", "campaign_id"), ("to_number", "to_number"), ("sender", "sender"),
+    ("encoding", "encoding"), ("parts", "parts"), ("price_per_part_minor", "price_per_part"),
+    ("currency", "currency"), ("smsc_message_id", "smsc_message_id"), ("error_code", "error_code"),
+)  # fmt: skip
+# Stage timestamps: the earliest event of the stage (LEAST ignores NULLs, so this also fills a NULL
+# column, and the result does not depend on the order events arrive in).
+_STAGES = (
+    ("accepted_at", "('accepted')"), ("routed_at", "('routed')"), ("sent_at", "('sent')"),
+    ("delivered_at", "('delivered', 'undelivered', 'expired')"), ("failed_at", "('failed')"),
+    ("billed_at", "('billed')"),
+)  # fmt: skip
+
+
+def _merge_messages_sql() -> str:
+    aggs = []
+    sets = []
+    for col, src in _LATEST_WINS:
+        aggs.append(
+            f"(array_agg(f.{src} ORDER BY f.seq DESC) "
+            f"FILTER (WHERE f.{src} IS NOT NULL AND f.seq > m.last_seq))[1] AS fwd_{col}, "
+            f"(array_agg(f.{src} ORDER BY f.seq DESC) FILTER (WHERE f.{src} IS NOT NULL))[1] AS any_{col}"
+        )
+        sets.append(f"{col} = coalesce(a.fwd_{col}, m.{col}, a.any_{col})")
+    for col, types in _STAGES:
+        aggs.append(f"min(f.at) FILTER (WHERE f.type IN {types}) AS {col}")
+        sets.append(f"{col} = least(m.{col}, a.{col})")
+    return f"""
+WITH a AS (
+    SELECT f.message_id, max(f.seq) AS max_seq, max(f.at) AS max_at,
+        (array_agg(f.type ORDER BY f.seq DESC)
+            FILTER (WHERE f.type <> 'billed' AND f.seq > m.last_seq))[1] AS state,
+        bool_or(f.type = 'billed') AS billed,
+        sum(f.amount) FILTER (WHERE f.type = 'billed') AS amount,
+        max(f.attempt) AS attempts,
+        {", ".join(aggs)}
+    FROM pg_temp.batch_events f JOIN {{s}}.messages m ON m.message_id = f.message_id
+    WHERE f.fresh
+    GROUP BY f.message_id, m.last_seq
+)
+UPDATE {{s}}.messages m SET
+    state = coalesce(a.state, m.state),
+    last_seq = greatest(m.last_seq, a.max_seq),
+    billed = m.billed OR a.billed,
+    amount_minor = CASE WHEN a.billed THEN coalesce(m.amount_minor, 0) + coalesce(a.amount, 0)
+                        ELSE m.amount_minor END,
+    attempts = greatest(m.attempts, a.attempts),
+    updated_at = greatest(m.updated_at, a.max_at),
+    {", ".join(sets)}
+FROM a WHERE m.message_id = a.message_id
+"""
+
+
+# A row with neither token nor cluster time means "replay in progress": it only counts events.
+_SAVE_CHECKPOINT = """
+INSERT INTO {s}.checkpoints AS c (projection, resume_token, cluster_time, events_applied, updated_at)
+VALUES (%(name)s, %(token)s::jsonb, %(ct)s, %(n)s, now())
+ON CONFLICT (projection) DO UPDATE SET
+    resume_token = coalesce(EXCLUDED.resume_token, c.resume_token),
+    cluster_time = coalesce(EXCLUDED.cluster_time, c.cluster_time),
+    events_applied = c.events_applied + EXCLUDED.events_applied,
+    updated_at = now()
+"""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a projection resumes: after `resume_token`, else at `cluster_time`."""
+
+    resume_token: Mapping[str, Any] | None
+    cluster_time: Timestamp | None
+    events_applied: int
+
+
+class BatchWriter:
+    """Writes batches of event rows into one reporting schema; owns the SQL.
+
+    The connection passed to each method must be in autocommit mode (each write opens its own
+    transaction) and must have been through `prepare()` (it creates the temp table there).
+    """
+
+    def __init__(self, schema: str, name: str = "reporting") -> None:
+        self.schema = schema
+        self.name = name
+        s = sql.Identifier(schema)
+        self._insert_events = sql.SQL(_INSERT_EVENTS).format(s=s)
+        self._upsert_daily = sql.SQL(_UPSERT_DAILY).format(s=s)
+        self._insert_messages = sql.SQL(_INSERT_MESSAGES).format(s=s)
+        self._merge_messages = sql.SQL(_merge_messages_sql()).format(s=s)
+        self._save_checkpoint = sql.SQL(_SAVE_CHECKPOINT).format(s=s)
+        self._load_checkpoint = sql.SQL(
+            "SELECT resume_token::text, cluster_time, events_applied FROM {s}.checkpoints WHERE projection = %s"
+        ).format(s=s)
+        self._copy = sql.SQL("COPY pg_temp.batch_events ({}) FROM STDIN").format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in _ROW_COLUMNS)
+        )
+
+    async def prepare(self, conn: psycopg.AsyncConnection) -> None:
+        await conn.execute(_CREATE_TEMP)
+
+    async def write(
+        self,
+        conn: psycopg.AsyncConnection,
+        rows: Sequence[tuple[Any, ...]],
+        *,
+        checkpoint: bool = True,
+        resume_token: Mapping[str, Any] | None = None,
+        cluster_time: Timestamp | None = None,
+    ) -> int:
+        """Apply `rows` (from `event_row`) in one transaction; return how many were new.
+
+        With `checkpoint`, the same transaction records the position (resume token and/or cluster
+        time; None keeps the stored value) and adds the new events to `events_applied`.
+        """
+        rows = dedupe_rows(rows)
+        async with conn.transaction():
+            applied = 0
+            if rows:
+                async with conn.cursor() as cur:
+                    async with cur.copy(self._copy) as copy:
+                        for row in rows:
+                            await copy.write_row(row)
+                    await cur.execute(self._insert_events)
+                    applied = max(cur.rowcount, 0)
+                    if applied:
+                        await cur.execute(self._upsert_daily)
+                        await cur.execute(self._insert_messages)
+                        await cur.execute(self._merge_messages)
+                    # ON COMMIT DELETE ROWS would do it too, but an explicit empty keeps the next
+                    # batch correct should this ever run inside a caller's longer transaction.
+                    await cur.execute("DELETE FROM pg_temp.batch_events")
+            if checkpoint:
+                await self._write_checkpoint(conn, resume_token, cluster_time, applied)
+        return applied
+
+    async def save_checkpoint(
+        self,
+        conn: psycopg.AsyncConnection,
+        resume_token: Mapping[str, Any] | None,
+        cluster_time: Timestamp | None = None,
+    ) -> None:
+        """Record the position alone (an empty batch moved the resume token)."""
+        async with conn.transaction():
+            await self._write_checkpoint(conn, resume_token, cluster_time, 0)
+
+    async def _write_checkpoint(
+        self,
+        conn: psycopg.AsyncConnection,
+        resume_token: Mapping[str, Any] | None,
+        cluster_time: Timestamp | None,
+        applied: int,
+    ) -> None:
+        params = {
+            "name": self.name,
+            "token": None if resume_token is None else json_util.dumps(resume_token),
+            "ct": None if cluster_time is None else ts_to_int(cluster_time),
+            "n": applied,
+        }
+        await conn.execute(self._save_checkpoint, params)
+
+    async def load_checkpoint(self, conn: psycopg.AsyncConnection) -> Checkpoint | None:
+        """The stored position, or None when there is none (or only an unfinished replay's)."""
+        cur = await conn.execute(self._load_checkpoint, (self.name,))
+        row = await cur.fetchone()
+        if row is None or (row[0] is None and row[1] is None):
+            return None
+        token = None if row[0] is None else json_util.loads(row[0])
+        cluster_time = None if row[1] is None else int_to_ts(row[1])
+        return Checkpoint(token, cluster_time, row[2])
+
+
+async def apply_events(
+    conn_or_url: psycopg.AsyncConnection | str, schema: str, docs: Iterable[Mapping[str, Any]]
+) -> int:
+    """Apply event documents to `schema` in one transaction, no checkpoint; return how many were new.
+
+    A test and repair hook: the same code path as the projector's batches. The schema must exist
+    (see `projections.schema.migrate`).
+    """
+    writer = BatchWriter(schema)
+    rows = [event_row(d) for d in docs]
+    if isinstance(conn_or_url, str):
+        async with await psycopg.AsyncConnection.connect(conn_or_url, autocommit=True) as conn:
+            await writer.prepare(conn)
+            return await writer.write(conn, rows, checkpoint=False)
+    await writer.prepare(conn_or_url)
+    return await writer.write(conn_or_url, rows, checkpoint=False)
+
+
+# --- replay of the existing log --------------------------------------------------------------------
+
+
+async def cluster_time_now(events: AsyncCollection) -> Timestamp:
+    """The server's current cluster time (a change stream started here misses nothing after it)."""
+    reply = await events.database.command("hello")
+    ts = reply.get("operationTime") or reply.get("$clusterTime", {}).get("clusterTime")
+    if not isinstance(ts, Timestamp):
+        raise RuntimeError("MongoDB did not report a cluster time: is it a replica set?")
+    return ts
+
+
+async def replay_log(
+    events: AsyncCollection,
+    conn: psycopg.AsyncConnection,
+    writer: BatchWriter,
+    *,
+    batch_size: int = 1000,
+    stats: ProjectorStats | None = None,
+    start: Timestamp | None = None,
+) -> Timestamp:
+    """Scan the whole log into the writer's schema; return the cluster time noted before the scan.
+
+    `start`, if given, is a cluster time the caller noted before anything else it did (e.g.
+    before opening its change stream); otherwise it is noted here. The checkpoint then holds that
+    cluster time (and no token), so a change stream opened at it sees everything inserted during
+    or after the scan; the overlap is absorbed by the idempotent inserts. Until the last batch
+    commits the checkpoint says "replay in progress", so a crash in the middle restarts the replay
+    (harmlessly) instead of following from a half-built state.
+    """
+    if start is None:
+        start = await cluster_time_now(events)
+    log.info("projection %s schema %s: replaying the log (cluster time %s)", writer.name, writer.schema, start)
+    stats = stats if stats is not None else ProjectorStats()
+    rows: list[tuple[Any, ...]] = []
+    cursor = events.find({}, sort=[("message_id", 1), ("seq", 1)], batch_size=batch_size)
+    async for doc in cursor:
+        rows.append(event_row(doc))
+        if len(rows) >= batch_size:
+            await _write_replay_batch(conn, writer, rows, stats)
+            rows = []
+    await _write_replay_batch(conn, writer, rows, stats)
+    await writer.save_checkpoint(conn, None, start)
+    log.info("projection %s schema %s: replay done, %d events applied", writer.name, writer.schema, stats.applied)
+    return start
+
+
+async def _write_replay_batch(
+    conn: psycopg.AsyncConnection, writer: BatchWriter, rows: list[tuple[Any, ...]], stats: ProjectorStats
+) -> None:
+    applied = await writer.write(conn, rows)
+    stats.received += len(rows)
+    stats.applied += applied
+    if rows:
+        stats.batches += 1
+        stats.last_event_at = max(r[3] for r in rows)
+
+
+# --- the projector ---------------------------------------------------------------------------------
+
+
+class Projector:
+    """Follows `events` into the reporting tables of `schema` until stopped.
+
+    `run()` retries transient MongoDB/PostgreSQL errors with back-off, resuming from the stored
+    checkpoint; it raises ResumeTokenLost, UnprojectableEvent or ChangeStreamInvalidated, which
+    need an operator.
+    """
+
+    def __init__(
+        self,
+        events: AsyncCollection,
+        pg_url: str,
+        schema: str,
+        *,
+        name: str = "reporting",
+        batch_size: int = 1000,
+        batch_wait_s: float = 0.2,
+        checkpoint_interval_s: float = 5.0,
+        standby_poll_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self.events = events
+        self.pg_url = pg_url
+        self.schema = schema
+        self.name = name
+        self.batch_size = batch_size
+        self.batch_wait_s = batch_wait_s
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.standby_poll_s = standby_poll_s
+        self.max_backoff_s = max_backoff_s
+        self.stats = ProjectorStats()
+        self._writer = BatchWriter(schema, name)
+        self._lock_key = lock_key("projection", schema, name)
+        self._backoff_s = _MIN_BACKOFF_S
+
+    @property
+    def applied(self) -> int:
+        return self.stats.applied
+
+    @property
+    def batches(self) -> int:
+        return self.stats.batches
+
+    @property
+    def last_event_at(self) -> datetime | None:
+        return self.stats.last_event_at
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Project until `stop` is set. Transient errors are retried; fatal ones are raised."""
+        while not stop.is_set():
+            try:
+                await self._session(stop)
+                return
+            except TRANSIENT_ERRORS as e:
+                backoff = self._backoff_s
+                # Doubling until a session gets as far as the lock again (which resets it).
+                self._backoff_s = min(backoff * 2, self.max_backoff_s)
+                self.stats.active = False
+                log.warning(
+                    "projection %s schema %s: %s: %s; reconnecting in %.1fs",
+                    self.name, self.schema, type(e).__name__, e, backoff,
+                )  # fmt: skip
+                await _sleep_until(stop, backoff)
+            except asyncio.CancelledError:
+                self.stats.active = self.stats.standby = False
+                raise
+            except Exception:
+                self.stats.active = self.stats.standby = False
+                log.exception("projection %s schema %s: stopped", self.name, self.schema)
+                raise
+        self.stats.active = self.stats.standby = False
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        # application_name lets an operator (or a test) find this session in pg_stat_activity.
+        app_name = f"msgcore-projector {self.name} {self.schema}"[:63]
+        async with await psycopg.AsyncConnection.connect(
+            self.pg_url, autocommit=True, application_name=app_name
+        ) as conn:
+            await migrate(conn, self.schema)
+            if not await self._acquire_lock(conn, stop):
+                return
+            try:
+                await self._writer.prepare(conn)
+                checkpoint = await self._writer.load_checkpoint(conn)
+                if checkpoint is None:
+                    stream = await self._replay_then_stream(conn)
+                else:
+                    stream = await self._open_stream(checkpoint)
+                async with stream:
+                    await self._follow(conn, stream, stop)
+            finally:
+                self.stats.active = False
+        # Closing the connection released the advisory lock; a standby takes over.
+
+    async def _acquire_lock(self, conn: psycopg.AsyncConnection, stop: asyncio.Event) -> bool:
+        """Wait (as hot standby) until this projector holds the lock; False if stopped first."""
+        announced = False
+        while not stop.is_set():
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (self._lock_key,))
+            row = await cur.fetchone()
+            if row is not None and row[0]:
+                self.stats.active, self.stats.standby = True, False
+                self._backoff_s = _MIN_BACKOFF_S
+                log.info("projection %s schema %s: active (lock %d held)", self.name, self.schema, self._lock_key)
+                return True
+            self.stats.standby = True
+            if not announced:
+                log.info(
+                    "projection %s schema %s: another projector holds lock %d; standing by",
+                    self.name, self.schema, self._lock_key,
+                )  # fmt: skip
+                announced = True
+            await _sleep_until(stop, self.standby_poll_s)
+        return False
+
+    async def _replay_then_stream(self, conn: psycopg.AsyncConnection) -> AsyncCollectionChangeStream:
+        """Replay the existing log, returning a change stream that continues without a gap.
+
+        The stream is opened (at "now") BEFORE the scan rather than afterwards at the noted
+        cluster time: everything committed before the open is seen by the scan, everything after
+        by the stream, and the overlap is absorbed by the idempotent inserts. Opening at a past
+        cluster time makes the server search its oplog, and SecantusDB 0.7.0b3 was seen to return
+        an empty first batch whose postBatchResumeToken had moved past inserts that committed
+        during that search; a stream opened at "now" has no such window.
+        """
+        start = await cluster_time_now(self.events)
+        stream = await self._open_stream(Checkpoint(None, None, 0))
+        try:
+            await replay_log(self.events, conn, self._writer, batch_size=self.batch_size, stats=self.stats, start=start)
+        except BaseException:
+            await stream.close()
+            raise
+        return stream
+
+    async def _open_stream(self, checkpoint: Checkpoint) -> AsyncCollectionChangeStream:
+        kwargs: dict[str, Any] = {
+            "pipeline": [{"$match": {"operationType": "insert"}}],
+            "batch_size": self.batch_size,
+            "max_await_time_ms": max(10, int(self.batch_wait_s * 1000)),
+        }
+        if checkpoint.resume_token is not None:
+            kwargs["resume_after"] = checkpoint.resume_token
+        elif checkpoint.cluster_time is not None:
+            kwargs["start_at_operation_time"] = checkpoint.cluster_time
+        try:
+            stream = await self.events.watch(**kwargs)
+        except OperationFailure as e:
+            raise self._translate(e) from e
+        self.stats.streams_opened += 1
+        log.info(
+            "projection %s schema %s: following events from %s",
+            self.name, self.schema, "resume token" if checkpoint.resume_token else (checkpoint.cluster_time or "now"),
+        )  # fmt: skip
+        return stream
+
+    def _translate(self, e: OperationFailure) -> Exception:
+        if e.code in _HISTORY_LOST_CODES or "resume" in str(e).lower():
+            return ResumeTokenLost(self.schema, self.name, f"code {e.code}: {e}")
+        return e
+
+    async def _follow(
+        self, conn: psycopg.AsyncConnection, stream: AsyncCollectionChangeStream, stop: asyncio.Event
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        saved_token: Mapping[str, Any] | None = None
+        saved_at = loop.time()
+        while not stop.is_set():
+            changes = await self._collect(stream, stop)
+            token = stream.resume_token
+            if changes:
+                await self._apply_changes(conn, changes, token)
+                saved_token, saved_at = token, loop.time()
+            elif token is not None and token != saved_token and loop.time() - saved_at >= self.checkpoint_interval_s:
+                # Keep the position moving on a quiet log, so that it stays inside the oplog window.
+                await self._writer.save_checkpoint(conn, token)
+                saved_token, saved_at = token, loop.time()
+
+    async def _collect(self, stream: AsyncCollectionChangeStream, stop: asyncio.Event) -> list[Mapping[str, Any]]:
+        """Changes until batch_size of them, or batch_wait_s has passed, or stop is set."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.batch_wait_s
+        batch: list[Mapping[str, Any]] = []
+        while len(batch) < self.batch_size:
+            try:
+                change = await stream.try_next()
+            except OperationFailure as e:
+                raise self._translate(e) from e
+            if change is not None:
+                batch.append(change)
+                continue
+            if not stream.alive:
+                raise ChangeStreamInvalidated(
+                    f"projection {self.name} schema {self.schema}: the change stream on "
+                    f"{self.events.full_name} ended (collection dropped or renamed?)"
+                )
+            if stop.is_set() or loop.time() >= deadline:
+                break
+        return batch
+
+    async def _apply_changes(
+        self, conn: psycopg.AsyncConnection, changes: list[Mapping[str, Any]], token: Mapping[str, Any] | None
+    ) -> None:
+        rows = []
+        for change in changes:
+            doc = change.get("fullDocument")
+            if doc is None:
+                key = change.get("documentKey")
+                raise UnprojectableEvent(None, None, f"insert change without fullDocument (documentKey {key})")
+            rows.append(event_row(doc))
+        cluster_time = changes[-1].get("clusterTime")
+        applied = await self._writer.write(conn, rows, resume_token=token, cluster_time=cluster_time)
+        self.stats.received += len(rows)
+        self.stats.applied += applied
+        self.stats.batches += 1
+        self.stats.last_event_at = max(r[3] for r in rows)
+        log.debug(
+            "projection %s schema %s: batch of %d events, %d new, up to message_id=%s seq=%s",
+            self.name, self.schema, len(rows), applied, rows[-1][0], rows[-1][1],
+        )  # fmt: skip
+
+
+async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep `seconds`, waking early when `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), timeout=seconds)
