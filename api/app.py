@@ -5,6 +5,7 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
     400 invalid_json            body is not JSON (or not UTF-8)
     401 unauthorized            API key missing or unknown (with `WWW-Authenticate: Bearer`)
     403 forbidden               tenant not active
+        admin_disabled          /v1/admin called while no admin key is configured
     404 not_found               no such route, or no such message for this tenant
     405 method_not_allowed      (with `Allow`)
     413 payload_too_large       body over `max_body_bytes`
@@ -34,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiError, TenantCache
-from api.routes import health, messages
+from api.routes import admin, health, messages
 from core.config import Settings
 from core.domain.errors import DomainError
 from core.store.eventstore import EventStore
@@ -68,6 +69,7 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
     app.state.tenant_cache = TenantCache()
     app.include_router(health.router)
     app.include_router(messages.router)
+    app.include_router(admin.router)  # /v1/admin: admin key, not tenant keys (api/routes/admin.py)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(CatchAllMiddleware)  # added last = outermost: also catches the others' bugs

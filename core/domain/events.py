@@ -21,6 +21,9 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
     rejected      reason
     canceled      reason
     dead_lettered reason, attempts
+    requeued      reason (str, the operator's), actor (str, who requeued: e.g. "cli:alice", "admin-api"),
+                  previous_state ("dead_lettered" | "failed"); an operator's retry: the message goes
+                  back to `retry` (queue "route") with its attempt budget reset and no excluded routes
     inbound       from, to, text, smsc_message_id (optional), reply_to (message id, optional)
 
 Money is integer minor units (e.g. 1 = 0.01 EUR); times are timezone-aware UTC.
@@ -51,6 +54,7 @@ class EventType(StrEnum):
     CANCELED = "canceled"
     DEAD_LETTERED = "dead_lettered"
     INBOUND = "inbound"
+    REQUEUED = "requeued"
 
 
 class Event(BaseModel):

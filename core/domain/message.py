@@ -8,6 +8,8 @@ one *queue* (the stage that must act next); the queue follows from the state alo
        │ └──── retry <──┤ (temporary error: back to the router, avoiding that route)
        └──> failed <────┘ (permanent error, no route, attempts exhausted -> dead_lettered)
 
+    failed | dead_lettered ─requeued (operator)─> retry (attempts 0, no excluded routes) ─> router
+
 `billed` does not change the delivery state; it sets `billed` and empties the queue.
 """
 
@@ -35,6 +37,7 @@ ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
     EventType.REJECTED: frozenset({"accepted", "retry"}),
     EventType.CANCELED: frozenset({"accepted", "retry", "routed"}),
     EventType.DEAD_LETTERED: frozenset({"accepted", "retry", "routed", "sent"}),
+    EventType.REQUEUED: frozenset({"dead_lettered", "failed"}),
 }
 
 TERMINAL_STATES = frozenset(
@@ -121,6 +124,9 @@ def evolve(state: MessageState | None, event: Event) -> MessageState:
             return replace(s, state="retry", attempts=d.get("attempt", s.attempts), excluded_routes=excluded)
         case EventType.BILLED:
             return replace(s, billed=True)
+        case EventType.REQUEUED:
+            # An operator's retry: a fresh attempt budget, every route allowed again.
+            return replace(s, state="retry", attempts=0, excluded_routes=())
         case _:
             return replace(s, state=event.type.value)
 
