@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -14,13 +15,20 @@ from core.config import Settings
 from ops import components
 from ops.logs import configure
 
+if TYPE_CHECKING:
+    from core.domain.events import Event
+    from core.store.deadletters import RequeueResult
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="msgcore: event-sourced SMS core.")
 tenants_app = typer.Typer(no_args_is_help=True, help="Tenants and their API keys.")
 routes_app = typer.Typer(no_args_is_help=True, help="SMSC routes.")
 heads_app = typer.Typer(no_args_is_help=True, help="Heads (the per-message cache in `streams`).")
+dead_letters_app = typer.Typer(no_args_is_help=True,
+                               help="Dead-lettered (and failed) messages: list, show, requeue (appends events).")
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(routes_app, name="routes")
 app.add_typer(heads_app, name="heads")
+app.add_typer(dead_letters_app, name="dead-letters")
 
 
 def _settings(component: str, need_store: bool = True) -> Settings:
@@ -185,6 +193,199 @@ def heads_rebuild() -> None:
 
     n = asyncio.run(go())
     typer.echo(f"\nrebuilt {n} heads")
+
+
+# ---- dead letters -----------------------------------------------------------------------------------
+
+StateOption = Annotated[str, typer.Option("--state", help="dead_lettered, or failed (operators may retry those too)")]
+
+
+def _check_dl_state(state: str) -> None:
+    from core.store.deadletters import REQUEUABLE_STATES
+
+    if state not in REQUEUABLE_STATES:
+        raise typer.BadParameter(f"--state must be one of {', '.join(sorted(REQUEUABLE_STATES))}")
+
+
+def _cli_actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in this environment (e.g. a container without one)
+        return "cli"
+
+
+@dead_letters_app.command("list")
+def dead_letters_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's messages")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many")] = 100,
+    after: Annotated[str | None, typer.Option(help="Start after this message id (the last one printed)")] = None,
+    state: StateOption = "dead_lettered",
+) -> None:
+    """One line per message: id, tenant, to, state, attempts, time and reason of its last event."""
+    from core.store.deadletters import list_dead_letters
+
+    _check_dl_state(state)
+    s = _settings("cli")
+
+    async def fetch() -> list[dict[str, object]]:
+        async with components.database(s, "cli") as db:
+            return await list_dead_letters(db, tenant, limit, after, state=state)
+
+    items = asyncio.run(fetch())
+    for i in items:
+        at = i["at"].isoformat() if isinstance(i["at"], datetime) else "-"
+        typer.echo(f"{i['id']}\t{i['tenant_id']}\t{i['to']}\t{i['state']}\tattempts={i['attempts']}\t{at}\t"
+                   f"{i['reason'] or '-'}")
+    if not items:
+        typer.echo(f"no {state} messages" + (f" for tenant {tenant}" if tenant else ""), err=True)
+
+
+@dead_letters_app.command("show")
+def dead_letters_show(message_id: Annotated[str, typer.Argument(help="Message id")]) -> None:
+    """The message's head and its full event history (time, type, route, data)."""
+    import json
+
+    from core.store.eventstore import EventStore
+
+    s = _settings("cli")
+
+    async def fetch() -> tuple[dict[str, Any] | None, list[Event]]:
+        async with components.database(s, "cli") as db:
+            store = EventStore(db)
+            return await store.head(message_id), await store.load_events(message_id)
+
+    head, events = asyncio.run(fetch())
+    if head is None and not events:
+        typer.echo(f"msgcore dead-letters show: no message {message_id}", err=True)
+        raise typer.Exit(1)
+    if head is not None:
+        typer.echo(f"message {message_id}\ttenant={head['tenant_id']}\tto={head.get('msg', {}).get('to', '')}\t"
+                   f"state={head['state']}\tattempts={head.get('attempts', 0)}\tversion={head['version']}\t"
+                   f"queue={head.get('queue') or '-'}")
+    for e in events:
+        data = json.dumps(e.data, default=str, ensure_ascii=False, sort_keys=True)
+        typer.echo(f"{e.seq:>3}  {e.at.isoformat()}  {e.type.value:<13} route={e.route_id or '-'}  {data}")
+
+
+async def _requeue_pages(s: Settings, ids: list[str] | None, tenant: str | None, state: str, actor: str,
+                         reason: str) -> RequeueResult:
+    """Requeue `ids` (or, with None, every message in `state` of `tenant`) in commits of at most
+    MAX_REQUEUE; returns the combined RequeueResult."""
+    from core.domain.events import utcnow
+    from core.store.deadletters import MAX_REQUEUE, RequeueResult, list_dead_letters, requeue
+    from core.store.eventstore import EventStore
+
+    total = RequeueResult()
+    async with components.database(s, "cli") as db:
+        store = EventStore(db)
+        after: str | None = None
+        pending = list(dict.fromkeys(ids)) if ids is not None else []
+        while True:
+            if ids is None:  # --all: keyset pages, so ids that stay behind (conflicts) are not met again
+                page = await list_dead_letters(db, tenant, MAX_REQUEUE, after, state=state)
+                chunk = [p["id"] for p in page]
+                after = chunk[-1] if chunk else None
+            else:
+                chunk, pending = pending[:MAX_REQUEUE], pending[MAX_REQUEUE:]
+            if not chunk:
+                return total
+            r = await requeue(store, chunk, actor, reason, utcnow(), state=state)
+            for name in ("requeued", "not_found", "not_dead", "conflicts"):
+                getattr(total, name).extend(getattr(r, name))
+            total.states.update(r.states)
+
+
+@dead_letters_app.command("requeue")
+def dead_letters_requeue(
+    message_ids: Annotated[list[str] | None, typer.Argument(help="Message ids")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="Every message in --state (of --tenant, if given)")] = False,
+    reason: Annotated[str, typer.Option(help="Why: recorded in each requeued event")] = "requeued by operator",
+    tenant: Annotated[str | None, typer.Option(help="With --all: only this tenant's messages")] = None,
+    state: StateOption = "dead_lettered",
+) -> None:
+    """Append a `requeued` event to each message: back to the router with a fresh attempt budget.
+
+    Exits 1 if some message could not be requeued (unknown, not in --state, or changed meanwhile)."""
+    _check_dl_state(state)
+    if bool(message_ids) == all_:
+        typer.echo("msgcore dead-letters requeue: give message ids, or --all (not both)", err=True)
+        raise typer.Exit(2)
+    if tenant is not None and not all_:
+        typer.echo("msgcore dead-letters requeue: --tenant goes with --all", err=True)
+        raise typer.Exit(2)
+    s = _settings("cli")
+    result = asyncio.run(_requeue_pages(s, None if all_ else message_ids, tenant, state, _cli_actor(), reason))
+    for mid in result.requeued:
+        typer.echo(f"requeued {mid}")
+    typer.echo(f"{len(result.requeued)} message(s) requeued" +
+               (": back to the router, attempts reset" if result.requeued else ""))
+    if result.not_found:
+        typer.echo(f"unknown message id(s): {', '.join(result.not_found)}", err=True)
+    for mid in result.not_dead:
+        typer.echo(f"not requeued: {mid} is {result.states.get(mid, '?')}, not {state}", err=True)
+    if result.conflicts:
+        typer.echo(f"changed meanwhile, not requeued (try again): {', '.join(result.conflicts)}", err=True)
+    if not result.ok:
+        raise typer.Exit(1)
+
+@app.command()
+def verify(
+    stale_after: Annotated[float, typer.Option(min=0, help="Seconds past due_at after which a message is stuck")
+                           ] = 3600.0,
+    lag_grace: Annotated[float, typer.Option(
+        min=0, help="Events missing from the reporting tables count as not yet projected if they are at most this "
+                    "many seconds older than the projector's position")] = 60.0,
+    show: Annotated[int, typer.Option(min=0, help="Discrepancies printed per kind")] = 50,
+) -> None:
+    """Check the heads and the reporting tables against the event log: exit 0 if clean, 1 if not."""
+    import psycopg
+    from pymongo.errors import ConnectionFailure
+
+    from core.domain.events import utcnow
+    from ops.verify import VerifyError
+    from ops.verify import verify as run_verify
+
+    s = _settings("verify")
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with components.database(s, "verify") as db:
+            return await run_verify(db, s.pg_url or None, s.reporting_schema, utcnow(),
+                                    stale_after_s=stale_after, lag_grace_s=lag_grace)
+
+    try:
+        report = asyncio.run(go())
+    except (VerifyError, ConnectionFailure, psycopg.OperationalError) as e:  # config: unreachable or wrong schema
+        typer.echo(f"msgcore verify: {e}", err=True)
+        raise typer.Exit(2) from e
+    shown: dict[str, int] = {}
+    for d in report.discrepancies:
+        shown[d.kind] = shown.get(d.kind, 0) + 1
+        if shown[d.kind] <= show:
+            typer.echo(f"{d.kind}\t{d.message_id or '-'}\t{d.detail}")
+    for kind, n in sorted(report.discrepancy_counts.items()):
+        if n > show:
+            typer.echo(f"{kind}\t...\t{n - show} more not shown ({n} in all)")
+    for note in report.notes[:show]:
+        typer.echo(f"note:{note.kind}\t{note.message_id or '-'}\t{note.detail}")
+    c = report.counts
+    typer.echo(f"messages={c['messages']} events={c['events']} heads={c['heads']} terminal={c['terminal']} "
+               f"in_flight={c['in_flight']} stuck={c['stuck']} possible_duplicates={c['possible_duplicates']} "
+               f"multi_sent={c['multi_sent']}")
+    if report.reporting_checked:
+        typer.echo(f"reporting schema {s.reporting_schema}: projected={c['projected']} "
+                   f"not_yet_projected={c['not_yet_projected']} projector_position="
+                   f"{report.projector_position.isoformat() if report.projector_position else 'unknown'}")
+    else:
+        typer.echo("no PostgreSQL configured (MSGCORE_PG_URL): only the MongoDB checks ran")
+    if report.ok:
+        typer.echo("OK: no discrepancies")
+        return
+    total = sum(report.discrepancy_counts.values())
+    kinds = ", ".join(f"{k}={n}" for k, n in sorted(report.discrepancy_counts.items()))
+    typer.echo(f"FAILED: {total} discrepancies ({kinds})")
+    raise typer.Exit(1)
 
 
 def main() -> None:

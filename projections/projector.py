@@ -9,6 +9,37 @@ equal a fresh replay of the log.
 One active projector per (schema, projection name): it holds a session-level advisory lock on the
 same connection it writes with, so losing that connection loses the lock and the ability to write
 at the same instant (no window in which two projectors write). Others wait as hot standbys.
+
+Catch-up scan (why a resumed change stream is not trusted alone)
+-----------------------------------------------------------------
+SecantusDB 0.7.0b3 was seen to drop events when a change stream is opened with `resume_after` or
+`start_at_operation_time` while inserts commit: it searches its oplog, then answers with an empty
+first batch whose postBatchResumeToken is already past inserts that committed during the search;
+those are never delivered. So every (re)open of the stream -- restart, crash, reconnect, standby
+takeover, even the driver's own automatic resume -- is followed by a catch-up scan of the log
+itself, applied through the same idempotent writer (duplicates change nothing).
+
+The scan window is keyed on `_id`, not on `at`: event documents get their `_id` from the driver
+(an ObjectId stamped with the writer's wall clock when `insert_many` runs, i.e. inside the very
+transaction attempt that commits it), and `_id` has an index on every collection, so the scan
+costs no extra index on the hot insert path. `at` is unsuitable: it comes from an injectable clock
+and is decided before a `commit` that may go through several rounds of driver retries.
+
+The checkpoint keeps `scan_from` with this invariant: every event not yet applied has an `_id`
+time >= scan_from - margin, where the margin (`catchup_margin_s`, 5 minutes by default) covers
+the time between `_id` generation and commit (the driver retries a commit for up to ~2 minutes)
+plus clock skew between hosts. It is maintained as follows:
+- a fresh replay sets it to the wall-clock time noted before the log scan started;
+- on (re)open, the scan reads `_id` in [scan_from - margin, time after the open + margin] in
+  `_id` order, one page per PostgreSQL transaction, interleaved with the stream's batches so the
+  stream is never held up for more than one page. Anything committed before the stream was open
+  is in that window and visible to the scan; anything committed afterwards the stream delivers;
+- while the scan is unfinished `scan_from` does not move (a crash mid-scan rescans the same
+  window); when it finishes, `scan_from` becomes the time noted just before the stream was opened;
+- afterwards each stream batch moves it to the newest `_id` time it applied (events committed
+  after that batch have later `_id`s, up to the margin).
+Events whose `_id` is not a driver-generated ObjectId are outside this scheme (none are written
+today: `Event.to_doc` leaves `_id` to the driver).
 """
 
 from __future__ import annotations
@@ -19,13 +50,13 @@ import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import psycopg
 import pydantic
-from bson import Timestamp, json_util
+from bson import ObjectId, Timestamp, json_util
 from psycopg import sql
 from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
@@ -78,10 +109,18 @@ class ProjectorStats:
     applied: int = 0  # events newly inserted (duplicates excluded)
     received: int = 0  # events read, duplicates included
     batches: int = 0  # transactions written that carried events
-    last_event_at: datetime | None = None  # `at` of the newest event received
+    last_event_at: datetime | None = None  # greatest `at` among the events received
     active: bool = False  # holds the lock and projects
     standby: bool = False  # waiting for another projector to release the lock
     streams_opened: int = 0  # change streams opened (1 + reconnects/takeovers)
+    catchup_pending: bool = False  # a catch-up scan after a (re)open is unfinished
+    catchup_scanned: int = 0  # events read by catch-up scans, duplicates included
+    catchup_applied: int = 0  # of which new: events the change stream had not delivered (yet)
+    catchups_done: int = 0  # catch-up scans finished
+
+    def saw(self, newest_at: datetime) -> None:
+        if self.last_event_at is None or newest_at > self.last_event_at:
+            self.last_event_at = newest_at
 
 
 # --- event document -> row ------------------------------------------------------------------------
@@ -171,6 +210,21 @@ def ts_to_int(ts: Timestamp) -> int:
 
 def int_to_ts(value: int) -> Timestamp:
     return Timestamp(value >> 32, value & 0xFFFFFFFF)
+
+
+def wall_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def id_time(doc: Mapping[str, Any]) -> datetime | None:
+    """When the writer's driver generated the document's `_id`; None if it is not an ObjectId."""
+    oid = doc.get("_id")
+    return oid.generation_time if isinstance(oid, ObjectId) else None
+
+
+def newest_id_time(docs: Iterable[Mapping[str, Any]]) -> datetime | None:
+    times = [t for t in (id_time(d) for d in docs) if t is not None]
+    return max(times) if times else None
 
 
 # --- the batch writer ------------------------------------------------------------------------------
@@ -276,24 +330,34 @@ FROM a WHERE m.message_id = a.message_id
 
 
 # A row with neither token nor cluster time means "replay in progress": it only counts events.
+# last_event_at and scan_from only move forward (greatest() ignores NULL: NULL keeps the value).
 _SAVE_CHECKPOINT = """
-INSERT INTO {s}.checkpoints AS c (projection, resume_token, cluster_time, events_applied, updated_at)
-VALUES (%(name)s, %(token)s::jsonb, %(ct)s, %(n)s, now())
+INSERT INTO {s}.checkpoints AS c
+    (projection, resume_token, cluster_time, events_applied, last_event_at, scan_from, updated_at)
+VALUES (%(name)s, %(token)s::jsonb, %(ct)s, %(n)s, %(last_at)s, %(scan_from)s, now())
 ON CONFLICT (projection) DO UPDATE SET
     resume_token = coalesce(EXCLUDED.resume_token, c.resume_token),
     cluster_time = coalesce(EXCLUDED.cluster_time, c.cluster_time),
     events_applied = c.events_applied + EXCLUDED.events_applied,
+    last_event_at = greatest(c.last_event_at, EXCLUDED.last_event_at),
+    scan_from = greatest(c.scan_from, EXCLUDED.scan_from),
     updated_at = now()
 """
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """Where a projection resumes: after `resume_token`, else at `cluster_time`."""
+    """Where a projection resumes: after `resume_token`, else at `cluster_time`.
+
+    `scan_from` bounds the catch-up scan that follows every (re)open (see the module docstring);
+    `last_event_at` is the greatest `at` applied so far (for lag reports).
+    """
 
     resume_token: Mapping[str, Any] | None
     cluster_time: Timestamp | None
     events_applied: int
+    scan_from: datetime | None = None
+    last_event_at: datetime | None = None
 
 
 class BatchWriter:
@@ -313,7 +377,8 @@ class BatchWriter:
         self._merge_messages = sql.SQL(_merge_messages_sql()).format(s=s)
         self._save_checkpoint = sql.SQL(_SAVE_CHECKPOINT).format(s=s)
         self._load_checkpoint = sql.SQL(
-            "SELECT resume_token::text, cluster_time, events_applied FROM {s}.checkpoints WHERE projection = %s"
+            "SELECT resume_token::text, cluster_time, events_applied, scan_from, last_event_at"
+            " FROM {s}.checkpoints WHERE projection = %s"
         ).format(s=s)
         self._copy = sql.SQL("COPY pg_temp.batch_events ({}) FROM STDIN").format(
             sql.SQL(", ").join(sql.Identifier(c) for c in _ROW_COLUMNS)
@@ -330,11 +395,13 @@ class BatchWriter:
         checkpoint: bool = True,
         resume_token: Mapping[str, Any] | None = None,
         cluster_time: Timestamp | None = None,
+        scan_from: datetime | None = None,
     ) -> int:
         """Apply `rows` (from `event_row`) in one transaction; return how many were new.
 
         With `checkpoint`, the same transaction records the position (resume token and/or cluster
-        time; None keeps the stored value) and adds the new events to `events_applied`.
+        time and/or scan_from; None keeps the stored value), moves `last_event_at` to the newest
+        `at` in `rows`, and adds the new events to `events_applied`.
         """
         rows = dedupe_rows(rows)
         async with conn.transaction():
@@ -354,7 +421,8 @@ class BatchWriter:
                     # batch correct should this ever run inside a caller's longer transaction.
                     await cur.execute("DELETE FROM pg_temp.batch_events")
             if checkpoint:
-                await self._write_checkpoint(conn, resume_token, cluster_time, applied)
+                last_at = max((r[3] for r in rows), default=None)
+                await self._write_checkpoint(conn, resume_token, cluster_time, applied, last_at, scan_from)
         return applied
 
     async def save_checkpoint(
@@ -362,10 +430,11 @@ class BatchWriter:
         conn: psycopg.AsyncConnection,
         resume_token: Mapping[str, Any] | None,
         cluster_time: Timestamp | None = None,
+        scan_from: datetime | None = None,
     ) -> None:
-        """Record the position alone (an empty batch moved the resume token)."""
+        """Record the position alone (an empty batch moved the resume token, a scan finished)."""
         async with conn.transaction():
-            await self._write_checkpoint(conn, resume_token, cluster_time, 0)
+            await self._write_checkpoint(conn, resume_token, cluster_time, 0, None, scan_from)
 
     async def _write_checkpoint(
         self,
@@ -373,12 +442,16 @@ class BatchWriter:
         resume_token: Mapping[str, Any] | None,
         cluster_time: Timestamp | None,
         applied: int,
+        last_event_at: datetime | None,
+        scan_from: datetime | None,
     ) -> None:
         params = {
             "name": self.name,
             "token": None if resume_token is None else json_util.dumps(resume_token),
             "ct": None if cluster_time is None else ts_to_int(cluster_time),
             "n": applied,
+            "last_at": last_event_at,
+            "scan_from": scan_from,
         }
         await conn.execute(self._save_checkpoint, params)
 
@@ -390,7 +463,7 @@ class BatchWriter:
             return None
         token = None if row[0] is None else json_util.loads(row[0])
         cluster_time = None if row[1] is None else int_to_ts(row[1])
-        return Checkpoint(token, cluster_time, row[2])
+        return Checkpoint(token, cluster_time, row[2], scan_from=row[3], last_event_at=row[4])
 
 
 async def apply_events(
@@ -431,6 +504,7 @@ async def replay_log(
     batch_size: int = 1000,
     stats: ProjectorStats | None = None,
     start: Timestamp | None = None,
+    started_at: datetime | None = None,
 ) -> Timestamp:
     """Scan the whole log into the writer's schema; return the cluster time noted before the scan.
 
@@ -439,10 +513,15 @@ async def replay_log(
     cluster time (and no token), so a change stream opened at it sees everything inserted during
     or after the scan; the overlap is absorbed by the idempotent inserts. Until the last batch
     commits the checkpoint says "replay in progress", so a crash in the middle restarts the replay
-    (harmlessly) instead of following from a half-built state.
+    (harmlessly) instead of following from a half-built state. `started_at` is the wall-clock
+    time noted together with `start` (by the caller, or here): it becomes the checkpoint's
+    `scan_from`, since every event the scan may have missed was committed after it.
     """
     if start is None:
+        started_at = wall_now()
         start = await cluster_time_now(events)
+    elif started_at is None:
+        raise ValueError("replay_log: `started_at` must come with `start`")
     log.info("projection %s schema %s: replaying the log (cluster time %s)", writer.name, writer.schema, start)
     stats = stats if stats is not None else ProjectorStats()
     rows: list[tuple[Any, ...]] = []
@@ -453,7 +532,7 @@ async def replay_log(
             await _write_replay_batch(conn, writer, rows, stats)
             rows = []
     await _write_replay_batch(conn, writer, rows, stats)
-    await writer.save_checkpoint(conn, None, start)
+    await writer.save_checkpoint(conn, None, start, scan_from=started_at)
     log.info("projection %s schema %s: replay done, %d events applied", writer.name, writer.schema, stats.applied)
     return start
 
@@ -466,10 +545,32 @@ async def _write_replay_batch(
     stats.applied += applied
     if rows:
         stats.batches += 1
-        stats.last_event_at = max(r[3] for r in rows)
+        stats.saw(max(r[3] for r in rows))
 
 
 # --- the projector ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CatchUp:
+    """An unfinished catch-up scan: events with `_id` in [lo, hi], read in `_id` order.
+
+    `opened_at` is the wall-clock time noted just before the change stream was (re)opened; once
+    the scan is done it becomes the checkpoint's `scan_from`.
+    """
+
+    lo: ObjectId | None  # None: from the start of the log (a checkpoint that predates scan_from)
+    hi: ObjectId
+    opened_at: datetime
+    after: ObjectId | None = None  # the last `_id` applied by this scan
+
+    def query(self) -> dict[str, Any]:
+        bounds: dict[str, Any] = {"$lte": self.hi}
+        if self.after is not None:
+            bounds["$gt"] = self.after
+        elif self.lo is not None:
+            bounds["$gte"] = self.lo
+        return {"_id": bounds}
 
 
 class Projector:
@@ -492,6 +593,7 @@ class Projector:
         checkpoint_interval_s: float = 5.0,
         standby_poll_s: float = 1.0,
         max_backoff_s: float = 30.0,
+        catchup_margin_s: float = 300.0,
     ) -> None:
         self.events = events
         self.pg_url = pg_url
@@ -502,10 +604,14 @@ class Projector:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.standby_poll_s = standby_poll_s
         self.max_backoff_s = max_backoff_s
+        self.catchup_margin = timedelta(seconds=catchup_margin_s)
         self.stats = ProjectorStats()
         self._writer = BatchWriter(schema, name)
         self._lock_key = lock_key("projection", schema, name)
         self._backoff_s = _MIN_BACKOFF_S
+        # The checkpoint's scan_from as this session knows it (it alone writes the checkpoint).
+        self._scan_from: datetime | None = None
+        self._catchup: CatchUp | None = None
 
     @property
     def applied(self) -> int:
@@ -555,15 +661,21 @@ class Projector:
                 return
             try:
                 await self._writer.prepare(conn)
+                self._catchup = None
                 checkpoint = await self._writer.load_checkpoint(conn)
                 if checkpoint is None:
                     stream = await self._replay_then_stream(conn)
                 else:
+                    self._scan_from = self._initial_scan_from(checkpoint)
+                    opened_at = wall_now()
                     stream = await self._open_stream(checkpoint)
+                    self._start_catchup(opened_at)
                 async with stream:
                     await self._follow(conn, stream, stop)
             finally:
                 self.stats.active = False
+                self.stats.catchup_pending = False
+                self._catchup = None
         # Closing the connection released the advisory lock; a standby takes over.
 
     async def _acquire_lock(self, conn: psycopg.AsyncConnection, stop: asyncio.Event) -> bool:
@@ -597,14 +709,52 @@ class Projector:
         an empty first batch whose postBatchResumeToken had moved past inserts that committed
         during that search; a stream opened at "now" has no such window.
         """
+        started_at = wall_now()
         start = await cluster_time_now(self.events)
         stream = await self._open_stream(Checkpoint(None, None, 0))
         try:
-            await replay_log(self.events, conn, self._writer, batch_size=self.batch_size, stats=self.stats, start=start)
+            await replay_log(
+                self.events, conn, self._writer,
+                batch_size=self.batch_size, stats=self.stats, start=start, started_at=started_at,
+            )  # fmt: skip
         except BaseException:
             await stream.close()
             raise
+        self._scan_from = started_at
         return stream
+
+    def _initial_scan_from(self, checkpoint: Checkpoint) -> datetime | None:
+        """The catch-up scan's lower bound (before the margin); None scans the whole log."""
+        if checkpoint.scan_from is not None:
+            return checkpoint.scan_from
+        if checkpoint.cluster_time is not None:
+            # A checkpoint written before scan_from existed: the cluster time of the newest applied
+            # change (or of a replay's start) is a commit time on the server's clock.
+            return datetime.fromtimestamp(checkpoint.cluster_time.time, UTC)
+        log.warning(
+            "projection %s schema %s: checkpoint has no scan_from nor cluster time; the catch-up scan "
+            "reads the whole log once", self.name, self.schema,
+        )  # fmt: skip
+        return None
+
+    def _start_catchup(self, opened_at: datetime) -> None:
+        """Schedule a scan of everything that may have committed since the checkpoint.
+
+        Called once the change stream is open (again): what commits from now on, the stream
+        delivers; what committed before, the scan finds (it runs after this point).
+        """
+        lo = None if self._scan_from is None else ObjectId.from_datetime(self._scan_from - self.catchup_margin)
+        if self._catchup is not None:
+            # A reopen during an unfinished scan: keep its lower bound and progress, widen its end.
+            lo, opened_at = self._catchup.lo, self._catchup.opened_at
+        hi = ObjectId.from_datetime(wall_now() + self.catchup_margin)
+        after = self._catchup.after if self._catchup is not None else None
+        self._catchup = CatchUp(lo=lo, hi=hi, opened_at=opened_at, after=after)
+        self.stats.catchup_pending = True
+        log.info(
+            "projection %s schema %s: catch-up scan of events with _id time in [%s, %s]", self.name, self.schema,
+            "start of log" if lo is None else lo.generation_time.isoformat(), hi.generation_time.isoformat(),
+        )  # fmt: skip
 
     async def _open_stream(self, checkpoint: Checkpoint) -> AsyncCollectionChangeStream:
         kwargs: dict[str, Any] = {
@@ -648,6 +798,40 @@ class Projector:
                 # Keep the position moving on a quiet log, so that it stays inside the oplog window.
                 await self._writer.save_checkpoint(conn, token)
                 saved_token, saved_at = token, loop.time()
+            if self._catchup is not None and not stop.is_set():
+                await self._catchup_step(conn, self._catchup)
+
+    async def _catchup_step(self, conn: psycopg.AsyncConnection, catchup: CatchUp) -> None:
+        """Apply the next page of the catch-up scan (one transaction); finish it on the last page."""
+        cursor = self.events.find(catchup.query(), sort=[("_id", 1)], limit=self.batch_size)
+        docs = await cursor.to_list(None)
+        done = len(docs) < self.batch_size
+        rows = [event_row(d) for d in docs]
+        # The last page also moves scan_from, in the same transaction: the scan is then complete.
+        scan_from = catchup.opened_at if done else None
+        applied = await self._writer.write(conn, rows, scan_from=scan_from)
+        if docs:
+            catchup.after = docs[-1]["_id"]
+            self.stats.received += len(rows)
+            self.stats.applied += applied
+            self.stats.batches += 1
+            self.stats.catchup_scanned += len(rows)
+            self.stats.catchup_applied += applied
+            self.stats.saw(max(r[3] for r in rows))
+            if applied:
+                log.info(
+                    "projection %s schema %s: catch-up scan applied %d events the change stream had not "
+                    "delivered (yet)", self.name, self.schema, applied,
+                )  # fmt: skip
+        if done:
+            self._scan_from = max(self._scan_from or catchup.opened_at, catchup.opened_at)
+            self._catchup = None
+            self.stats.catchup_pending = False
+            self.stats.catchups_done += 1
+            log.info(
+                "projection %s schema %s: catch-up scan done (%d events read since the stream opened)",
+                self.name, self.schema, self.stats.catchup_scanned,
+            )  # fmt: skip
 
     async def _collect(self, stream: AsyncCollectionChangeStream, stop: asyncio.Event) -> list[Mapping[str, Any]]:
         """Changes until batch_size of them, or batch_wait_s has passed, or stop is set."""
@@ -655,10 +839,17 @@ class Projector:
         deadline = loop.time() + self.batch_wait_s
         batch: list[Mapping[str, Any]] = []
         while len(batch) < self.batch_size:
+            # The driver resumes a change stream by itself after some errors (a new server cursor
+            # opened with resumeAfter): that reopen gets the same catch-up scan as ours.
+            cursor_before, opened_at = getattr(stream, "_cursor", None), wall_now()
             try:
                 change = await stream.try_next()
             except OperationFailure as e:
                 raise self._translate(e) from e
+            if getattr(stream, "_cursor", None) is not cursor_before:
+                self.stats.streams_opened += 1
+                log.info("projection %s schema %s: the driver resumed the change stream", self.name, self.schema)
+                self._start_catchup(opened_at)
             if change is not None:
                 batch.append(change)
                 continue
@@ -682,11 +873,20 @@ class Projector:
                 raise UnprojectableEvent(None, None, f"insert change without fullDocument (documentKey {key})")
             rows.append(event_row(doc))
         cluster_time = changes[-1].get("clusterTime")
-        applied = await self._writer.write(conn, rows, resume_token=token, cluster_time=cluster_time)
+        # Everything committed after this batch has a later `_id` time, up to the margin; but
+        # while a catch-up scan is unfinished, events it has yet to find may be older still.
+        scan_from = None
+        if self._catchup is None:
+            newest = newest_id_time(change["fullDocument"] for change in changes)
+            if newest is not None and (self._scan_from is None or newest > self._scan_from):
+                self._scan_from = scan_from = newest
+        applied = await self._writer.write(
+            conn, rows, resume_token=token, cluster_time=cluster_time, scan_from=scan_from
+        )
         self.stats.received += len(rows)
         self.stats.applied += applied
         self.stats.batches += 1
-        self.stats.last_event_at = max(r[3] for r in rows)
+        self.stats.saw(max(r[3] for r in rows))
         log.debug(
             "projection %s schema %s: batch of %d events, %d new, up to message_id=%s seq=%s",
             self.name, self.schema, len(rows), applied, rows[-1][0], rows[-1][1],

@@ -33,10 +33,12 @@ async def replay_into(
     """Replay every event of `events_collection` into `schema` (created/migrated); return counters.
 
     On return the schema holds the log as of the cluster time noted before the scan (and possibly a
-    little more), and its checkpoint holds that cluster time, so a `Projector` with the same `name`
-    continues from there without a gap. Refused (ReplayRefused) when the projection already has a
-    checkpoint in `schema` or another process holds its lock: replaying into a live schema is not a
-    fresh replay. An interrupted replay may simply be run again.
+    little more), and its checkpoint holds that cluster time and the matching wall-clock time as
+    `scan_from`, so a `Projector` with the same `name` continues from there without a gap (its
+    catch-up scan covers whatever its change stream, opened at that cluster time, fails to deliver).
+    Refused (ReplayRefused) when the projection already has a checkpoint in `schema` or another
+    process holds its lock: replaying into a live schema is not a fresh replay. An interrupted
+    replay may simply be run again.
     """
     writer = BatchWriter(schema, name)
     key = lock_key("projection", schema, name)

@@ -160,9 +160,9 @@ async def count_events(pg_url: str, schema: str) -> int:
 async def wait_following(projector: Projector, streams: int = 1) -> None:
     """Wait until `projector` has opened its `streams`-th change stream.
 
-    Tests that insert while a projector (re)opens its stream wait for this first: SecantusDB
-    0.7.0b3 can skip inserts that commit while it searches its oplog for a resume point (see
-    projections/projector.py `_replay_then_stream`); that is a server bug, not what is tested here.
+    Tests that count who applied what wait for this first. (Inserts that commit while a stream
+    (re)opens are safe either way: the catch-up scan after each open applies what SecantusDB
+    0.7.0b3 may skip then; tests/integration/test_projector_gaps.py covers that.)
     """
 
     async def opened() -> bool:
