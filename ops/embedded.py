@@ -90,7 +90,7 @@ class EmbeddedMongo:
         storage.mkdir(parents=True, exist_ok=True)
         log_path = self.data_dir / "mongo.log"
         cmd = [
-            sys.executable, "-m", "secantus",
+            sys.executable, "-m", "ops.secantus_launcher",
             "--host", "127.0.0.1", "--port", str(self.port),
             "--storage-path", str(storage),
             "--oplog-max-entries", str(OPLOG_MAX_ENTRIES),

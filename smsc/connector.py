@@ -14,11 +14,14 @@ Ordering that keeps the guarantees:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+
+from pymongo.errors import ConnectionFailure, OperationFailure
 
 from core.aio import sleep_or_stop, wait_and_clear
 from core.domain.encoding import encode_text, make_udh
@@ -93,14 +96,25 @@ class Connector:
             deadline = asyncio.get_running_loop().time() + grace_s
             while self.in_flight and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.05)
-            await self._flush()
+            for _ in range(20):  # the store may be briefly away; do not drop recorded outcomes lightly
+                try:
+                    await self._flush()
+                    break
+                except (ConnectionFailure, OperationFailure) as e:
+                    log.warning("connector route=%s: final flush failed, retrying: %s", self.route.id, e)
+                    await asyncio.sleep(0.5)
+            if self.outcomes:
+                log.error("connector route=%s: %d outcomes not recorded at shutdown; their leases will expire and "
+                          "the messages be resent as possible duplicates: %s", self.route.id, len(self.outcomes),
+                          [o.claim.state.message_id for o in self.outcomes[:10]])
             flusher.cancel()
             heartbeat.cancel()
             for t in binds:
                 t.cancel()
             await asyncio.gather(flusher, heartbeat, *binds, return_exceptions=True)
             await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
-            await self.routes.set_status(self.route.id, RouteStatus.DOWN, self.clock(), "connector stopped")
+            with contextlib.suppress(ConnectionFailure, OperationFailure):
+                await self.routes.set_status(self.route.id, RouteStatus.DOWN, self.clock(), "connector stopped")
             log.info("connector route=%s stopped: %s", self.route.id, self.stats)
 
     async def _keep_bound(self, index: int, stop: asyncio.Event) -> None:
@@ -136,7 +150,10 @@ class Connector:
             up = [s for s in self.sessions if s.is_up]
             status = RouteStatus.DOWN if not up else (
                 RouteStatus.BUSY if all(s.in_flight >= s.window for s in up) else RouteStatus.UP)
-            await self.routes.set_status(self.route.id, status, self.clock(), f"{len(up)} binds up")
+            try:
+                await self.routes.set_status(self.route.id, status, self.clock(), f"{len(up)} binds up")
+            except (ConnectionFailure, OperationFailure) as e:
+                log.warning("connector route=%s: could not record route status: %s", self.route.id, e)
             await sleep_or_stop(stop, HEARTBEAT_S)
 
     # ---- sending --------------------------------------------------------------------------------
@@ -149,8 +166,13 @@ class Connector:
                 await wait_and_clear(self.wake, 0.05)
                 continue
             now = self.clock()
-            claims = await self.store.claim(self.queue, now, min(room, self.batch_size), self.owner, self.lease_s,
-                                            self.cursor)
+            try:
+                claims = await self.store.claim(self.queue, now, min(room, self.batch_size), self.owner, self.lease_s,
+                                                self.cursor)
+            except (ConnectionFailure, OperationFailure) as e:
+                log.warning("connector route=%s: claim failed, store unavailable: %s", self.route.id, e)
+                await sleep_or_stop(stop, 1.0)
+                continue
             if not claims:
                 await wait_and_clear(self.wake, 0.05)
                 continue
@@ -206,19 +228,37 @@ class Connector:
         self.wake.set()
 
     async def _flush_loop(self, stop: asyncio.Event) -> None:
+        backoff = FLUSH_S
         while not stop.is_set():
-            await asyncio.sleep(FLUSH_S)
-            if self.outcomes or self.receipts or self.held:
+            await asyncio.sleep(backoff)
+            if not (self.outcomes or self.receipts or self.held):
+                continue
+            try:
                 await self._flush()
+                backoff = FLUSH_S
+            except (ConnectionFailure, OperationFailure) as e:
+                backoff = min(5.0, backoff * 2)
+                log.warning("connector route=%s: store unavailable, keeping %d outcomes and %d receipts in memory; "
+                            "retry in %.1fs: %s", self.route.id, len(self.outcomes), len(self.receipts), backoff, e)
 
     async def _flush(self) -> None:
+        """Record outcomes and receipts. If the store fails, they go back in the buffers, untouched,
+        for the next try: an outcome is dropped only once it is in the log."""
         now = self.clock()
         outcomes, self.outcomes = self.outcomes, []
-        if outcomes:
-            await self._record_outcomes(outcomes, now)
+        try:
+            if outcomes:
+                await self._record_outcomes(outcomes, now)
+        except BaseException:
+            self.outcomes = outcomes + self.outcomes
+            raise
         receipts, self.receipts = self.receipts, []
-        if receipts or self.held:
-            await self._record_receipts(receipts, now)
+        try:
+            if receipts or self.held:
+                await self._record_receipts(receipts, now)
+        except BaseException:
+            self.receipts = receipts + self.receipts
+            raise
 
     async def _record_outcomes(self, outcomes: list[Outcome], now: datetime) -> None:
         transitions, release = [], []
