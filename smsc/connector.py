@@ -28,7 +28,7 @@ from core.domain.encoding import encode_text, make_udh
 from core.domain.events import EventType
 from core.domain.message import evolve, next_event
 from core.domain.retry import backoff_s
-from core.domain.routing import Route, RouteStatus
+from core.domain.routing import Route, RouteStatus, UnknownOutcomePolicy
 from core.store.cursor import QueueCursor
 from core.store.eventstore import Claimed, EventStore, Transition
 from core.store.routes import RouteStore
@@ -50,7 +50,9 @@ class Outcome:
     claim: Claimed
     smsc_ids: list[str]
     status: int  # first non-zero part status, or 0
-    error: str = ""  # set when the outcome is unknown (connection lost, no response)
+    error: str = ""  # set when no response came (connection lost, time-out, no bind up)
+    maybe_sent: bool = False  # a submit_sm may have reached the SMSC without our seeing the answer
+    held: bool = False  # not sent: an earlier attempt's outcome is unknown and the policy is `hold`
 
 
 class Connector:
@@ -77,7 +79,7 @@ class Connector:
         self.wake = asyncio.Event()
         self.throttled_until = 0.0
         self.stats = {"sent": 0, "failed": 0, "retried": 0, "receipts": 0, "orphan_receipts": 0,
-                      "possible_duplicates": 0, "throttled": 0}
+                      "possible_duplicates": 0, "throttled": 0, "held_unknown": 0}
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -177,6 +179,9 @@ class Connector:
                 await wait_and_clear(self.wake, 0.05)
                 continue
             for claim in claims:
+                if claim.prior_lease and self.route.on_unknown_outcome == UnknownOutcomePolicy.HOLD:
+                    self.outcomes.append(Outcome(claim, [], 0, held=True))
+                    continue
                 self.in_flight += 1
                 task = asyncio.create_task(self._send(claim))
                 self._tasks.add(task)
@@ -187,7 +192,7 @@ class Connector:
         encoded = encode_text(state.text)
         ref = random.randrange(256)
         smsc_ids: list[str] = []
-        status, error = 0, ""
+        status, error, maybe_sent = 0, "", False
         try:
             for index, payload in enumerate(encoded.parts, start=1):
                 await self.bucket.take()
@@ -205,11 +210,13 @@ class Connector:
                 if result.message_id:
                     smsc_ids.append(result.message_id)
                     self.awaiting_commit.add(result.message_id)
-        except (SessionError, OSError, LookupError) as e:
-            error = f"{type(e).__name__}: {e}"
+        except (SessionError, OSError) as e:
+            error, maybe_sent = f"{type(e).__name__}: {e}", True
+        except LookupError as e:  # no bind was up: nothing left this process
+            error = str(e)
         finally:
             self.in_flight -= 1
-        self.outcomes.append(Outcome(claim, smsc_ids, status, error))
+        self.outcomes.append(Outcome(claim, smsc_ids, status, error, maybe_sent))
         if status in THROTTLING:
             self.stats["throttled"] += 1
             self.throttled_until = asyncio.get_running_loop().time() + 1.0
@@ -282,7 +289,15 @@ class Connector:
     def _outcome_transition(self, o: Outcome, now: datetime) -> Transition | None:
         s = o.claim.state
         ids = {"message": s.message_id, "tenant": s.tenant_id, "route": self.route.id}
-        if o.status == 0 and not o.error:
+        hold = self.route.on_unknown_outcome == UnknownOutcomePolicy.HOLD
+        if o.held or (o.maybe_sent and hold):
+            reason = ("an earlier attempt's lease expired without an outcome" if o.held
+                      else f"no answer to submit_sm: {o.error}")
+            event = next_event(s, EventType.UNKNOWN, now, {"route_id": self.route.id, "attempt": s.attempts,
+                                                            "reason": reason, "smsc_message_ids": o.smsc_ids})
+            self.stats["held_unknown"] += 1
+            log.warning("connector %s: outcome unknown, held for the operator (policy hold): %s", ids, reason)
+        elif o.status == 0 and not o.error:
             data = {"route_id": self.route.id, "smsc_message_ids": o.smsc_ids, "attempt": s.attempts,
                     "parts": len(o.smsc_ids)}
             if o.claim.prior_lease:
@@ -296,7 +311,8 @@ class Connector:
             retry_at = now + timedelta(seconds=backoff_s(s.attempts))
             event = next_event(s, EventType.RETRY, now, {
                 "route_id": self.route.id, "attempt": s.attempts, "error_code": o.status or None,
-                "error_name": status_name(o.status) if o.status else "OUTCOME_UNKNOWN",
+                "error_name": status_name(o.status) if o.status else (
+                    "OUTCOME_UNKNOWN" if o.maybe_sent else "NOT_SENT"),
                 "reason": o.error or describe(o.status), "next_at": retry_at,
                 "exclude_route": bool(o.status), "smsc_message_ids": o.smsc_ids})
             self.stats["retried"] += 1

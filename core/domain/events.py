@@ -21,6 +21,10 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
     rejected      reason
     canceled      reason
     dead_lettered reason, attempts
+    unknown       route_id, attempt, reason, smsc_message_ids (of the attempt, if any): an attempt's
+                  outcome is unknown (the connector died or lost its bind mid-submit) and the route's
+                  policy is `hold`: the message waits for an operator (`msgcore dead-letters requeue
+                  --state unknown`) instead of being sent again
     requeued      reason (str, the operator's), actor (str, who requeued: e.g. "cli:alice", "admin-api"),
                   previous_state ("dead_lettered" | "failed"); an operator's retry: the message goes
                   back to `retry` (queue "route") with its attempt budget reset and no excluded routes
@@ -55,6 +59,7 @@ class EventType(StrEnum):
     DEAD_LETTERED = "dead_lettered"
     INBOUND = "inbound"
     REQUEUED = "requeued"
+    UNKNOWN = "unknown"
 
 
 class Event(BaseModel):

@@ -37,11 +37,12 @@ ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
     EventType.REJECTED: frozenset({"accepted", "retry"}),
     EventType.CANCELED: frozenset({"accepted", "retry", "routed"}),
     EventType.DEAD_LETTERED: frozenset({"accepted", "retry", "routed", "sent"}),
-    EventType.REQUEUED: frozenset({"dead_lettered", "failed"}),
+    EventType.REQUEUED: frozenset({"dead_lettered", "failed", "unknown"}),
+    EventType.UNKNOWN: frozenset({"routed"}),
 }
 
 TERMINAL_STATES = frozenset(
-    {"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered", "inbound"}
+    {"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered", "inbound", "unknown"}
 )
 
 

@@ -27,6 +27,13 @@ class RouteStatus(StrEnum):
     DOWN = "down"
 
 
+class UnknownOutcomePolicy(StrEnum):
+    """What to do with a message whose earlier submit_sm may or may not have reached the SMSC."""
+
+    RESEND = "resend"  # at-least-once: send again; the `sent` event says possible_duplicate
+    HOLD = "hold"  # at-most-once: append `unknown` and wait for an operator
+
+
 class Route(BaseModel):
     """An upstream: an SMPP connection to an SMSC, with its commercial terms."""
 
@@ -49,6 +56,7 @@ class Route(BaseModel):
     currency: str = "EUR"
     group: str = "default"
     strategy: Strategy = Strategy.FAILOVER
+    on_unknown_outcome: UnknownOutcomePolicy = UnknownOutcomePolicy.RESEND
     enabled: bool = True
 
     def match_length(self, destination: str) -> int:

@@ -31,7 +31,7 @@ from core.store.eventstore import EventStore, Transition
 log = logging.getLogger(__name__)
 
 DEAD_LETTERED = "dead_lettered"
-REQUEUABLE_STATES: frozenset[str] = frozenset({DEAD_LETTERED, "failed"})
+REQUEUABLE_STATES: frozenset[str] = frozenset({DEAD_LETTERED, "failed", "unknown"})
 MAX_PAGE = 1000
 MAX_REQUEUE = 1000
 

@@ -44,8 +44,8 @@ def failed() -> MessageState:
                 reason="no route for destination +4915112345678")
 
 
-def test_requeued_is_allowed_from_dead_lettered_and_failed_only() -> None:
-    assert ALLOWED_FROM[EventType.REQUEUED] == frozenset({"dead_lettered", "failed"})
+def test_requeued_is_allowed_from_operator_states_only() -> None:
+    assert ALLOWED_FROM[EventType.REQUEUED] == frozenset({"dead_lettered", "failed", "unknown"})
 
 
 @pytest.mark.parametrize("build", [dead_lettered, failed], ids=["dead_lettered", "failed"])
