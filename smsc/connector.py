@@ -53,6 +53,7 @@ class Outcome:
     error: str = ""  # set when no response came (connection lost, time-out, no bind up)
     maybe_sent: bool = False  # a submit_sm may have reached the SMSC without our seeing the answer
     held: bool = False  # not sent: an earlier attempt's outcome is unknown and the policy is `hold`
+    too_late: bool = False  # not sent: its validity passed while it waited for this route
 
 
 class Connector:
@@ -179,6 +180,10 @@ class Connector:
                 await wait_and_clear(self.wake, 0.05)
                 continue
             for claim in claims:
+                expires_at = claim.state.expires_at
+                if expires_at is not None and now >= expires_at:
+                    self.outcomes.append(Outcome(claim, [], 0, too_late=True))
+                    continue
                 if claim.prior_lease and self.route.on_unknown_outcome == UnknownOutcomePolicy.HOLD:
                     self.outcomes.append(Outcome(claim, [], 0, held=True))
                     continue
@@ -290,7 +295,9 @@ class Connector:
         s = o.claim.state
         ids = {"message": s.message_id, "tenant": s.tenant_id, "route": self.route.id}
         hold = self.route.on_unknown_outcome == UnknownOutcomePolicy.HOLD
-        if o.held or (o.maybe_sent and hold):
+        if o.too_late:
+            event = next_event(s, EventType.EXPIRED, now, {"reason": "validity passed before it could be sent"})
+        elif o.held or (o.maybe_sent and hold):
             reason = ("an earlier attempt's lease expired without an outcome" if o.held
                       else f"no answer to submit_sm: {o.error}")
             event = next_event(s, EventType.UNKNOWN, now, {"route_id": self.route.id, "attempt": s.attempts,

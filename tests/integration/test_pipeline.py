@@ -87,3 +87,43 @@ async def test_messages_flow_to_billed_through_the_simulator(mongo_db, simulator
     assert singles == sorted(e.data["to"].lstrip("+") for e, _ in items[:-1])
     parts = sorted((j for j in journal if j["udh_hex"]), key=lambda j: j["udh_hex"])
     assert "".join(j["text"] for j in parts) == long_text
+
+
+async def test_a_message_whose_validity_passed_before_sending_expires_unsent(mongo_db, simulator: Simulator,
+                                                                             tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    store = EventStore(mongo_db)
+    await store.ensure_indexes()
+    routes = RouteStore(mongo_db)
+    now = utcnow()
+    route = Route(id="sim", port=simulator.port)
+    await routes.upsert(route, actor="test", now=now)
+    await routes.set_status("sim", RouteStatus.UP, now)
+    old = now - timedelta(seconds=120)
+    stale = accepted("acme", old, validity_s=60)  # accepted two minutes ago, valid for one
+    await store.accept([stale])
+    # Routed while still valid (the router would expire it now), then the route's connector was away.
+    from core.domain.events import EventType
+    from core.domain.message import evolve, next_event
+    from core.store.eventstore import Transition
+    state = evolve(None, stale[0])
+    routed = next_event(state, EventType.ROUTED, old, {"route_id": "sim", "price_per_part": 0, "currency": "EUR",
+                                                       "strategy": "failover"}, route_id="sim")
+    await store.commit([Transition(1, [routed], evolve(state, routed))], old)
+
+    stop = asyncio.Event()
+    connector = Connector(store, routes, route, utcnow, owner="test")
+    task = asyncio.create_task(connector.run(stop))
+    try:
+        async def expired() -> bool:
+            head = await store.head(stale[0].message_id)
+            return head is not None and head["state"] == "expired"
+        await wait_for(expired, timeout_s=20)
+    finally:
+        stop.set()
+        await task
+    assert [e.type.value for e in await store.load_events(stale[0].message_id)] == ["accepted", "routed", "expired"]
+    head = await store.head(stale[0].message_id)
+    assert head is not None and head["queue"] is None  # never sent, so nothing to bill
+    assert simulator.stats()["submit_sm"] == 0
