@@ -9,8 +9,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
-
 from core.domain.events import utcnow
 from core.domain.routing import Route, RouteStatus
 from core.store.eventstore import EventStore
@@ -21,24 +19,11 @@ from core.workers.router import Router
 from smsc.connector import Connector
 from smsc.simulator import Simulator
 from tests.support.factories import accepted
+from tests.support.waiting import wait_for
 
 LIFECYCLE = ["accepted", "routed", "sent", "delivered", "billed"]
 
 
-async def wait_for(predicate, timeout_s: float = 60.0, interval_s: float = 0.1) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(interval_s)
-
-
-@pytest.fixture
-async def simulator(tmp_path: Path):
-    sim = Simulator(port=0, receipt_delay_s=0.05, journal_path=tmp_path / "journal.jsonl")
-    await sim.start()
-    yield sim
-    await sim.stop()
 
 
 async def test_messages_flow_to_billed_through_the_simulator(mongo_db, simulator: Simulator, tmp_path: Path) -> None:

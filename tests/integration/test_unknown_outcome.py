@@ -7,8 +7,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import pytest
-
 from core.domain.events import utcnow
 from core.domain.routing import Route, RouteStatus, UnknownOutcomePolicy
 from core.store.deadletters import requeue
@@ -18,21 +16,7 @@ from core.workers.router import Router
 from smsc.connector import Connector
 from smsc.simulator import Simulator
 from tests.support.factories import accepted
-
-
-async def wait_for(predicate, timeout_s: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.1)
-
-
-@pytest.fixture
-async def simulator(tmp_path: Path):
-    sim = Simulator(port=0, receipt_delay_s=0.05, journal_path=tmp_path / "journal.jsonl")
-    await sim.start()
-    yield sim
-    await sim.stop()
+from tests.support.waiting import wait_for
 
 
 async def orphaned_attempts(mongo_db, sim: Simulator, policy: UnknownOutcomePolicy, n: int = 5):
