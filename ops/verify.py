@@ -47,7 +47,7 @@ from pymongo.read_concern import ReadConcern
 from core.domain.errors import InvalidTransition
 from core.domain.events import Event, EventType
 from core.domain.message import TERMINAL_STATES, MessageState, fold, queue_for
-from projections.projector import int_to_ts
+from projections.projector import STATE_OF_TYPE, int_to_ts
 from projections.queries import _RECOUNT as RECOUNT_DAILY_STATS  # the one definition daily_stats must equal
 
 log = logging.getLogger(__name__)
@@ -326,7 +326,7 @@ def _expected_row(events: Sequence[Event]) -> dict[str, Any]:
     non_billing = [e for e in ordered if e.type != EventType.BILLED]
     bills = [e for e in ordered if e.type == EventType.BILLED]
     return {
-        "state": non_billing[-1].type.value if non_billing else None,
+        "state": STATE_OF_TYPE.get(non_billing[-1].type.value, non_billing[-1].type.value) if non_billing else None,
         "last_seq": ordered[-1].seq if ordered else 0,
         "billed": bool(bills),
         "amount_minor": sum(int(e.data.get("amount") or 0) for e in bills) if bills else None,

@@ -1,9 +1,9 @@
 """The reporting projector: follows the `events` change stream and writes PostgreSQL tables.
 
 Exactly-once effect: every batch is ONE PostgreSQL transaction holding the audit rows, the
-`messages` and `daily_stats` changes and the checkpoint (resume token). Events are inserted into
-`message_events` with ON CONFLICT DO NOTHING, and only the rows actually inserted move `messages`
-and `daily_stats`; so a replayed or duplicated event changes nothing, and after any crash the tables
+`messages`, `daily_stats`, `billing_ledger` and `inbound` changes and the checkpoint (resume token).
+Events are inserted into `message_events` with ON CONFLICT DO NOTHING, and only the rows actually
+inserted move the other tables; so a replayed or duplicated event changes nothing, and after any crash the tables
 equal a fresh replay of the log.
 
 One active projector per (schema, projection name): it holds a session-level advisory lock on the
@@ -132,6 +132,7 @@ _ROW_COLUMNS = (
     "amount", "smsc_message_id", "error_code", "attempt",
 )  # fmt: skip
 _PARTS_TYPES = frozenset({"accepted", "sent", "billed"})
+_BILLED_KEYS = ("parts", "price_per_part", "amount", "currency")
 
 
 def _json_default(value: Any) -> Any:
@@ -169,6 +170,10 @@ def event_row(doc: Mapping[str, Any]) -> tuple[Any, ...]:
         route_id = ev.route_id if ev.route_id is not None else _str_or_none(data, "route_id")
         smsc_ids = data.get("smsc_message_ids") or []
         smsc_id = str(smsc_ids[0]) if kind == "sent" and smsc_ids else _str_or_none(data, "smsc_message_id")
+        if kind == "billed":
+            missing = [k for k in _BILLED_KEYS if data.get(k) is None]
+            if missing:
+                raise ValueError(f"billed event lacks data.{', data.'.join(missing)} (needed by billing_ledger)")
         data_json = json.dumps(data, default=_json_default, separators=(",", ":"))
         if "\\u0000" in data_json:
             raise ValueError("data contains a NUL character, which PostgreSQL jsonb rejects")
@@ -263,6 +268,43 @@ ON CONFLICT (day, tenant_id, route_id, channel, state) DO UPDATE SET
     amount_minor = d.amount_minor + EXCLUDED.amount_minor
 """
 
+# billing_ledger and inbound: one row per newly inserted `billed` / `inbound` event (never from a
+# duplicate: `fresh` is set only for rows message_events took). Run after the messages merge, so the
+# ledger row gets the campaign of an `accepted` event in the same batch.
+_INSERT_LEDGER = """
+INSERT INTO {s}.billing_ledger (message_id, seq, tenant_id, route_id, campaign_id, billed_at, parts,
+                               price_per_part_minor, amount_minor, currency)
+SELECT b.message_id, b.seq, b.tenant_id, b.route_id, m.campaign_id, b.at, b.parts, b.price_per_part, b.amount,
+       b.currency
+FROM pg_temp.batch_events b LEFT JOIN {s}.messages m ON m.message_id = b.message_id
+WHERE b.fresh AND b.type = 'billed'
+"""
+
+# A bill projected before its message's `accepted` event (out of order) gets the campaign when the
+# `accepted` event arrives, so the ledger does not depend on the order events are applied in.
+_LEDGER_CAMPAIGN = """
+UPDATE {s}.billing_ledger l SET campaign_id = b.campaign_id
+FROM pg_temp.batch_events b
+WHERE b.fresh AND b.type = 'accepted' AND b.campaign_id IS NOT NULL
+  AND l.message_id = b.message_id AND l.campaign_id IS NULL
+"""
+
+_INSERT_INBOUND = """
+INSERT INTO {s}.inbound (message_id, seq, tenant_id, route_id, channel, from_number, to_number, text,
+                         received_at, reply_to, smsc_message_id)
+SELECT message_id, seq, tenant_id, route_id, channel, data->>'from', data->>'to', data->>'text', at,
+       data->>'reply_to', data->>'smsc_message_id'
+FROM pg_temp.batch_events WHERE fresh AND type = 'inbound'
+"""
+
+# messages.state is the fold's state name (core.domain.message.evolve), which is the event type
+# except for these.
+# Event types whose `messages.state` name differs (the fold's state after them).
+STATE_OF_TYPE = {"requeued": "retry"}
+_STATE_EXPR = (
+    "CASE f.type " + " ".join(f"WHEN '{t}' THEN '{st}'" for t, st in STATE_OF_TYPE.items()) + " ELSE f.type END"
+)
+
 # A message's row exists before the merge below, so the merge is a single UPDATE that can compare
 # each event's seq with the row's last_seq.
 _INSERT_MESSAGES = """
@@ -306,18 +348,20 @@ def _merge_messages_sql() -> str:
     return f"""
 WITH a AS (
     SELECT f.message_id, max(f.seq) AS max_seq, max(f.at) AS max_at,
-        (array_agg(f.type ORDER BY f.seq DESC)
-            FILTER (WHERE f.type <> 'billed' AND f.seq > m.last_seq))[1] AS state,
+        (array_agg({_STATE_EXPR} ORDER BY f.seq DESC)
+            FILTER (WHERE f.type <> 'billed' AND f.seq > m.state_seq))[1] AS state,
+        max(f.seq) FILTER (WHERE f.type <> 'billed') AS state_seq,
         bool_or(f.type = 'billed') AS billed,
         sum(f.amount) FILTER (WHERE f.type = 'billed') AS amount,
         max(f.attempt) AS attempts,
         {", ".join(aggs)}
     FROM pg_temp.batch_events f JOIN {{s}}.messages m ON m.message_id = f.message_id
     WHERE f.fresh
-    GROUP BY f.message_id, m.last_seq
+    GROUP BY f.message_id, m.last_seq, m.state_seq
 )
 UPDATE {{s}}.messages m SET
     state = coalesce(a.state, m.state),
+    state_seq = greatest(m.state_seq, a.state_seq),
     last_seq = greatest(m.last_seq, a.max_seq),
     billed = m.billed OR a.billed,
     amount_minor = CASE WHEN a.billed THEN coalesce(m.amount_minor, 0) + coalesce(a.amount, 0)
@@ -375,6 +419,9 @@ class BatchWriter:
         self._upsert_daily = sql.SQL(_UPSERT_DAILY).format(s=s)
         self._insert_messages = sql.SQL(_INSERT_MESSAGES).format(s=s)
         self._merge_messages = sql.SQL(_merge_messages_sql()).format(s=s)
+        self._insert_ledger = sql.SQL(_INSERT_LEDGER).format(s=s)
+        self._ledger_campaign = sql.SQL(_LEDGER_CAMPAIGN).format(s=s)
+        self._insert_inbound = sql.SQL(_INSERT_INBOUND).format(s=s)
         self._save_checkpoint = sql.SQL(_SAVE_CHECKPOINT).format(s=s)
         self._load_checkpoint = sql.SQL(
             "SELECT resume_token::text, cluster_time, events_applied, scan_from, last_event_at"
@@ -417,6 +464,13 @@ class BatchWriter:
                         await cur.execute(self._upsert_daily)
                         await cur.execute(self._insert_messages)
                         await cur.execute(self._merge_messages)
+                        kinds = {row[2] for row in rows}
+                        if "billed" in kinds:
+                            await cur.execute(self._insert_ledger)
+                        if "accepted" in kinds:
+                            await cur.execute(self._ledger_campaign)
+                        if "inbound" in kinds:
+                            await cur.execute(self._insert_inbound)
                     # ON COMMIT DELETE ROWS would do it too, but an explicit empty keeps the next
                     # batch correct should this ever run inside a caller's longer transaction.
                     await cur.execute("DELETE FROM pg_temp.batch_events")

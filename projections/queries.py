@@ -63,3 +63,29 @@ async def checkpoint_row(pg_url: str, schema: str, name: str = "reporting") -> d
     q = sql.SQL("SELECT * FROM {}.checkpoints WHERE projection = {}").format(sql.Identifier(schema), sql.Literal(name))
     rows = await _fetch(pg_url, q, as_dict=True)
     return rows[0] if rows else None
+
+
+# The views of migrations/0003 (documented in docs/reporting.md), in the order they are documented.
+REPORTING_VIEWS = (
+    "delivery_rate_daily", "tenant_volume_daily", "tenant_volume_monthly", "campaign_progress", "route_latency",
+)  # fmt: skip
+
+
+async def fetch_billing_ledger_rows(pg_url: str, schema: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every row of `{schema}.billing_ledger`, keyed by (message_id, seq) of its `billed` event."""
+    q = sql.SQL("SELECT * FROM {}.billing_ledger").format(sql.Identifier(schema))
+    return {(r["message_id"], r["seq"]): r for r in await _fetch(pg_url, q, as_dict=True)}
+
+
+async def fetch_inbound_rows(pg_url: str, schema: str) -> dict[tuple[str, int], dict[str, Any]]:
+    """Every row of `{schema}.inbound`, keyed by (message_id, seq) of its `inbound` event."""
+    q = sql.SQL("SELECT * FROM {}.inbound").format(sql.Identifier(schema))
+    return {(r["message_id"], r["seq"]): r for r in await _fetch(pg_url, q, as_dict=True)}
+
+
+async def fetch_view(pg_url: str, schema: str, view: str) -> list[dict[str, Any]]:
+    """Every row of one of REPORTING_VIEWS in `schema`, as dicts (in no particular order)."""
+    if view not in REPORTING_VIEWS:
+        raise ValueError(f"unknown reporting view {view!r}; one of {', '.join(REPORTING_VIEWS)}")
+    q = sql.SQL("SELECT * FROM {}.{}").format(sql.Identifier(schema), sql.Identifier(view))
+    return await _fetch(pg_url, q, as_dict=True)
