@@ -15,6 +15,7 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
         batch_too_large         details: {limit, count}
         idempotency_key_reused  same Idempotency-Key, different body
     503 unavailable             MongoDB unreachable (retry later)
+        reporting_unavailable   search: no PostgreSQL configured, unreachable, or no reporting tables yet
     500 internal_error          a bug: logged with its traceback; client input never gets here
 """
 
@@ -34,7 +35,7 @@ from pymongo.errors import ConnectionFailure
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import ApiError, TenantCache
+from api.deps import ApiError, TenantCache, reporting_pool
 from api.routes import admin, health, messages
 from core.config import Settings
 from core.domain.errors import DomainError
@@ -66,6 +67,7 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
     app = FastAPI(title="msgcore API", version="1", description=DESCRIPTION, lifespan=_lifespan)
     app.state.settings = settings
     app.state.db = db
+    app.state.pg_pool = None  # opened by the lifespan when settings.pg_url is set (search)
     app.state.tenant_cache = TenantCache()
     app.include_router(health.router)
     app.include_router(messages.router)
@@ -85,12 +87,20 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise RuntimeError("settings.mongo_url is empty: resolve the MongoDB URL before starting the api")
         client = connect(settings.mongo_url, "api")
         app.state.db = client[settings.mongo_db]
+    pool = None
+    if settings.pg_url and app.state.pg_pool is None:
+        pool = reporting_pool(settings.pg_url)
+        await pool.open(wait=False)  # PostgreSQL may come up later: search answers 503 until then
+        app.state.pg_pool = pool
     try:
         await EventStore(app.state.db).ensure_indexes()
         await TenantStore(app.state.db).ensure_indexes()
         log.info("api ready on database %s", app.state.db.name)
         yield
     finally:
+        if pool is not None:
+            app.state.pg_pool = None
+            await pool.close()
         if client is not None:
             app.state.db = None
             await client.close()

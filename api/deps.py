@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg_pool import AsyncConnectionPool
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.config import Settings
@@ -76,6 +77,26 @@ def get_db(request: Request) -> AsyncDatabase:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DbDep = Annotated[AsyncDatabase, Depends(get_db)]
+
+
+def reporting_pool(pg_url: str) -> AsyncConnectionPool:
+    """A (not yet opened) pool on the reporting database for the read side (search). Connections are
+    in autocommit: every query is one read-only statement."""
+    return AsyncConnectionPool(pg_url, min_size=1, max_size=10, open=False, timeout=5.0,
+                               kwargs={"autocommit": True, "application_name": "msgcore-api"},
+                               name="reporting")
+
+
+def get_reporting_pool(request: Request) -> AsyncConnectionPool:
+    """The reporting pool; 503 `reporting_unavailable` when no PostgreSQL is configured."""
+    pool = getattr(request.app.state, "pg_pool", None)
+    if pool is None:
+        raise ApiError(503, "reporting_unavailable",
+                       "search reads the reporting database (PostgreSQL), which is not configured")
+    return pool  # type: ignore[no-any-return]
+
+
+ReportingPoolDep = Annotated[AsyncConnectionPool, Depends(get_reporting_pool)]
 
 
 def get_event_store(db: DbDep) -> EventStore:

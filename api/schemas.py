@@ -144,3 +144,29 @@ class ErrorResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     mongo: Literal["ok"] = "ok"
+
+
+# ---- search (read side: reporting.messages in PostgreSQL) -------------------------------------------
+
+MAX_SEARCH_LIMIT = 500
+DEFAULT_SEARCH_LIMIT = 100
+# A message's `state` in the reporting tables: the type of its newest non-billing event.
+SearchState = Literal["accepted", "routed", "sent", "retry", "failed", "delivered", "undelivered", "expired",
+                      "rejected", "canceled", "dead_lettered", "requeued", "unknown", "inbound"]
+
+
+class MessageSummary(BaseModel):
+    id: str
+    status: str | None = Field(description="State as projected into the reporting tables (may lag the log)")
+    to: str | None = None
+    route_id: str | None = None
+    parts: int | None = None
+    accepted_at: datetime | None = None
+    delivered_at: datetime | None = Field(default=None, description="Receipt time: delivered, undelivered or expired")
+    billed: bool = False
+    amount_minor: int | None = Field(default=None, description="Billed amount in minor units of the currency")
+
+
+class MessageSearchPage(BaseModel):
+    messages: list[MessageSummary] = Field(description="Newest first: by accepted_at, then id, descending")
+    next: str | None = Field(default=None, description="Pass as `after` for the next page; null on the last page")

@@ -29,6 +29,10 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(routes_app, name="routes")
 app.add_typer(heads_app, name="heads")
 app.add_typer(dead_letters_app, name="dead-letters")
+projections_app = typer.Typer(no_args_is_help=True, help="The PostgreSQL reporting projection: lag, rebuild.")
+reporting_app = typer.Typer(no_args_is_help=True, help="The reporting schema for BI tools.")
+app.add_typer(projections_app, name="projections")
+app.add_typer(reporting_app, name="reporting")
 
 
 def _settings(component: str, need_store: bool = True) -> Settings:
@@ -386,6 +390,160 @@ def verify(
     kinds = ", ".join(f"{k}={n}" for k, n in sorted(report.discrepancy_counts.items()))
     typer.echo(f"FAILED: {total} discrepancies ({kinds})")
     raise typer.Exit(1)
+
+
+# ---- projections, trace, reporting --------------------------------------------------------------------
+
+def _need_pg(s: Settings, command: str) -> str:
+    if not s.pg_url:
+        typer.echo(f"msgcore {command}: no PostgreSQL: set MSGCORE_PG_URL, or start the embedded default with "
+                   "`msgcore up`", err=True)
+        raise typer.Exit(2)
+    return s.pg_url
+
+
+@projections_app.command("status")
+def projections_status(
+    count_limit: Annotated[int, typer.Option(min=1, help="Stop counting the events behind at this many")
+                           ] = 100_000,
+) -> None:
+    """Checkpoint time, cluster time, newest event, events behind, and whether the resume token is
+    still in the oplog. Exit 0 if the projection can follow on, 1 if it needs an operator."""
+    import psycopg
+    from pymongo.errors import PyMongoError
+
+    from projections.status import format_status, projection_status
+
+    s = _settings("cli")
+    pg_url = _need_pg(s, "projections status")
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with components.database(s, "cli") as db:
+            return await projection_status(db["events"], pg_url, s.reporting_schema, count_limit=count_limit)
+
+    try:
+        status = asyncio.run(go())
+    except (psycopg.Error, PyMongoError) as e:
+        typer.echo(f"msgcore projections status: {e.__class__.__name__}: {e}", err=True)
+        raise typer.Exit(2) from e
+    for line in format_status(status):
+        typer.echo(line)
+    if not status.ok:
+        raise typer.Exit(1)
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    stop_projector: Annotated[bool, typer.Option(
+        help="Stop the live projector (terminate its PostgreSQL session) for the swap; it waits as a standby "
+             "and resumes on the new schema by itself. With --no-stop-projector, wait for it to be stopped")
+    ] = True,
+    lock_timeout: Annotated[float, typer.Option(min=1, help="Seconds to wait for the live projector's lock")
+                            ] = 60.0,
+    catch_up_timeout: Annotated[float, typer.Option(min=1, help="Seconds the shadow may take to catch up")
+                                ] = 600.0,
+    batch_size: Annotated[int, typer.Option(min=1, max=10_000, help="Events per PostgreSQL transaction")] = 1000,
+) -> None:
+    """Replay the whole log into a shadow schema, catch up with the live log, swap it in atomically.
+
+    Traffic continues meanwhile. The previous schema is kept as <schema>_old_<time> until the next rebuild."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from projections.rebuild import RebuildError, rebuild
+
+    s = _settings("cli")
+    pg_url = _need_pg(s, "projections rebuild")
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("events"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                        transient=False)
+    task = progress.add_task("replaying the log", total=None)
+
+    def on_progress(done: int, estimate: int) -> None:
+        progress.update(task, completed=done, total=estimate)
+
+    def on_phase(text: str) -> None:
+        from datetime import UTC
+
+        progress.console.print(f"{datetime.now(UTC).strftime('%H:%M:%SZ')} {text}", highlight=False)
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with components.database(s, "cli") as db:
+            return await rebuild(db["events"], pg_url, s.reporting_schema, batch_size=batch_size,
+                                 stop_live=stop_projector, lock_timeout_s=lock_timeout,
+                                 catch_up_timeout_s=catch_up_timeout, progress=on_progress, phase=on_phase)
+
+    try:
+        with progress:
+            result = asyncio.run(go())
+    except RebuildError as e:
+        typer.echo(f"msgcore projections rebuild: {e}", err=True)
+        raise typer.Exit(1) from e
+    typer.echo(f"schema {result.schema} rebuilt from the log: {result.replayed} events replayed, "
+               f"{result.followed} followed live, {result.seconds:.1f}s")
+    typer.echo(f"previous schema kept as: {result.old_schema or '- (there was none)'}")
+    if result.dropped:
+        typer.echo(f"dropped: {', '.join(result.dropped)}")
+    if result.stopped_live:
+        typer.echo(f"live projector session(s) {', '.join(map(str, result.stopped_live))} were stopped; "
+                   "the projector resumes on the new schema by itself")
+
+
+@app.command()
+def trace(
+    query: Annotated[str, typer.Argument(help="Message id, SMSC message id, or phone number (E.164)")],
+    max_messages: Annotated[int, typer.Option(min=1, max=1000, help="Show at most this many messages")] = 20,
+    scan: Annotated[bool, typer.Option(help="Phone numbers: also scan the heads (unindexed) even when "
+                                             "PostgreSQL found some")] = False,
+    scan_time: Annotated[float, typer.Option(min=1, help="Seconds the unindexed heads scan may take")] = 30.0,
+) -> None:
+    """Print the full event history from the log (seq, UTC time, type, route, key data) of the
+    message(s) named. Exit 1 if none is found."""
+    from ops.trace import format_trace
+    from ops.trace import trace as run_trace
+
+    s = _settings("cli")
+
+    async def go():  # type: ignore[no-untyped-def]
+        async with components.database(s, "cli") as db:
+            return await run_trace(db, query, pg_url=s.pg_url or None, schema=s.reporting_schema,
+                                   max_messages=max_messages, scan=scan, scan_time_s=scan_time)
+
+    result = asyncio.run(go())
+    for line in format_trace(result):
+        typer.echo(line)
+    if not result.messages:
+        typer.echo(f"msgcore trace: no message found for {query!r}", err=True)
+        raise typer.Exit(1)
+
+
+@reporting_app.command("grant-bi-role")
+def reporting_grant_bi_role(
+    role: Annotated[str, typer.Option(help="Read-only role for BI tools")] = "msgcore_bi",
+    password: Annotated[str, typer.Option(prompt=True, hide_input=True, confirmation_prompt=True,
+                                          envvar="MSGCORE_BI_PASSWORD", help="Its password (prompted if not given)")
+                        ] = "",
+) -> None:
+    """Create (or update) a read-only login role with SELECT on the reporting schema."""
+    import inspect
+
+    s = _settings("cli")
+    try:
+        from projections.bi_role import ensure_bi_role  # lazily: written alongside the reporting views
+    except ImportError as e:
+        typer.echo(f"msgcore reporting grant-bi-role: not available in this build ({e})", err=True)
+        raise typer.Exit(2) from e
+    pg_url = _need_pg(s, "reporting grant-bi-role")
+    outcome = ensure_bi_role(pg_url, s.reporting_schema, role, password)
+    if inspect.isawaitable(outcome):
+        asyncio.run(outcome)  # type: ignore[arg-type]
+    typer.echo(f"role {role}: read-only access to schema {s.reporting_schema} granted")
 
 
 def main() -> None:

@@ -1,4 +1,7 @@
-"""Submission, status and audit trail of messages.
+"""Submission, status, audit trail and search of messages.
+
+Status and audit trail read the log (MongoDB); search reads the reporting tables (PostgreSQL), which
+follow the log with the projector's lag.
 
 POST parses its body itself (rather than declaring a pydantic parameter) for three reasons: the body
 is one message *or* a batch, and a union would report every error twice, once per member; a batch
@@ -8,20 +11,29 @@ parsed JSON as sent.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import logging
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Request, Response
+import psycopg
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import ValidationError
 
-from api.deps import ApiError, EventStoreDep, SettingsDep, TenantDep
+from api.deps import ApiError, EventStoreDep, ReportingPoolDep, SettingsDep, TenantDep
 from api.schemas import (
+    DEFAULT_SEARCH_LIMIT,
+    E164,
     MAX_BATCH,
+    MAX_SEARCH_LIMIT,
     PRIORITY_VALUES,
     ErrorResponse,
     MessageAccepted,
@@ -30,8 +42,12 @@ from api.schemas import (
     MessageCreate,
     MessageEvent,
     MessageEvents,
+    MessageSearchPage,
     MessageStatus,
+    MessageSummary,
     Price,
+    SearchState,
+    UtcDatetime,
     submission_json_schema,
 )
 from core.domain.errors import TooManyParts
@@ -205,6 +221,107 @@ def _replayed_ids(replay: IdempotencyReplay, record: IdempotencyRecord, key: str
     if len(ids) != count:  # same hash means same body: only a store bug gets here
         raise RuntimeError(f"idempotency record {earlier['_id']} holds {len(ids)} ids, request has {count}")
     return ids
+
+
+# ---- GET /v1/messages (search) -------------------------------------------------------------------
+
+SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: ERRORS[401],
+    422: {"model": ErrorResponse, "description": "`validation_error` (bad filter, limit or cursor)"},
+    503: {"model": ErrorResponse, "description": "`reporting_unavailable`: no PostgreSQL configured or reachable"},
+}
+_SEARCH_COLUMNS = ("message_id", "state", "to_number", "route_id", "parts", "accepted_at", "delivered_at",
+                   "billed", "amount_minor")
+
+
+def encode_cursor(accepted_at: datetime, message_id: str) -> str:
+    """The opaque `after` cursor of a page's last row (url-safe base64 of JSON)."""
+    raw = json.dumps({"a": accepted_at.astimezone(UTC).isoformat(), "i": message_id}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """(accepted_at, message_id) of a cursor; 422 `validation_error` on `query.after` if it is not one."""
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        at, mid = datetime.fromisoformat(raw["a"]), raw["i"]
+        if at.tzinfo is None or not isinstance(mid, str):
+            raise ValueError("malformed cursor")
+        return at, mid
+    except (ValueError, TypeError, KeyError, binascii.Error) as e:
+        raise _query_error("after", "invalid cursor: pass the `next` value of a previous page") from e
+
+
+def _query_error(name: str, message: str) -> RequestValidationError:
+    return RequestValidationError([{"type": "value_error", "loc": ("query", name), "msg": message}])
+
+
+def _search_sql(schema: str, filters: dict[str, Any], after: tuple[datetime, str] | None) -> sql.Composed:
+    conds: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s"), sql.SQL("accepted_at IS NOT NULL")]
+    for column, key, op in (("state", "state", "="), ("campaign_id", "campaign_id", "="),
+                            ("to_number", "to", "="), ("accepted_at", "since", ">="), ("accepted_at", "until", "<")):
+        if filters.get(key) is not None:
+            conds.append(sql.SQL("{} {} {}").format(sql.Identifier(column), sql.SQL(op), sql.Placeholder(key)))
+    if after is not None:
+        conds.append(sql.SQL("(accepted_at, message_id) < (%(after_at)s, %(after_id)s)"))
+    return sql.SQL(
+        "SELECT {} FROM {}.messages WHERE {} ORDER BY accepted_at DESC, message_id DESC LIMIT %(limit)s"
+    ).format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in _SEARCH_COLUMNS), sql.Identifier(schema),
+        sql.SQL(" AND ").join(conds))
+
+
+async def _fetch_page(pool: AsyncConnectionPool, query: sql.Composed, params: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, params)
+            return await cur.fetchall()
+    except psycopg.errors.UndefinedTable as e:
+        raise ApiError(503, "reporting_unavailable", "the reporting tables do not exist yet (is the projector "
+                       "running?)", headers={"Retry-After": "5"}) from e
+    except (PoolTimeout, psycopg.OperationalError) as e:
+        log.warning("reporting database unavailable for search: %r", e)
+        raise ApiError(503, "reporting_unavailable", "the reporting database is unavailable, retry later",
+                       headers={"Retry-After": "1"}) from e
+
+
+@router.get("", response_model=MessageSearchPage, responses=SEARCH_ERRORS, summary="Search messages",
+            description="The caller's messages from the reporting tables (PostgreSQL), newest first, filtered by "
+                        "state, campaign, destination and acceptance time (`since` inclusive, `until` exclusive). "
+                        "Keyset pagination: pass a page's `next` as `after`. The reporting tables follow the log "
+                        "with the projector's lag; `GET /v1/messages/{id}` reads the log itself.")
+async def search_messages(
+    tenant: TenantDep,
+    pool: ReportingPoolDep,
+    settings: SettingsDep,
+    state: Annotated[SearchState | None, Query(description="Current state")] = None,
+    campaign_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
+    to: Annotated[str | None, Query(pattern=E164, description="Destination in E.164")] = None,
+    since: Annotated[UtcDatetime | None, Query(description="Accepted at or after (ISO 8601 with a zone)")] = None,
+    until: Annotated[UtcDatetime | None, Query(description="Accepted before (ISO 8601 with a zone)")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_SEARCH_LIMIT)] = DEFAULT_SEARCH_LIMIT,
+    after: Annotated[str | None, Query(max_length=512, description="Cursor: `next` of the previous page")] = None,
+) -> MessageSearchPage:
+    if since is not None and until is not None and until <= since:
+        raise _query_error("until", "until must be later than since")
+    cursor = decode_cursor(after) if after is not None else None
+    filters = {"state": state, "campaign_id": campaign_id, "to": to, "since": since, "until": until}
+    params: dict[str, Any] = {**filters, "tenant": tenant.id, "limit": limit}
+    if cursor is not None:
+        params["after_at"], params["after_id"] = cursor
+    rows = await _fetch_page(pool, _search_sql(settings.reporting_schema, filters, cursor), params)
+    items = [MessageSummary(id=r["message_id"], status=r["state"], to=r["to_number"], route_id=r["route_id"],
+                            parts=r["parts"], accepted_at=_as_utc(r["accepted_at"]),
+                            delivered_at=_as_utc(r["delivered_at"]), billed=r["billed"],
+                            amount_minor=r["amount_minor"]) for r in rows]
+    last = rows[-1] if len(rows) == limit else None
+    log.debug("tenant %s: search returned %d message(s)", tenant.id, len(items))
+    return MessageSearchPage(messages=items,
+                             next=encode_cursor(last["accepted_at"], last["message_id"]) if last else None)
+
+
+def _as_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
 
 
 # ---- GET /v1/messages/{id} ------------------------------------------------------------------------
