@@ -113,6 +113,21 @@ def projector() -> None:
     _run("projector", components.projector_main(s))
 
 
+@app.command()
+def migrate() -> None:
+    """Apply pending reporting-schema migrations (idempotent; each is recorded in <schema>.migrations).
+    The projector and `msgcore up` also apply them on start."""
+    from projections.schema import migrate as apply_migrations
+
+    s = _settings("migrate")
+    pg_url = _need_pg(s, "migrate")
+    applied = asyncio.run(apply_migrations(pg_url, s.reporting_schema))
+    if applied:
+        typer.echo(f"schema {s.reporting_schema}: applied {', '.join(applied)}")
+    else:
+        typer.echo(f"schema {s.reporting_schema}: up to date")
+
+
 @app.command("smsc-sim")
 def smsc_sim(
     port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1")] = 2775,
