@@ -34,6 +34,11 @@ class UnknownOutcomePolicy(StrEnum):
     HOLD = "hold"  # at-most-once: append `unknown` and wait for an operator
 
 
+class BindType(StrEnum):
+    TRANSCEIVER = "transceiver"
+    TRANSMITTER_RECEIVER = "transmitter_receiver"  # one transmitter and one receiver bind per `binds`
+
+
 class Route(BaseModel):
     """An upstream: an SMPP connection to an SMSC, with its commercial terms."""
 
@@ -51,6 +56,12 @@ class Route(BaseModel):
     prefixes: tuple[str, ...] = ("",)
     tps: int = Field(default=0, ge=0)  # 0 = no limit
     binds: int = Field(default=1, ge=1, le=32)
+    bind_type: BindType = BindType.TRANSCEIVER
+    # Source address TON/NPI: None = derived from the sender (alphanumeric 5/0, numeric 1/1).
+    source_ton: int | None = Field(default=None, ge=0, le=6)
+    source_npi: int | None = Field(default=None, ge=0, le=18)
+    dest_ton: int = Field(default=1, ge=0, le=6)
+    dest_npi: int = Field(default=1, ge=0, le=18)
     window: int = Field(default=20, ge=1, le=1000)
     price_per_part: int = Field(default=0, ge=0)  # minor units
     currency: str = "EUR"
