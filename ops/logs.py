@@ -34,3 +34,6 @@ def configure(component: str, level: str = "INFO") -> None:
     root.setLevel(level.upper())
     for noisy in ("pymongo", "uvicorn.access", "apscheduler.executors", "smpplib", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A timed job still running at its next tick is skipped (max_instances=1, on purpose); APScheduler
+    # warns about every skip, which on a slow store floods the log with no action to take.
+    logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
