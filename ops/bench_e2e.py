@@ -143,6 +143,26 @@ async def latencies(client: AsyncMongoClient, db_name: str, journal: Path) -> di
             "accepted->billed": [(billed[m] - accepted[m]).total_seconds() * 1000 for m in billed]}
 
 
+async def idle_probes(stack: Stack, client: AsyncMongoClient, db_name: str, key: str, n: int) -> dict[str, list[float]]:
+    """Latency with no backlog: single messages posted one at a time, each awaited until billed."""
+    store = EventStore(client[db_name])
+    out: dict[str, list[float]] = {"accepted->sent": [], "accepted->billed": []}
+    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as http:
+        for i in range(n):
+            r = await http.post("/v1/messages", json={"to": f"+4916{i:09d}", "from": "probe", "text": "probe"})
+            mid = r.json()["id"]
+            for _ in range(600):
+                head = await store.head(mid)
+                if head and head.get("billed"):
+                    break
+                await asyncio.sleep(0.01)
+            events = {e.type.value: e.at for e in await store.load_events(mid)}
+            if "billed" in events:
+                out["accepted->sent"].append((events["sent"] - events["accepted"]).total_seconds() * 1000)
+                out["accepted->billed"].append((events["billed"] - events["accepted"]).total_seconds() * 1000)
+    return out
+
+
 def pg_count(stack: Stack, table: str) -> int:
     with psycopg.connect(stack.pg_url) as conn:
         row = conn.execute(sql.SQL("SELECT count(*) FROM {}.{}").format(sql.Identifier(stack.schema),
@@ -182,6 +202,7 @@ async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Pat
         lag_s = time.perf_counter() - t_billed
         writes = await oplog_writes(client, stack.mongo_db, op_start)
         lat = await latencies(client, stack.mongo_db, stack.journal)
+        probes = await idle_probes(stack, client, stack.mongo_db, keys["bench"], args.probes)
     finally:
         sampler.done.set()
         stack.stop_all()
@@ -198,6 +219,9 @@ async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Pat
     for name, values in lat.items():
         print(f"  {name:24} p50 {pct(values, 50):7.0f} ms  p95 {pct(values, 95):7.0f} ms  p99 {pct(values, 99):7.0f} ms"
               f"  (n={len(values)}, mean {statistics.fmean(values) if values else float('nan'):.0f} ms)")
+    for name, values in probes.items():
+        print(f"  idle {name:19} p50 {pct(values, 50):7.0f} ms  p95 {pct(values, 95):7.0f} ms"
+              f"  p99 {pct(values, 99):7.0f} ms  (n={len(values)} single messages, no backlog)")
     print(f"  projector lag at end     {lag_s:9.2f} s")
     print(f"  MongoDB writes/message   {per_msg:9.2f}   (oplog entries for the run's database)")
     limit = raw / per_msg
@@ -224,6 +248,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--receipt-delay", type=float, default=0.2)
+    p.add_argument("--probes", type=int, default=30, help="single messages timed after the run, with no backlog")
     args = p.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
