@@ -7,11 +7,16 @@ import time
 
 
 class TokenBucket:
-    """`rate` tokens per second, bursting to `rate` (one second's worth). rate 0 = unlimited."""
+    """`rate` tokens per second with no burst (capacity one token). rate 0 = unlimited.
+
+    A carrier's TPS limit holds for every calendar second: a bucket that could hold a second's worth
+    of tokens would let an idle route send up to twice its limit in the first second of a burst."""
+
+    CAPACITY = 1.0
 
     def __init__(self, rate: float) -> None:
         self.rate = rate
-        self.tokens = float(rate)
+        self.tokens = self.CAPACITY
         self.stamp = time.monotonic()
         self._lock = asyncio.Lock()
 
@@ -21,7 +26,7 @@ class TokenBucket:
         async with self._lock:
             while True:
                 now = time.monotonic()
-                self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+                self.tokens = min(self.CAPACITY, self.tokens + (now - self.stamp) * self.rate)
                 self.stamp = now
                 if self.tokens >= 1:
                     self.tokens -= 1
