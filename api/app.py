@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiError, TenantCache, reporting_pool
-from api.routes import admin, health, messages
+from api.routes import admin, health, inbound, messages, numbers_admin, routes_admin
 from core.config import Settings
 from core.domain.errors import DomainError
 from core.store.eventstore import EventStore
@@ -72,6 +72,9 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
     app.include_router(health.router)
     app.include_router(messages.router)
     app.include_router(admin.router)  # /v1/admin: admin key, not tenant keys (api/routes/admin.py)
+    app.include_router(routes_admin.router)  # /v1/admin/routes (api/routes/routes_admin.py)
+    app.include_router(inbound.router)  # /v1/inbound: the tenant's MO messages (api/routes/inbound.py)
+    app.include_router(numbers_admin.router)  # /v1/admin/numbers (api/routes/numbers_admin.py)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(CatchAllMiddleware)  # added last = outermost: also catches the others' bugs

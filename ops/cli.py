@@ -133,10 +133,39 @@ def smsc_sim(
     port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1")] = 2775,
     receipt_delay: Annotated[float, typer.Option(help="Seconds before a delivery receipt")] = 0.2,
     journal: Annotated[Path | None, typer.Option(help="Append one JSON line per submit_sm here")] = None,
+    control_port: Annotated[int | None, typer.Option(
+        help="HTTP control API on 127.0.0.1 (GET/PUT /faults, POST /reset; 0 = any free port)")] = None,
+    error_ratio: Annotated[float | None, typer.Option(help="Share of submit_sm answered with an error (0..1)")] = None,
+    permanent_share: Annotated[float | None, typer.Option(
+        help="Share of those errors that are permanent (0x0B, 0x0A); the rest temporary (0x14, 0x08)")] = None,
+    throttle_tps: Annotated[float | None, typer.Option(
+        help="Answer ESME_RTHROTTLED (0x58) above this many submit_sm/s per system_id")] = None,
+    drop_after_pdus: Annotated[int | None, typer.Option(help="Close each connection after its N-th PDU")] = None,
+    receipt_mode: Annotated[str | None, typer.Option(
+        help="normal | never | out_of_order | before_response")] = None,
+    receipt_stat: Annotated[str | None, typer.Option(
+        help="Receipt stat (DELIVRD, UNDELIV, EXPIRED, ...) or a mix: DELIVRD=0.9,UNDELIV=0.05,EXPIRED=0.05")] = None,
+    malformed_ratio: Annotated[float | None, typer.Option(
+        help="Share of deliver_sm preceded by a malformed PDU (0..1)")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the fault RNG, for reproducible runs")] = None,
 ) -> None:
-    """An SMPP v3.4 SMSC simulator on 127.0.0.1 with delivery receipts."""
+    """An SMPP v3.4 SMSC simulator on 127.0.0.1 with delivery receipts and switchable faults."""
     s = _settings("smsc-sim", need_store=False)
-    _run("smsc-sim", components.simulator_main(s, port, receipt_delay, str(journal) if journal else None))
+    faults: dict[str, Any] = {k: v for k, v in {
+        "error_ratio": error_ratio, "permanent_share": permanent_share, "throttle_tps": throttle_tps,
+        "drop_after_pdus": drop_after_pdus, "receipt_mode": receipt_mode, "malformed_ratio": malformed_ratio,
+        "seed": seed}.items() if v is not None}
+    if receipt_stat is not None:
+        if "=" in receipt_stat:
+            try:
+                faults["receipt_stat_mix"] = {k.strip(): float(v) for k, v in
+                                              (item.split("=", 1) for item in receipt_stat.split(",") if item.strip())}
+            except ValueError as e:
+                raise typer.BadParameter(f"--receipt-stat: expected STAT=WEIGHT,...: {e}") from e
+        else:
+            faults["receipt_stat"] = receipt_stat
+    _run("smsc-sim", components.simulator_main(s, port, receipt_delay, str(journal) if journal else None,
+                                               control_port, faults))
 
 
 @tenants_app.command("create")
@@ -196,6 +225,238 @@ def routes_list() -> None:
         typer.echo(f"{r.id}\t{r.host}:{r.port}\tpriority={r.priority}\tprefixes={','.join(r.prefixes) or '*'}\t"
                    f"price_per_part={r.price_per_part} {r.currency}\t{'enabled' if r.enabled else 'disabled'}\t"
                    f"{status.get(r.id, 'down')}")
+
+
+# ---- routes: add, update, disable, enable, show, history ------------------------------------------
+
+HostOpt = Annotated[str | None, typer.Option("--host", help="SMSC host")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="SMSC port")]
+SystemIdOpt = Annotated[str | None, typer.Option("--system-id", help="SMPP system_id")]
+PasswordOpt = Annotated[str | None, typer.Option("--password", help="SMPP password (never printed)")]
+SystemTypeOpt = Annotated[str | None, typer.Option("--system-type", help="SMPP system_type")]
+PriorityOpt = Annotated[int | None, typer.Option("--priority", help="1 = highest")]
+WeightOpt = Annotated[int | None, typer.Option("--weight", help="Share among routes of equal priority (smart)")]
+PrefixOpt = Annotated[list[str] | None, typer.Option(
+    "--prefix", help="Destination prefix, repeatable (longest match wins; \"\" = default route); replaces the list")]
+TpsOpt = Annotated[int | None, typer.Option("--tps", help="Submit_sm per second across all binds (0 = no limit)")]
+BindsOpt = Annotated[int | None, typer.Option("--binds", help="Number of binds")]
+BindTypeOpt = Annotated[str | None, typer.Option("--bind-type", help="transceiver or transmitter_receiver")]
+WindowOpt = Annotated[int | None, typer.Option("--window", help="Outstanding submit_sm per bind")]
+PriceOpt = Annotated[int | None, typer.Option("--price-per-part", help="Price per SMS part, minor units")]
+CurrencyOpt = Annotated[str | None, typer.Option("--currency", help="ISO currency of the price")]
+GroupOpt = Annotated[str | None, typer.Option("--group", help="Route group")]
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", help="failover, load_balance or smart")]
+TonNpiOpt = Annotated[str | None, typer.Option(help="A number, or 'auto' (source only: derived from the sender)")]
+UnknownOpt = Annotated[str | None, typer.Option("--on-unknown-outcome", help="resend or hold")]
+RouteIdArg = Annotated[str, typer.Argument(help="Route id")]
+
+
+def _route_fields(**options: Any) -> dict[str, Any]:
+    """The Route fields given on the command line (None = not given)."""
+    fields: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name == "prefix":
+            fields["prefixes"] = tuple(value)
+        elif name in ("source_ton", "source_npi", "dest_ton", "dest_npi"):
+            if value == "auto" and name.startswith("source"):
+                fields[name] = None
+            elif value.isdigit():
+                fields[name] = int(value)
+            else:
+                raise typer.BadParameter(f"--{name.replace('_', '-')} must be a number"
+                                         + (" or 'auto'" if name.startswith("source") else ""))
+        else:
+            fields[name] = value
+    return fields
+
+
+def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
+    typer.echo(f"msgcore routes {command}: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _build_route(command: str, route_id: str, data: dict[str, Any]) -> Any:
+    from core.domain.routing import Route
+
+    try:
+        return Route.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'route'}: {err['msg']}"
+                             for err in e.errors(include_url=False))
+        raise _fail(command, f"invalid route {route_id}: {problems}", 2) from e
+
+
+def _route_store_call(fn: Any) -> Any:
+    """Run `fn(store)` against the RouteStore of the configured database."""
+    from core.store.routes import RouteStore
+
+    s = _settings("cli")
+
+    async def go() -> Any:
+        async with components.database(s, "cli") as db:
+            return await fn(RouteStore(db))
+
+    return asyncio.run(go())
+
+
+def _show_value(key: str, value: Any) -> str:
+    if key == "password":
+        return "***"
+    if isinstance(value, list | tuple):
+        return ",".join(f'"{v}"' if v == "" else str(v) for v in value)
+    return "auto" if value is None else str(value)
+
+
+@routes_app.command("add")
+def routes_add(
+    route_id: RouteIdArg,
+    host: HostOpt = None, port: PortOpt = None, system_id: SystemIdOpt = None, password: PasswordOpt = None,
+    system_type: SystemTypeOpt = None, priority: PriorityOpt = None, weight: WeightOpt = None,
+    prefix: PrefixOpt = None, tps: TpsOpt = None, binds: BindsOpt = None, bind_type: BindTypeOpt = None,
+    window: WindowOpt = None, price_per_part: PriceOpt = None, currency: CurrencyOpt = None,
+    group: GroupOpt = None, strategy: StrategyOpt = None, source_ton: TonNpiOpt = None,
+    source_npi: TonNpiOpt = None, dest_ton: TonNpiOpt = None, dest_npi: TonNpiOpt = None,
+    on_unknown_outcome: UnknownOpt = None,
+    disabled: Annotated[bool, typer.Option("--disabled", help="Add it disabled")] = False,
+) -> None:
+    """Add a route (fields not given take their defaults). Connectors and the router pick it up within
+    seconds, without a restart. Recorded in the route's history."""
+    from core.domain.events import utcnow
+
+    fields = _route_fields(host=host, port=port, system_id=system_id, password=password, system_type=system_type,
+                           priority=priority, weight=weight, prefix=prefix, tps=tps, binds=binds,
+                           bind_type=bind_type, window=window, price_per_part=price_per_part, currency=currency,
+                           group=group, strategy=strategy, source_ton=source_ton, source_npi=source_npi,
+                           dest_ton=dest_ton, dest_npi=dest_npi, on_unknown_outcome=on_unknown_outcome)
+    route = _build_route("add", route_id, {**fields, "id": route_id, "enabled": not disabled})
+    actor = _cli_actor()
+
+    async def add(store: Any) -> bool:
+        if await store.get(route_id) is not None:
+            return False
+        await store.upsert(route, actor=actor, now=utcnow())
+        return True
+
+    if not _route_store_call(add):
+        raise _fail("add", f"route {route_id} exists: change it with `msgcore routes update {route_id} ...`")
+    typer.echo(f"route {route_id} added ({'disabled' if disabled else 'enabled'}): {route.host}:{route.port} "
+               f"priority={route.priority} prefixes={_show_value('prefixes', route.prefixes)} "
+               f"strategy={route.strategy.value}")
+
+
+@routes_app.command("update")
+def routes_update(
+    route_id: RouteIdArg,
+    host: HostOpt = None, port: PortOpt = None, system_id: SystemIdOpt = None, password: PasswordOpt = None,
+    system_type: SystemTypeOpt = None, priority: PriorityOpt = None, weight: WeightOpt = None,
+    prefix: PrefixOpt = None, tps: TpsOpt = None, binds: BindsOpt = None, bind_type: BindTypeOpt = None,
+    window: WindowOpt = None, price_per_part: PriceOpt = None, currency: CurrencyOpt = None,
+    group: GroupOpt = None, strategy: StrategyOpt = None, source_ton: TonNpiOpt = None,
+    source_npi: TonNpiOpt = None, dest_ton: TonNpiOpt = None, dest_npi: TonNpiOpt = None,
+    on_unknown_outcome: UnknownOpt = None,
+) -> None:
+    """Change the given fields of a route; the others keep their values. A connection change (host,
+    port, credentials, binds, window, TPS, ...) makes its connector rebind within seconds."""
+    from core.domain.events import utcnow
+
+    fields = _route_fields(host=host, port=port, system_id=system_id, password=password, system_type=system_type,
+                           priority=priority, weight=weight, prefix=prefix, tps=tps, binds=binds,
+                           bind_type=bind_type, window=window, price_per_part=price_per_part, currency=currency,
+                           group=group, strategy=strategy, source_ton=source_ton, source_npi=source_npi,
+                           dest_ton=dest_ton, dest_npi=dest_npi, on_unknown_outcome=on_unknown_outcome)
+    if not fields:
+        raise _fail("update", "nothing to change: give at least one option (see `msgcore routes update --help`)", 2)
+    actor = _cli_actor()
+
+    async def update(store: Any) -> tuple[Any, Any] | None:
+        current = await store.get(route_id)
+        if current is None:
+            return None
+        route = _build_route("update", route_id, {**current.model_dump(), **fields})
+        if route != current:
+            await store.upsert(route, actor=actor, now=utcnow())
+        return current, route
+
+    result = _route_store_call(update)
+    if result is None:
+        raise _fail("update", f"no route {route_id} (see `msgcore routes list`)")
+    before, after = (r.model_dump(mode="json") for r in result)
+    diff = [f"{k}: {_show_value(k, before[k])} -> {_show_value(k, after[k])}" for k in after if before[k] != after[k]]
+    typer.echo(f"route {route_id} updated: {'; '.join(diff)}" if diff else f"route {route_id}: nothing changed")
+
+
+def _set_enabled_cli(command: str, route_id: str, enabled: bool) -> None:
+    from core.domain.events import utcnow
+
+    actor = _cli_actor()
+
+    async def go(store: Any) -> tuple[Any, Any]:
+        before = await store.get(route_id)
+        return before, await store.set_enabled(route_id, enabled, actor=actor, now=utcnow())
+
+    before, after = _route_store_call(go)
+    if after is None:
+        raise _fail(command, f"no route {route_id} (see `msgcore routes list`)")
+    state = "enabled" if enabled else "disabled"
+    typer.echo(f"route {route_id} {state}" if before.enabled != enabled else f"route {route_id} was already {state}")
+
+
+@routes_app.command("disable")
+def routes_disable(route_id: RouteIdArg) -> None:
+    """Stop using a route: the router skips it, its connector finishes what it holds and unbinds."""
+    _set_enabled_cli("disable", route_id, False)
+
+
+@routes_app.command("enable")
+def routes_enable(route_id: RouteIdArg) -> None:
+    """Use a route again: its connector binds within seconds."""
+    _set_enabled_cli("enable", route_id, True)
+
+
+@routes_app.command("show")
+def routes_show(route_id: RouteIdArg) -> None:
+    """Every field of a route (password masked) and its live status."""
+    from core.domain.events import utcnow
+
+    async def go(store: Any) -> tuple[Any, Any]:
+        return await store.get(route_id), await store.statuses(utcnow())
+
+    route, status = _route_store_call(go)
+    if route is None:
+        raise _fail("show", f"no route {route_id} (see `msgcore routes list`)")
+    for key, value in route.model_dump(mode="json").items():
+        typer.echo(f"{key}\t{_show_value(key, value)}")
+    typer.echo(f"status\t{status.get(route_id, 'down')}")
+
+
+@routes_app.command("history")
+def routes_history(
+    route_id: RouteIdArg,
+    limit: Annotated[int, typer.Option(min=1, max=1000, help="The last this many changes")] = 50,
+) -> None:
+    """Who changed the route, when, and what (oldest first)."""
+
+    async def go(store: Any) -> tuple[Any, Any]:
+        return await store.history(route_id, limit), await store.get(route_id)
+
+    changes, route = _route_store_call(go)
+    if not changes and route is None:
+        raise _fail("history", f"no route {route_id} (see `msgcore routes list`)")
+    previous: dict[str, Any] = {}
+    for c in changes:
+        snapshot = c["route"]
+        if not previous and set(c["changed"]) >= set(snapshot) - {"id"}:
+            what = "created (or first recorded): " + " ".join(
+                f"{k}={_show_value(k, snapshot[k])}" for k in ("host", "port", "priority", "prefixes", "enabled"))
+        else:
+            what = "; ".join(f"{k}: {_show_value(k, previous.get(k))} -> {_show_value(k, snapshot.get(k))}"
+                             if previous else f"{k}={_show_value(k, snapshot.get(k))}" for k in c["changed"])
+        typer.echo(f"{c['at'].isoformat()}\t{c['actor']}\t{what or 'no change'}")
+        previous = snapshot
+    if not changes:
+        typer.echo(f"no recorded changes of route {route_id}", err=True)
 
 
 @heads_app.command("rebuild")

@@ -118,23 +118,27 @@ async def scheduler_main(settings: Settings) -> None:
 
 
 async def connector_main(settings: Settings, route_ids: list[str]) -> None:
-    """Run the connectors of the given routes (all enabled SMPP routes when none are named)."""
-    from smsc.connector import Connector
+    """Run the connectors of the given routes (all enabled SMPP routes when none are named), kept in
+    step with the `routes` collection by the route manager: routes added, enabled, disabled or changed
+    at run time take effect within a few seconds, without a restart."""
+    from smsc.route_manager import RouteManager
 
     stop = stop_on_signals()
     async with database(settings, "connector") as db:
         await prepare(db)
         routes = RouteStore(db)
-        chosen = [r for r in await routes.list(include_disabled=False)
-                  if r.kind == "smpp" and (not route_ids or r.id in route_ids)]
-        if not chosen:
-            among = f" among {', '.join(route_ids)}" if route_ids else ""
-            raise ConfigError(f"no enabled SMPP route to connect{among}")
-        connectors = [Connector(EventStore(db), routes, r, utcnow, owner=worker_id(f"connector-{r.id}"),
-                                lease_s=settings.lease_s, batch_size=settings.batch_size,
-                                max_attempts=settings.max_attempts) for r in chosen]
-        log.info("connector started for routes %s", [r.id for r in chosen])
-        await asyncio.gather(*(c.run(stop) for c in connectors))
+        known = {r.id: r for r in await routes.list(include_disabled=True)}
+        unknown = [rid for rid in route_ids if rid not in known]
+        if unknown:
+            # Named routes may be enabled later; a route that does not exist at all is most likely a typo.
+            log.warning("connector: no route %s yet; its connector starts when it is added", ", ".join(unknown))
+        manager = RouteManager(EventStore(db), routes, utcnow, owner_prefix=worker_id("connector"),
+                               route_ids=route_ids, lease_s=settings.lease_s, batch_size=settings.batch_size,
+                               max_attempts=settings.max_attempts)
+        active = sorted(manager.wanted(list(known.values())))
+        log.info("connector started (%s) for routes %s%s", worker_id("connector"), active or "none yet",
+                 f" (managing only {sorted(route_ids)})" if route_ids else "")
+        await manager.run(stop)
 
 
 async def projector_main(settings: Settings) -> None:
@@ -151,16 +155,27 @@ async def projector_main(settings: Settings) -> None:
         await projector.run(stop)
 
 
-async def simulator_main(settings: Settings, port: int, receipt_delay_s: float, journal: str | None) -> None:
+async def simulator_main(settings: Settings, port: int, receipt_delay_s: float, journal: str | None,
+                         control_port: int | None = None, faults: dict[str, Any] | None = None) -> None:
+    """Run the SMSC simulator until SIGTERM/SIGINT; `faults` are FaultSettings fields (validated here)."""
+    from pydantic import ValidationError
+
     from smsc.simulator import Simulator
 
     stop = stop_on_signals()
-    sim = Simulator(port=port, receipt_delay_s=receipt_delay_s, journal_path=journal)
+    try:
+        sim = Simulator(port=port, receipt_delay_s=receipt_delay_s, journal_path=journal,
+                        faults=faults or None, control_port=control_port)
+    except ValidationError as e:
+        raise ConfigError(f"invalid fault settings: {e}") from e
     await sim.start()
-    log.info("smsc-sim listening on 127.0.0.1:%d", sim.port)
+    log.info("smsc-sim listening on 127.0.0.1:%d (control API %s, faults %s)", sim.port,
+             f"http://127.0.0.1:{sim.control_port}" if sim.control_port is not None else "off", sim.faults.active())
     await stop.wait()
     await sim.stop()
-    log.info("smsc-sim stopped: %s", sim.stats())
+    stats = sim.stats()
+    stats.pop("submit_per_second", None)
+    log.info("smsc-sim stopped: %s", stats)
 
 
 def run(main: Awaitable[None]) -> None:

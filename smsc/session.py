@@ -1,7 +1,7 @@
-"""One SMPP bind (transceiver) on top of smpplib's `Client`, usable from asyncio.
+"""One SMPP bind (transceiver, transmitter or receiver) on top of smpplib's `Client`, usable from asyncio.
 
-smpplib does the PDU encoding, the bind (`bind_transceiver`) and the reads (`read_pdu`); this module
-adds what it lacks:
+smpplib does the PDU encoding and the bind (`bind_transceiver` / `bind_transmitter` /
+`bind_receiver`); this module adds what it lacks:
 
 - TCP_NODELAY on its socket: with Nagle on, a window of 1 was capped near 110 submit_sm/s;
 - one lock around sequence allocation + output buffer, since smpplib has none, and PDUs are made on
@@ -12,7 +12,17 @@ adds what it lacks:
 - a window of outstanding submit_sm, each awaiting its submit_sm_resp through a Future keyed by
   sequence number, with a per-submit timeout;
 - enquire_link when the link is idle, and a dead-link verdict when one goes unanswered;
-- a clean unbind on close.
+- a clean unbind on close;
+- our own framing of inbound PDUs, so a malformed PDU never kills the reader. A PDU that can be
+  framed (command_length 4..64 KiB) but not parsed (a length under the 16-byte header, an unknown
+  command id, broken TLVs) is skipped whole: as SMPP v3.4 (2.8, 4.3) asks, a request gets a
+  generic_nack and the bind stays up; an unparsable *response* fails the submit_sm it answers with
+  `MalformedResponse` (outcome unknown, since the SMSC may have accepted it). A length that cannot
+  frame anything, or `MAX_MALFORMED_IN_A_ROW` malformed PDUs with no good one between them (the
+  stream is probably out of step), drops the bind: the caller reconnects, and the submits in flight
+  fail with `SessionClosed` (outcome unknown);
+- a generic_nack answering one of our submit_sm is returned as that submit's result
+  (`SubmitResult.generic_nack`), so the caller can retry the message.
 
 Reconnecting is the caller's job: when the connection drops, `is_up` turns False and every pending
 submit fails with `SessionClosed`.
@@ -37,7 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from smpplib import consts, exceptions, smpp
+from smpplib import command_codes, consts, exceptions, smpp
 from smpplib.client import Client
 from smpplib.command import Command
 
@@ -45,6 +55,7 @@ from smsc.pdu import (
     ESM_CLASS_RECEIPT,
     ESME_RBINDFAIL,
     ESME_RINVCMDID,
+    ESME_RINVCMDLEN,
     ESME_ROK,
     ESME_RSYSERR,
     ReceiptFields,
@@ -56,6 +67,11 @@ from smsc.pdu import (
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 10.0
+HEADER_LEN = 16
+MIN_FRAME_LEN = 4  # shorter cannot even hold its own length: the stream is lost
+MAX_PDU_LEN = 64 * 1024
+MAX_MALFORMED_IN_A_ROW = 3
+BIND_COMMANDS = {"transceiver": "bind_transceiver", "transmitter": "bind_transmitter", "receiver": "bind_receiver"}
 UNBIND_WAIT_S = 2.0
 READER_JOIN_S = 2.0
 
@@ -84,6 +100,19 @@ class SessionClosed(SessionError):
     """The session is not (or no longer) bound; a pending submit's outcome is unknown."""
 
 
+class MalformedPdu(SessionError):
+    """The SMSC sent bytes that are not a valid PDU. `fatal`: its length cannot be trusted, so the
+    stream is out of step and the bind must go; otherwise the PDU was skipped whole."""
+
+    def __init__(self, reason: str, *, command_id: int = 0, sequence: int = 0, fatal: bool = False) -> None:
+        super().__init__(reason)
+        self.command_id, self.sequence, self.fatal = command_id, sequence, fatal
+
+
+class MalformedResponse(SessionError):
+    """The answer to a submit_sm could not be parsed: the SMSC may or may not have accepted it."""
+
+
 class SubmitTimeout(SessionError):
     """No submit_sm_resp within the timeout; the SMSC may or may not have accepted the message."""
 
@@ -94,11 +123,16 @@ class SubmitTimeout(SessionError):
 
 @dataclass(frozen=True)
 class SubmitResult:
-    """The SMSC's answer to one submit_sm; `message_id` is None unless status is 0."""
+    """The SMSC's answer to one submit_sm; `message_id` is None unless status is 0.
+
+    `generic_nack` is True when the SMSC answered with generic_nack instead of submit_sm_resp (it
+    could not take the PDU at all); `status` is then the nack's status, which may be 0.
+    """
 
     sequence: int
     status: int
     message_id: str | None
+    generic_nack: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +148,7 @@ class DeliverSm:
     receipted_message_id: str | None
     message_state: int | None
     receipt: ReceiptFields | None
+    message_payload: bytes | None = None  # the TLV, used by SMSCs for texts longer than short_message
 
 
 def _to_deliver_sm(pdu: Command) -> DeliverSm:
@@ -136,11 +171,19 @@ def _to_deliver_sm(pdu: Command) -> DeliverSm:
         receipted_message_id=receipted,
         message_state=state,
         receipt=receipt,
+        message_payload=_as_bytes(getattr(pdu, "message_payload", None)),
     )
 
 
+def _as_bytes(value: bytes | str | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return value.encode("latin-1", errors="replace")
+
+
 class SmppSession:
-    """One bind_transceiver to an SMSC with a window of outstanding submit_sm.
+    """One bind to an SMSC (`bind`: transceiver, transmitter or receiver) with a window of
+    outstanding submit_sm. A receiver bind cannot submit; a transmitter bind receives no deliver_sm.
 
     All public methods must be called from the event loop that called `open()`.
     """
@@ -158,9 +201,13 @@ class SmppSession:
         on_deliver: Callable[[DeliverSm], None],
         connect_timeout_s: float = 5.0,
         submit_timeout_s: float = 30.0,
+        bind: str = "transceiver",
     ) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
+        if bind not in BIND_COMMANDS:
+            raise ValueError(f"bind must be one of {sorted(BIND_COMMANDS)}, not {bind!r}")
+        self._bind = bind
         self._host, self._port = host, port
         self._system_id, self._password, self._system_type = system_id, password, system_type
         self._window = window
@@ -185,11 +232,12 @@ class SmppSession:
         self._last_rx = time.monotonic()
         self._enquire_sent_at: float | None = None
         # PDUs from the reader thread; the loop is woken once per batch, not once per PDU.
-        self._inbox: deque[Command | None] = deque()
+        self._inbox: deque[Command | MalformedPdu | None] = deque()
         self._wakeup_scheduled = False
+        self._malformed = 0
 
     def __repr__(self) -> str:
-        return f"SmppSession({self._system_id}@{self._host}:{self._port}, up={self._up})"
+        return f"SmppSession({self._system_id}@{self._host}:{self._port}, {self._bind}, up={self._up})"
 
     # ---- properties ------------------------------------------------------------------------------
 
@@ -207,10 +255,27 @@ class SmppSession:
     def window(self) -> int:
         return self._window
 
+    @property
+    def bind(self) -> str:
+        return self._bind
+
+    @property
+    def can_submit(self) -> bool:
+        return self._bind != "receiver"
+
+    @property
+    def can_receive(self) -> bool:
+        return self._bind != "transmitter"
+
+    @property
+    def malformed(self) -> int:
+        """Malformed PDUs received on this bind (skipped, or the one that dropped it)."""
+        return self._malformed
+
     # ---- open / close ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect and bind_transceiver. Raises `ConnectFailed` or `BindFailed`; the session is then closed."""
+        """Connect and bind (as `bind` says). Raises `ConnectFailed` or `BindFailed`; the session is then closed."""
         if self._client is not None:
             raise SessionError("session already opened")
         self._loop = asyncio.get_running_loop()
@@ -222,7 +287,13 @@ class SmppSession:
             allow_unknown_opt_params=True,
             logger_name=f"{__name__}.smpplib",
         )
-        await self._loop.run_in_executor(None, self._connect_and_bind, client)
+        binding = self._loop.run_in_executor(None, self._connect_and_bind, client)
+        try:
+            await asyncio.shield(binding)
+        except asyncio.CancelledError:
+            # The bind goes on in its thread; close whatever socket it opens instead of leaking it.
+            binding.add_done_callback(lambda f: (f.cancelled() or f.exception(), client.disconnect()))
+            raise
         self._client = client
         self._up = True
         self._last_rx = time.monotonic()
@@ -231,7 +302,8 @@ class SmppSession:
         )
         self._reader.start()
         self._keepalive = asyncio.create_task(self._keepalive_loop(), name=f"smpp-keepalive-{self._system_id}")
-        log.info("smpp session %s:%d bound as %s (window %d)", self._host, self._port, self._system_id, self._window)
+        log.info("smpp session %s:%d bound as %s (%s, window %d)", self._host, self._port, self._system_id,
+                 self._bind, self._window)
 
     def _connect_and_bind(self, client: Client) -> None:
         """Blocking; runs in an executor thread before any other thread touches `client`."""
@@ -239,7 +311,7 @@ class SmppSession:
             client.connect()
             sock: socket.socket = client._socket
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            client.bind_transceiver(
+            getattr(client, BIND_COMMANDS[self._bind])(
                 system_id=self._system_id, password=self._password, system_type=self._system_type
             )
         except exceptions.PDUError as exc:
@@ -308,6 +380,8 @@ class SmppSession:
         """
         if not self._up:
             raise SessionClosed("session is not bound")
+        if not self.can_submit:
+            raise SessionError(f"a {self._bind} bind cannot send submit_sm")
         async with self._slots:
             if not self._up:
                 raise SessionClosed("session went down while waiting for a window slot")
@@ -417,19 +491,36 @@ class SmppSession:
     # ---- reader thread ---------------------------------------------------------------------------
 
     def _reader_main(self, client: Client) -> None:
-        """Blocks in read_pdu; every PDU goes to the loop, enquire_link is also answered here at once."""
+        """Blocks reading PDUs; every PDU goes to the loop, enquire_link is also answered here at once.
+
+        A malformed PDU never kills this thread: one that cannot be framed, or a run of them, ends the
+        connection (the stream is out of step; the caller re-binds); one framed but unparsable is
+        handed to the loop (`_on_malformed`) and reading goes on.
+        """
         reason = "connection closed"
+        in_a_row = 0
         try:
             while True:
                 try:
-                    pdu = client.read_pdu()
-                except (exceptions.UnknownCommandError, exceptions.PDUError, struct.error, ValueError) as exc:
-                    # read_pdu consumed the whole PDU, so the stream is still in step.
-                    log.warning("smpp %s: unparsable PDU skipped: %s", self._system_id, exc)
+                    pdu = self._read_pdu(client)
+                except MalformedPdu as exc:
+                    self._malformed += 1
+                    in_a_row += 1
+                    if exc.fatal:
+                        raise
+                    if in_a_row >= MAX_MALFORMED_IN_A_ROW:
+                        raise MalformedPdu(f"{in_a_row} malformed PDUs in a row, the last: {exc}", fatal=True) from exc
+                    log.warning("smpp %s (%s): %s; skipped", self._system_id, self._bind, exc)
+                    self._post(exc)
                     continue
+                in_a_row = 0
                 if pdu.command == "enquire_link":
                     self._answer_enquire_link(pdu.sequence)
                 self._post(pdu)
+        except MalformedPdu as exc:
+            reason = f"malformed PDU: {exc}"
+            log.warning("smpp %s (%s): %s; dropping the bind", self._system_id, self._bind, exc)
+            self._shutdown_socket(client)
         except (exceptions.ConnectionError, OSError) as exc:
             reason = f"connection lost: {exc!r}"
         except Exception:
@@ -439,13 +530,40 @@ class SmppSession:
             log.debug("smpp %s: reader thread exits (%s)", self._system_id, reason)
             self._post(None)
 
+    @staticmethod
+    def _read_pdu(client: Client) -> Command:
+        """One PDU, framed by us (smpplib's `read_pdu` trusts the length field blindly).
+
+        Raises `MalformedPdu` (fatal) for a length outside 4..64 KiB, `MalformedPdu` (not fatal, the
+        PDU consumed whole) for one shorter than its header or that smpplib cannot parse, and
+        smpplib's `ConnectionError` when the peer closed.
+        """
+        raw_len = client._recv_exact(4)
+        (length,) = struct.unpack(">L", raw_len)
+        if not MIN_FRAME_LEN <= length <= MAX_PDU_LEN:
+            raise MalformedPdu(f"command_length {length} out of {MIN_FRAME_LEN}..{MAX_PDU_LEN}", fatal=True)
+        raw = raw_len + (client._recv_exact(length - 4) if length > 4 else b"")
+        command_id, seq = (struct.unpack_from(">L", raw, 4)[0] if length >= 8 else 0), (
+            struct.unpack_from(">L", raw, 12)[0] if length >= HEADER_LEN else 0)
+        if length < HEADER_LEN:
+            raise MalformedPdu(f"command_length {length} shorter than the header", command_id=command_id)
+        try:
+            pdu = smpp.parse_pdu(raw, client=client, allow_unknown_opt_params=True)
+        except (exceptions.UnknownCommandError, exceptions.PDUError, struct.error, ValueError, IndexError,
+                UnicodeError, TypeError, KeyError, AttributeError) as exc:
+            raise MalformedPdu(f"unparsable PDU 0x{command_id:08x} seq {seq} ({length} bytes): {exc!r}",
+                               command_id=command_id, sequence=seq) from exc
+        if not pdu.is_error() and pdu.command in consts.STATE_SETTERS:
+            client.state = consts.STATE_SETTERS[pdu.command]
+        return pdu
+
     def _answer_enquire_link(self, sequence: int) -> None:
         try:
             self._send("enquire_link_resp", sequence=sequence)
         except SessionClosed:
             log.debug("smpp %s: enquire_link_resp seq %d not sent, session down", self._system_id, sequence)
 
-    def _post(self, pdu: Command | None) -> None:
+    def _post(self, pdu: Command | MalformedPdu | None) -> None:
         """Queue a PDU (None = connection lost) for the loop; wake it only if no wake-up is pending."""
         self._inbox.append(pdu)
         if self._wakeup_scheduled or self._loop is None:
@@ -463,6 +581,9 @@ class SmppSession:
             if pdu is None:
                 unbinding = self._unbind_done is not None
                 self._mark_down("connection closed after unbind" if unbinding else "connection lost")
+                continue
+            if isinstance(pdu, MalformedPdu):
+                self._on_malformed(pdu)
                 continue
             try:
                 self._on_pdu(pdu)
@@ -496,6 +617,17 @@ class SmppSession:
         else:
             log.info("smpp %s: unexpected %s seq %d ignored", self._system_id, command, pdu.sequence)
 
+    def _on_malformed(self, bad: MalformedPdu) -> None:
+        """A skipped PDU: nack a request; fail the submit a response was meant for (outcome unknown)."""
+        if bad.command_id & 0x80000000:
+            fut = self._pending.pop(bad.sequence, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(MalformedResponse(f"unparsable response to seq {bad.sequence}: {bad}"))
+            return
+        status = ESME_RINVCMDID if bad.command_id not in command_codes.commands.values() else ESME_RINVCMDLEN
+        with contextlib.suppress(SessionClosed):
+            self._send("generic_nack", sequence=bad.sequence, status=status)
+
     def _on_response(self, pdu: Command) -> None:
         fut = self._pending.pop(pdu.sequence, None)
         if fut is None:
@@ -507,9 +639,14 @@ class SmppSession:
                 pdu.sequence,
             )
             return
-        message_id = as_str(getattr(pdu, "message_id", None)) if pdu.status == ESME_ROK else None
+        nack = pdu.command == "generic_nack"
+        if nack:
+            log.warning("smpp %s: generic_nack status 0x%02x for submit_sm seq %d", self._system_id, pdu.status,
+                        pdu.sequence)
+        message_id = as_str(getattr(pdu, "message_id", None)) if pdu.status == ESME_ROK and not nack else None
         if not fut.done():
-            fut.set_result(SubmitResult(sequence=pdu.sequence, status=pdu.status, message_id=message_id or None))
+            fut.set_result(SubmitResult(sequence=pdu.sequence, status=pdu.status, message_id=message_id or None,
+                                        generic_nack=nack))
 
     def _on_deliver_sm(self, pdu: Command) -> None:
         deliver = _to_deliver_sm(pdu)

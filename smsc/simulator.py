@@ -13,6 +13,13 @@ It never retransmits a receipt on its own (no timer, no resend on a non-zero del
 receipt still unacknowledged when its bind drops is queued again for the next bind of that system_id,
 as a real SMSC keeps receipts until acknowledged.
 
+Faults (error ratio, throttling, dropped connections, refused binds, receipts late / never / out of
+order / before the response / with a stat mix, malformed PDUs) are switched by `FaultSettings`
+(`smsc.sim_faults`, all off by default): at construction (`faults=`), from Python
+(`set_faults(**changes)`, `replace_faults`, `reset`) or over HTTP when `control_port` is given
+(`smsc.sim_control`). `stats()` includes per-second submit_sm counts per system_id (last 60 s).
+Several simulators can run in one process or side by side, each on its own ports.
+
 Throughput: responses are written without awaiting drain per PDU; the reader drains only when the
 transport buffer grows large, so one core serves several thousand submit_sm/s.
 """
@@ -21,6 +28,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import json
 import logging
 import secrets
@@ -40,6 +49,7 @@ from core.domain.encoding import decode_short_message, split_udh
 from smsc.pdu import (
     ESM_CLASS_RECEIPT,
     ESME_RALYBND,
+    ESME_RBINDFAIL,
     ESME_RINVBNDSTS,
     ESME_RINVCMDID,
     ESME_RINVCMDLEN,
@@ -51,6 +61,7 @@ from smsc.pdu import (
     as_str,
     build_receipt_text,
 )
+from smsc.sim_faults import REORDER_MAX_WAIT_S, FaultEngine, FaultSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +84,7 @@ class _Receipt:
     destination: str
     submitted_at: datetime
     text: str
+    stat: str = "DELIVRD"
 
 
 @dataclass(eq=False)
@@ -88,6 +100,7 @@ class _Conn:
     pings: dict[int, asyncio.Future[None]] = field(default_factory=dict)
     task: asyncio.Task[None] | None = None
     out: list[bytes] = field(default_factory=list)
+    pdus_received: int = 0
 
     @property
     def can_receive(self) -> bool:
@@ -111,7 +124,12 @@ class Simulator:
         *,
         credentials: Mapping[str, str] | None = None,
         deliver_window: int = 100,
+        faults: FaultSettings | Mapping[str, Any] | None = None,
+        control_port: int | None = None,
     ) -> None:
+        """`receipt_delay_s` and `receipt_stat` are the base receipt settings; fields set explicitly
+        in `faults` take precedence over them. `control_port` (0 = ephemeral) starts the HTTP
+        control API on 127.0.0.1 (see `smsc.sim_control`)."""
         if host != "127.0.0.1":
             raise ValueError("the simulator listens on 127.0.0.1 only")
         if receipt_stat not in MESSAGE_STATES:
@@ -119,11 +137,12 @@ class Simulator:
         self._host = host
         self._requested_port = port
         self._port: int | None = None
-        self._receipt_delay_s = receipt_delay_s
         self._journal_path = Path(journal_path) if journal_path is not None else None
-        self._receipt_stat = receipt_stat
         self._credentials = dict(credentials) if credentials is not None else None
         self._deliver_window = deliver_window
+        self._faults = FaultEngine(_initial_faults(receipt_delay_s, receipt_stat, faults))
+        self._requested_control_port = control_port
+        self._control: Any = None  # smsc.sim_control.ControlServer once started
 
         self._seq = SequenceCounter()
         # The random prefix keeps ids unique across restarts; the counter keeps them unique within one.
@@ -132,8 +151,13 @@ class Simulator:
 
         self._server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
-        self._scheduled: deque[_Receipt] = deque()
+        # Heap of (due, tiebreak, receipt): jitter and live changes of the delay break due order.
+        self._scheduled: list[tuple[float, int, _Receipt]] = []
+        self._tiebreak = itertools.count()
         self._scheduled_event = asyncio.Event()
+        # out_of_order: receipts held per system_id until a group is full or has waited long enough.
+        self._reorder: dict[str, list[_Receipt]] = {}
+        self._reorder_since: dict[str, float] = {}
         self._pending: dict[str, deque[_Receipt]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._journal_buf: list[str] = []
@@ -159,6 +183,39 @@ class Simulator:
             raise RuntimeError("simulator not started")
         return self._port
 
+    @property
+    def control_port(self) -> int | None:
+        """The control API's port once started (None without one)."""
+        return self._control.port if self._control is not None else None
+
+    @property
+    def faults(self) -> FaultSettings:
+        """The fault settings in force."""
+        return self._faults.settings
+
+    def set_faults(self, **changes: Any) -> FaultSettings:
+        """Merge `changes` into the fault settings (validated; pydantic's ValidationError on bad input)."""
+        new = self._faults.update(changes)
+        log.info("smsc-sim port %s: faults changed %s; active: %s", self._port, sorted(changes), new.active())
+        if "receipt_mode" in changes:
+            self._scheduled_event.set()  # the scheduler releases held receipts when leaving out_of_order
+        return new
+
+    def replace_faults(self, settings: FaultSettings | Mapping[str, Any]) -> FaultSettings:
+        """Replace all fault settings; fields not given take the model's defaults (all faults off)."""
+        data = settings.model_dump() if isinstance(settings, FaultSettings) else dict(settings)
+        new = self._faults.update(data, replace=True)
+        log.info("smsc-sim port %s: faults replaced; active: %s", self._port, new.active())
+        self._scheduled_event.set()
+        return new
+
+    def reset(self) -> FaultSettings:
+        """Fault settings back to those given at construction; fault counters and rates cleared."""
+        new = self._faults.reset()
+        log.info("smsc-sim port %s: faults reset; active: %s", self._port, new.active())
+        self._scheduled_event.set()
+        return new
+
     async def start(self) -> None:
         """Listen and start the receipt and journal tasks; returns once the socket is bound."""
         if self._journal_path is not None:
@@ -170,10 +227,19 @@ class Simulator:
             asyncio.create_task(self._receipt_scheduler(), name="smsc-sim-receipts"),
             asyncio.create_task(self._journal_flusher(), name="smsc-sim-journal"),
         ]
-        log.info("smsc-sim started on %s:%d (journal %s)", self._host, self._port, self._journal_path)
+        if self._requested_control_port is not None:
+            from smsc.sim_control import ControlServer
+
+            self._control = ControlServer(self, self._requested_control_port)
+            await self._control.start()
+        log.info("smsc-sim started on %s:%d (journal %s, control port %s, faults %s)", self._host, self._port,
+                 self._journal_path, self.control_port, self._faults.settings.active())
 
     async def stop(self) -> None:
         """Stop accepting, send unbind to every bound session, wait briefly, close all, flush the journal."""
+        if self._control is not None:
+            await self._control.stop()
+            self._control = None
         if self._server is not None:
             self._server.close()
         for conn in list(self._conns):
@@ -202,16 +268,21 @@ class Simulator:
         if self._journal_file is not None:
             self._journal_file.close()
             self._journal_file = None
-        log.info("smsc-sim on port %s stopped: %s", self._port, self.stats())
+        stats = self.stats()
+        stats.pop("submit_per_second")
+        log.info("smsc-sim on port %s stopped: %s", self._port, stats)
 
-    def stats(self) -> dict[str, int]:
-        """Counters since start, plus current binds and receipts not yet acknowledged."""
+    def stats(self) -> dict[str, Any]:
+        """Counters since start, current binds and receipts not yet acknowledged, fault counters
+        (since start or `reset`), and `submit_per_second`: per system_id, one entry per second of the
+        last 60 with submit_sm `received`, `ok`, `throttled` and `failed`."""
         return {
             **self._counters,
             "binds_active": sum(1 for c in self._conns if c.mode is not None),
-            "receipts_scheduled": len(self._scheduled),
+            "receipts_scheduled": len(self._scheduled) + sum(len(b) for b in self._reorder.values()),
             "receipts_pending": sum(len(q) for q in self._pending.values()),
             "receipts_outstanding": sum(len(c.outstanding) for c in self._conns),
+            **self._faults.snapshot(),
         }
 
     async def ping_sessions(self, timeout_s: float = 2.0) -> int:
@@ -273,6 +344,10 @@ class Simulator:
                     break
                 raw = bytes(buf[:length])
                 del buf[:length]
+                conn.pdus_received += 1
+                if self._faults.should_drop(conn.pdus_received):
+                    self._fault_drop(conn, raw)
+                    break
                 self._dispatch(conn, raw)
             if conn.writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
                 await conn.writer.drain()
@@ -280,6 +355,26 @@ class Simulator:
             self._flush(conn)
             with contextlib.suppress(ConnectionError, OSError):
                 await conn.writer.drain()
+
+    def _fault_drop(self, conn: _Conn, raw: bytes) -> None:
+        """drop_after_pdus: handle this last PDU, lose its response, and close the connection."""
+        keep = len(conn.out)
+        self._dispatch(conn, raw)
+        lost = len(conn.out) - keep
+        del conn.out[keep:]
+        conn.closing = True
+        self._faults.counters["connections_dropped"] += 1
+        _, command_id, _, seq = HEADER.unpack_from(raw)
+        log.warning(
+            "smsc-sim fault: dropping %s (system_id %s) after %d PDUs; last PDU 0x%08x seq %d handled, "
+            "%d response PDU(s) lost",
+            conn.peer,
+            conn.system_id,
+            conn.pdus_received,
+            command_id,
+            seq,
+            lost,
+        )
 
     def _drop(self, conn: _Conn) -> None:
         """Forget a connection; its unacknowledged receipts go back to the front of its queue."""
@@ -306,11 +401,14 @@ class Simulator:
         asyncio's transport.write issues a send() at once when its buffer is empty, so writing each
         PDU separately costs a syscall per PDU; batching them was worth several times the throughput.
         """
+        self._send_raw(conn, pdu.generate())
+
+    def _send_raw(self, conn: _Conn, data: bytes) -> None:
         if conn.writer.is_closing():
             return
         if not conn.out:
             asyncio.get_running_loop().call_soon(self._flush, conn)
-        conn.out.append(pdu.generate())
+        conn.out.append(data)
 
     @staticmethod
     def _flush(conn: _Conn) -> None:
@@ -358,6 +456,11 @@ class Simulator:
         if conn.mode is not None:
             self._respond(conn, resp_name, pdu.sequence, ESME_RALYBND)
             return
+        if self._faults.binds_refused():
+            log.warning("smsc-sim fault: bind of %s refused for system_id %s (0x%02x, %.1fs left)", conn.peer,
+                        system_id, ESME_RBINDFAIL, self._faults.refuse_binds_remaining_s())
+            self._respond(conn, resp_name, pdu.sequence, ESME_RBINDFAIL)
+            return
         status = self._check_credentials(system_id, as_str(pdu.password) or "")
         if status != ESME_ROK:
             log.warning("smsc-sim %s: bind refused for system_id %s (0x%02x)", conn.peer, system_id, status)
@@ -385,9 +488,15 @@ class Simulator:
             self._respond(conn, "submit_sm_resp", pdu.sequence, ESME_RINVBNDSTS)
             return
         self._counters["submit_sm"] += 1
+        faults = self._faults
+        status = faults.submit_status(conn.system_id, conn.peer, time.monotonic())
+        if status != ESME_ROK:
+            log.debug("smsc-sim fault: submit_sm seq %d from %s (system_id %s) answered 0x%02x",
+                      pdu.sequence, conn.peer, conn.system_id, status)
+            self._respond(conn, "submit_sm_resp", pdu.sequence, status)
+            return
         self._id_counter += 1
         message_id = f"{self._id_prefix}{self._id_counter:010x}"
-        self._respond(conn, "submit_sm_resp", pdu.sequence, message_id=message_id)
         now = datetime.now(UTC)
         source, destination = as_str(pdu.source_addr) or "", as_str(pdu.destination_addr) or ""
         payload: bytes = pdu.short_message or b""
@@ -395,6 +504,27 @@ class Simulator:
         udh, body = split_udh(payload, esm_class)
         text = decode_short_message(body, data_coding)
         registered = pdu.registered_delivery or 0
+        receipt: _Receipt | None = None
+        stat = faults.receipt_stat()
+        if self._wants_receipt(registered, stat):
+            receipt = _Receipt(
+                due=0.0,
+                system_id=conn.system_id,
+                message_id=message_id,
+                source=source,
+                destination=destination,
+                submitted_at=now,
+                text=text,
+                stat=stat,
+            )
+            mode = faults.settings.receipt_mode
+            if mode == "never":
+                faults.counters["receipts_withheld"] += 1
+                log.debug("smsc-sim fault: receipt for smsc message id %s withheld", message_id)
+                receipt = None
+            elif mode == "before_response" and self._send_receipt_now(conn, receipt):
+                receipt = None
+        self._respond(conn, "submit_sm_resp", pdu.sequence, message_id=message_id)
         self._journal(
             at=now.isoformat(),
             system_id=conn.system_id,
@@ -408,24 +538,28 @@ class Simulator:
             udh_hex=udh.hex() if udh is not None else None,
             registered_delivery=registered,
         )
-        if self._wants_receipt(registered):
-            self._scheduled.append(
-                _Receipt(
-                    due=time.monotonic() + self._receipt_delay_s,
-                    system_id=conn.system_id,
-                    message_id=message_id,
-                    source=source,
-                    destination=destination,
-                    submitted_at=now,
-                    text=text,
-                )
-            )
-            self._scheduled_event.set()
+        if receipt is not None:
+            receipt.due = time.monotonic() + faults.receipt_delay()
+            if not self._scheduled or receipt.due < self._scheduled[0][0]:
+                self._scheduled_event.set()
+            heapq.heappush(self._scheduled, (receipt.due, next(self._tiebreak), receipt))
 
-    def _wants_receipt(self, registered_delivery: int) -> bool:
+    def _send_receipt_now(self, conn: _Conn, receipt: _Receipt) -> bool:
+        """before_response: write the receipt ahead of the submit_sm_resp, on this bind if it can
+        receive, else on another receiver of the system_id with window room; False if none can."""
+        candidates = [conn] if conn.can_receive else []
+        candidates += [c for c in self._conns if c is not conn and c.system_id == receipt.system_id and c.can_receive]
+        for target in candidates:
+            if len(target.outstanding) < self._deliver_window:
+                self._faults.counters["receipts_before_response"] += 1
+                self._send_receipt(target, receipt)
+                return True
+        return False
+
+    def _wants_receipt(self, registered_delivery: int, stat: str | None = None) -> bool:
         """Bits 0-1: 1 = receipt on any final outcome, 2 = on failure only."""
         wanted = registered_delivery & 0x03
-        return wanted == 1 or (wanted == 2 and self._receipt_stat != "DELIVRD")
+        return wanted == 1 or (wanted == 2 and (stat or self._faults.settings.receipt_stat) != "DELIVRD")
 
     def _on_deliver_sm_resp(self, conn: _Conn, pdu: Command) -> None:
         receipt = conn.outstanding.pop(pdu.sequence, None)
@@ -483,24 +617,57 @@ class Simulator:
     # ---- receipts --------------------------------------------------------------------------------
 
     async def _receipt_scheduler(self) -> None:
-        """Move receipts whose delay has passed to their system_id's queue; the delay is constant, so
-        the scheduled deque is already in due order and a single sleeper suffices."""
+        """Move receipts whose delay has passed to their system_id's queue (through the reorder
+        buffer in out_of_order mode) and pump them; sleep until the next is due or a submit brings
+        an earlier one."""
         while True:
-            if not self._scheduled:
-                self._scheduled_event.clear()
-                await self._scheduled_event.wait()
-                continue
-            wait = self._scheduled[0].due - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
             now = time.monotonic()
             touched: set[str] = set()
-            while self._scheduled and self._scheduled[0].due <= now:
-                receipt = self._scheduled.popleft()
-                self._pending.setdefault(receipt.system_id, deque()).append(receipt)
-                touched.add(receipt.system_id)
+            reorder = self._faults.settings.receipt_mode == "out_of_order"
+            while self._scheduled and self._scheduled[0][0] <= now:
+                receipt = heapq.heappop(self._scheduled)[2]
+                if reorder:
+                    self._hold_for_reorder(receipt, now, touched)
+                else:
+                    self._pending.setdefault(receipt.system_id, deque()).append(receipt)
+                    touched.add(receipt.system_id)
+            for system_id in list(self._reorder):
+                if not reorder or now - self._reorder_since[system_id] >= REORDER_MAX_WAIT_S:
+                    self._release_reordered(system_id)
+                    touched.add(system_id)
             for system_id in touched:
                 self._pump(system_id)
+            deadlines = [self._scheduled[0][0]] if self._scheduled else []
+            if self._reorder_since:
+                deadlines.append(min(self._reorder_since.values()) + REORDER_MAX_WAIT_S)
+            self._scheduled_event.clear()
+            if not deadlines:
+                await self._scheduled_event.wait()
+                continue
+            wait = min(deadlines) - time.monotonic()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._scheduled_event.wait()
+
+    def _hold_for_reorder(self, receipt: _Receipt, now: float, touched: set[str]) -> None:
+        held = self._reorder.setdefault(receipt.system_id, [])
+        if not held:
+            self._reorder_since[receipt.system_id] = now
+        held.append(receipt)
+        if len(held) >= self._faults.settings.reorder_window:
+            self._release_reordered(receipt.system_id)
+            touched.add(receipt.system_id)
+
+    def _release_reordered(self, system_id: str) -> None:
+        held = self._reorder.pop(system_id, [])
+        self._reorder_since.pop(system_id, None)
+        self._faults.shuffle(held)
+        if len(held) > 1:
+            self._faults.counters["receipts_reordered"] += len(held)
+            log.debug("smsc-sim fault: %d receipts of system_id %s released shuffled: %s", len(held), system_id,
+                      [r.message_id for r in held])
+        self._pending.setdefault(system_id, deque()).extend(held)
 
     def _pump(self, system_id: str) -> None:
         """Send queued receipts of `system_id` to its receiver-capable binds while their window has room."""
@@ -514,11 +681,17 @@ class Simulator:
                 return
 
     def _send_receipt(self, conn: _Conn, receipt: _Receipt) -> None:
+        bad = self._faults.malformed_pdu(self._seq)
+        if bad is not None:
+            kind, data = bad
+            log.info("smsc-sim fault: malformed PDU (%s) to %s (system_id %s) ahead of the receipt for %s",
+                     kind, conn.peer, conn.system_id, receipt.message_id)
+            self._send_raw(conn, data)
         text = build_receipt_text(
             receipt.message_id,
             receipt.submitted_at,
             datetime.now(UTC),
-            stat=self._receipt_stat,
+            stat=receipt.stat,
             # The receipt travels as data_coding 0; keep it to characters every decoder agrees on.
             text=receipt.text[:20].encode("ascii", errors="replace").decode("ascii"),
         )
@@ -536,7 +709,7 @@ class Simulator:
             data_coding=0,
             short_message=text.encode("ascii"),
             receipted_message_id=receipt.message_id,
-            message_state=MESSAGE_STATES[self._receipt_stat],
+            message_state=MESSAGE_STATES[receipt.stat],
         )
         conn.outstanding[pdu.sequence] = receipt
         self._counters["deliver_sm_sent"] += 1
@@ -562,17 +735,31 @@ class Simulator:
             self._flush_journal()
 
 
+def _initial_faults(
+    receipt_delay_s: float, receipt_stat: str, faults: FaultSettings | Mapping[str, Any] | None
+) -> FaultSettings:
+    """The constructor's receipt settings, overridden by the fields `faults` sets explicitly."""
+    base = FaultSettings(receipt_delay_s=receipt_delay_s, receipt_stat=receipt_stat)
+    if faults is None:
+        return base
+    explicit = faults.model_dump(include=faults.model_fields_set) if isinstance(faults, FaultSettings) else dict(faults)
+    return FaultSettings.model_validate({**base.model_dump(), **explicit})
+
+
 async def run_simulator(args: Any) -> None:
     """Run a simulator configured from a settings-like object until cancelled.
 
-    Reads attributes `port` (default 2775), `receipt_delay_s` (0.2), `journal_path` (None) and
-    `receipt_stat` ("DELIVRD"); missing ones take the defaults. Always listens on 127.0.0.1.
+    Reads attributes `port` (default 2775), `receipt_delay_s` (0.2), `journal_path` (None),
+    `receipt_stat` ("DELIVRD"), `control_port` (None) and `faults` (None: a FaultSettings or a
+    mapping); missing ones take the defaults. Always listens on 127.0.0.1.
     """
     sim = Simulator(
         port=int(getattr(args, "port", 2775)),
         receipt_delay_s=float(getattr(args, "receipt_delay_s", 0.2)),
         journal_path=getattr(args, "journal_path", None),
         receipt_stat=str(getattr(args, "receipt_stat", "DELIVRD")),
+        faults=getattr(args, "faults", None),
+        control_port=getattr(args, "control_port", None),
     )
     await sim.start()
     log.info("smsc-sim listening on 127.0.0.1:%d", sim.port)

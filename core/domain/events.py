@@ -14,8 +14,11 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
     sent          route_id, smsc_message_ids (list[str], one per part), attempt, parts
     retry         route_id, attempt, error_code (int), error_name, next_at (datetime)
     failed        route_id (or None), attempt, error_code (int|None), error_name, reason
-    delivered     route_id, smsc_message_id, stat, err, done_at (datetime|None)
-    undelivered   route_id, smsc_message_id, stat, err, done_at (datetime|None)
+    delivered     route_id, smsc_message_id, stat, err, done_at (datetime|None); for a long message
+                  (optional) parts: [{smsc_message_id, stat, err, done_at}, ...] one per part in
+                  order, recorded once every part's receipt is in
+    undelivered   route_id, smsc_message_id, stat, err, done_at (datetime|None), parts (optional, as
+                  above); smsc_message_id/stat/err are those of the first part that was not DELIVRD
     expired       reason
     billed        route_id, parts, price_per_part, amount (int, minor units), currency
     rejected      reason
@@ -28,7 +31,8 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
     requeued      reason (str, the operator's), actor (str, who requeued: e.g. "cli:alice", "admin-api"),
                   previous_state ("dead_lettered" | "failed"); an operator's retry: the message goes
                   back to `retry` (queue "route") with its attempt budget reset and no excluded routes
-    inbound       from, to, text, smsc_message_id (optional), reply_to (message id, optional)
+    inbound       from, to, text, smsc_message_id (optional), reply_to (message id, optional),
+                  udh (optional: {ref, total, index} when the MO is one part of a concatenated text)
 
 Money is integer minor units (e.g. 1 = 0.01 EUR); times are timezone-aware UTC.
 """

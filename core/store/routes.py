@@ -6,6 +6,7 @@ is older than STALE_S counts as DOWN, so a dead connector's route is seen as dow
 
 from __future__ import annotations
 
+import builtins
 import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -37,6 +38,36 @@ class RouteStore:
         doc = route.model_dump(mode="json")
         await self.routes.replace_one({"_id": route.id}, {"_id": route.id, **doc}, upsert=True)
         await self.changes.insert_one({"route_id": route.id, "actor": actor, "at": now, "route": doc})
+
+    async def set_enabled(self, route_id: str, enabled: bool, *, actor: str, now: datetime) -> Route | None:
+        """Enable or disable a route (recorded like any change); None if there is no such route. A
+        route already in the wanted state is returned unchanged and no change is recorded."""
+        route = await self.get(route_id)
+        if route is None:
+            return None
+        if route.enabled != enabled:
+            route = route.model_copy(update={"enabled": enabled})
+            await self.upsert(route, actor=actor, now=now)
+        return route
+
+    async def disable(self, route_id: str, *, actor: str, now: datetime) -> Route | None:
+        return await self.set_enabled(route_id, False, actor=actor, now=now)
+
+    async def enable(self, route_id: str, *, actor: str, now: datetime) -> Route | None:
+        return await self.set_enabled(route_id, True, actor=actor, now=now)
+
+    async def history(self, route_id: str, limit: int = 100) -> builtins.list[dict[str, Any]]:
+        """The last `limit` recorded changes of a route, oldest first: {"actor", "at", "route" (the
+        full definition after the change), "changed" (fields that differ from the previous record;
+        every field for the first one)}."""
+        cursor = self.changes.find({"route_id": route_id}).sort([("at", -1), ("_id", -1)]).limit(limit + 1)
+        docs = list(reversed([d async for d in cursor]))
+        out = []
+        for i, d in enumerate(docs):
+            before = docs[i - 1]["route"] if i else {}
+            changed = sorted(k for k in set(before) | set(d["route"]) if before.get(k) != d["route"].get(k))
+            out.append({"actor": d["actor"], "at": d["at"], "route": d["route"], "changed": changed})
+        return out[-limit:] if len(docs) > limit else out
 
     async def set_status(self, route_id: str, status: RouteStatus, now: datetime, detail: str = "") -> None:
         await self.status.update_one(

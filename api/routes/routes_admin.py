@@ -1,0 +1,187 @@
+"""Route administration under /v1/admin/routes, with the admin key (see api/routes/admin.py).
+
+    GET   /v1/admin/routes                  every route, with its live status (up / busy / down)
+    GET   /v1/admin/routes/{id}             one route
+    POST  /v1/admin/routes                  create (409 `route_exists` if the id is taken)
+    PUT   /v1/admin/routes/{id}             replace the definition (fields left out take their defaults,
+                                            except `password`: left out, the current one is kept)
+    PATCH /v1/admin/routes/{id}             change only the fields given
+    POST  /v1/admin/routes/{id}/disable     stop using it (the router skips it, its connector unbinds)
+    POST  /v1/admin/routes/{id}/enable
+    GET   /v1/admin/routes/{id}/history     every recorded change: who (actor), when, the definition after
+
+Every change is validated by the Route model (422 `validation_error` naming the fields) and recorded
+in `route_changes` with actor `admin-api`. Changes take effect without a restart: the router reloads
+routes every second, the connectors' route manager reconciles every two. Passwords are never
+returned (`"password": "***"`).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Path, Query
+from pydantic import BaseModel, Field, ValidationError
+
+from api.deps import ApiError, DbDep
+from api.routes.admin import ADMIN_ERRORS, AdminDep
+from api.schemas import ErrorResponse
+from core.domain.events import utcnow
+from core.domain.routing import Route
+from core.store.routes import RouteStore
+
+log = logging.getLogger(__name__)
+
+MASK = "***"
+
+router = APIRouter(prefix="/v1/admin/routes", tags=["admin: routes"], responses=ADMIN_ERRORS)
+
+RouteId = Annotated[str, Path(min_length=1, max_length=63)]
+NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "No such route"}}
+
+
+class RouteOut(BaseModel):
+    """A route as stored, with the password masked, and its live status (heartbeat of its connector;
+    `down` when no connector reports it)."""
+
+    route: dict[str, Any] = Field(description="The definition (see the Route fields); password is masked")
+    status: str = Field(description="up, busy or down")
+
+
+class RouteList(BaseModel):
+    routes: list[RouteOut]
+
+
+class RouteChange(BaseModel):
+    actor: str = Field(description="Who: `admin-api`, `cli:<user>`, `routes-file`, ...")
+    at: datetime = Field(description="When (UTC)")
+    changed: list[str] = Field(description="Fields that differ from the previous record (all, for the first)")
+    route: dict[str, Any] = Field(description="The definition after the change; password masked")
+
+
+class RouteHistory(BaseModel):
+    route_id: str
+    changes: list[RouteChange]
+
+
+def masked(doc: dict[str, Any]) -> dict[str, Any]:
+    return {**doc, "password": MASK} if "password" in doc else dict(doc)
+
+
+def _out(route: Route, status: dict[str, Any]) -> RouteOut:
+    return RouteOut(route=masked(route.model_dump(mode="json")), status=str(status.get(route.id, "down")))
+
+
+def _validation_error(e: ValidationError) -> ApiError:
+    details: list[dict[str, Any]] = [
+        {"field": ".".join(str(p) for p in err["loc"]), "loc": list(err["loc"]), "type": err["type"],
+         "message": err["msg"]} for err in e.errors(include_url=False, include_input=False)]
+    fields = ", ".join(str(d["field"] or "body") for d in details)
+    return ApiError(422, "validation_error", f"invalid route: {fields}", details)
+
+
+def _validate(data: dict[str, Any]) -> Route:
+    try:
+        return Route.model_validate(data)
+    except ValidationError as e:
+        raise _validation_error(e) from e
+
+
+async def _existing(store: RouteStore, route_id: str) -> Route:
+    route = await store.get(route_id)
+    if route is None:
+        raise ApiError(404, "not_found", f"no route {route_id}")
+    return route
+
+
+def _check_id(route_id: str, body: dict[str, Any]) -> None:
+    if "id" in body and body["id"] != route_id:
+        raise ApiError(422, "validation_error", "a route's id cannot be changed (create a new route instead)",
+                       [{"field": "id", "loc": ["id"], "type": "value_error",
+                         "message": f"must be {route_id!r} (the id in the path) or left out"}])
+
+
+async def _save(store: RouteStore, route: Route, actor: str, what: str) -> RouteOut:
+    await store.upsert(route, actor=actor, now=utcnow())
+    log.info("admin: route=%s %s by %s", route.id, what, actor)
+    return _out(route, await store.statuses(utcnow()))
+
+
+@router.get("", response_model=RouteList, summary="List routes with their live status")
+async def list_routes(_: AdminDep, db: DbDep) -> RouteList:
+    store = RouteStore(db)
+    routes, status = await store.list(), await store.statuses(utcnow())
+    return RouteList(routes=[_out(r, status) for r in routes])
+
+
+@router.get("/{route_id}", response_model=RouteOut, responses=NOT_FOUND, summary="One route")
+async def get_route(route_id: RouteId, _: AdminDep, db: DbDep) -> RouteOut:
+    store = RouteStore(db)
+    return _out(await _existing(store, route_id), await store.statuses(utcnow()))
+
+
+@router.post("", response_model=RouteOut, status_code=201, summary="Create a route",
+             responses={409: {"model": ErrorResponse, "description": "`route_exists`"}})
+async def create_route(body: Route, actor: AdminDep, db: DbDep) -> RouteOut:
+    store = RouteStore(db)
+    if await store.get(body.id) is not None:
+        raise ApiError(409, "route_exists", f"route {body.id} exists: change it with PUT or PATCH "
+                                            f"/v1/admin/routes/{body.id}")
+    return await _save(store, body, actor, "created")
+
+
+@router.put("/{route_id}", response_model=RouteOut, responses=NOT_FOUND, summary="Replace a route's definition")
+async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
+                        db: DbDep) -> RouteOut:
+    store = RouteStore(db)
+    current = await _existing(store, route_id)
+    _check_id(route_id, body)
+    data = {**body, "id": route_id}
+    if data.get("password") in (None, MASK):  # clients never see the password, so they cannot echo it
+        data["password"] = current.password
+    return await _save(store, _validate(data), actor, "replaced")
+
+
+@router.patch("/{route_id}", response_model=RouteOut, responses=NOT_FOUND, summary="Change some fields of a route")
+async def patch_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
+                      db: DbDep) -> RouteOut:
+    store = RouteStore(db)
+    current = await _existing(store, route_id)
+    _check_id(route_id, body)
+    if body.get("password") == MASK:
+        body = {k: v for k, v in body.items() if k != "password"}
+    route = _validate({**current.model_dump(), **body})
+    if route == current:
+        return _out(route, await store.statuses(utcnow()))  # nothing changed: nothing to record
+    return await _save(store, route, actor, f"updated ({', '.join(sorted(body))})")
+
+
+async def _set_enabled(store: RouteStore, route_id: str, enabled: bool, actor: str) -> RouteOut:
+    route = await store.set_enabled(route_id, enabled, actor=actor, now=utcnow())
+    if route is None:
+        raise ApiError(404, "not_found", f"no route {route_id}")
+    log.info("admin: route=%s %s by %s", route_id, "enabled" if enabled else "disabled", actor)
+    return _out(route, await store.statuses(utcnow()))
+
+
+@router.post("/{route_id}/disable", response_model=RouteOut, responses=NOT_FOUND, summary="Disable a route")
+async def disable_route(route_id: RouteId, actor: AdminDep, db: DbDep) -> RouteOut:
+    return await _set_enabled(RouteStore(db), route_id, False, actor)
+
+
+@router.post("/{route_id}/enable", response_model=RouteOut, responses=NOT_FOUND, summary="Enable a route")
+async def enable_route(route_id: RouteId, actor: AdminDep, db: DbDep) -> RouteOut:
+    return await _set_enabled(RouteStore(db), route_id, True, actor)
+
+
+@router.get("/{route_id}/history", response_model=RouteHistory, summary="Recorded changes of a route, oldest first")
+async def route_history(route_id: RouteId, _: AdminDep, db: DbDep,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> RouteHistory:
+    store = RouteStore(db)
+    changes = await store.history(route_id, limit)
+    if not changes and await store.get(route_id) is None:
+        raise ApiError(404, "not_found", f"no route {route_id}")
+    return RouteHistory(route_id=route_id, changes=[RouteChange(actor=c["actor"], at=c["at"], changed=c["changed"],
+                                                                route=masked(c["route"])) for c in changes])
