@@ -646,9 +646,12 @@ class Simulator:
                 continue
             wait = min(deadlines) - time.monotonic()
             if wait > 0:
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await self._scheduled_event.wait()
+                # A timer that sets the event, not asyncio.timeout: no cancellation (an exception) per wake.
+                timer = asyncio.get_running_loop().call_later(wait, self._scheduled_event.set)
+                try:
+                    await self._scheduled_event.wait()
+                finally:
+                    timer.cancel()
 
     def _hold_for_reorder(self, receipt: _Receipt, now: float, touched: set[str]) -> None:
         held = self._reorder.setdefault(receipt.system_id, [])
