@@ -170,3 +170,11 @@ class MessageSummary(BaseModel):
 class MessageSearchPage(BaseModel):
     messages: list[MessageSummary] = Field(description="Newest first: by accepted_at, then id, descending")
     next: str | None = Field(default=None, description="Pass as `after` for the next page; null on the last page")
+
+
+# OpenAPI documentation of the errors every tenant-authenticated route can answer. Declaring 422
+# keeps FastAPI from documenting its default validation shape, which this API never sends.
+TENANT_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing or invalid API key (`unauthorized`)"},
+    422: {"model": ErrorResponse, "description": "`validation_error`"},
+}

@@ -45,7 +45,6 @@ today: `Event.to_doc` leaves `_id` to the driver).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -62,6 +61,7 @@ from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import ConnectionFailure, OperationFailure
 
+from core.aio import sleep_or_stop
 from core.domain.events import Event
 from projections.schema import lock_key, migrate
 
@@ -694,7 +694,7 @@ class Projector:
                     "projection %s schema %s: %s: %s; reconnecting in %.1fs",
                     self.name, self.schema, type(e).__name__, e, backoff,
                 )  # fmt: skip
-                await _sleep_until(stop, backoff)
+                await sleep_or_stop(stop, backoff)
             except asyncio.CancelledError:
                 self.stats.active = self.stats.standby = False
                 raise
@@ -750,7 +750,7 @@ class Projector:
                     self.name, self.schema, self._lock_key,
                 )  # fmt: skip
                 announced = True
-            await _sleep_until(stop, self.standby_poll_s)
+            await sleep_or_stop(stop, self.standby_poll_s)
         return False
 
     async def _replay_then_stream(self, conn: psycopg.AsyncConnection) -> AsyncCollectionChangeStream:
@@ -945,9 +945,3 @@ class Projector:
             "projection %s schema %s: batch of %d events, %d new, up to message_id=%s seq=%s",
             self.name, self.schema, len(rows), applied, rows[-1][0], rows[-1][1],
         )  # fmt: skip
-
-
-async def _sleep_until(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep `seconds`, waking early when `stop` is set."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)

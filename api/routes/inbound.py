@@ -19,7 +19,7 @@ from pymongo import ASCENDING
 from pymongo.errors import OperationFailure
 
 from api.deps import DbDep, TenantDep
-from api.schemas import ErrorResponse, UtcDatetime
+from api.schemas import TENANT_ERRORS, UtcDatetime
 from core.store.numbers import ensure_inbound_indexes
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,7 @@ MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 MAX_ID_LEN = 64
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key (`unauthorized`)"},
-    422: {"model": ErrorResponse, "description": "`validation_error`"},
-}
+ERRORS = TENANT_ERRORS
 
 
 class UdhInfo(BaseModel):

@@ -35,6 +35,7 @@ from api.schemas import (
     MAX_BATCH,
     MAX_SEARCH_LIMIT,
     PRIORITY_VALUES,
+    TENANT_ERRORS,
     ErrorResponse,
     MessageAccepted,
     MessageBatchAccepted,
@@ -68,10 +69,8 @@ SINGLE_PART_CHARS = 160
 MAX_MESSAGE_ID_LEN = 64
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key (`unauthorized`)"},
+    **TENANT_ERRORS,
     404: {"model": ErrorResponse, "description": "No such message for this tenant (`not_found`)"},
-    # Declared so that FastAPI does not document its default 422 shape, which this API never sends.
-    422: {"model": ErrorResponse, "description": "`validation_error`"},
 }
 SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Body is not valid JSON (`invalid_json`)"},
