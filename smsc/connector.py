@@ -48,8 +48,8 @@ from core.domain.events import EventType
 from core.domain.message import MessageState, evolve, next_event
 from core.domain.retry import backoff_s
 from core.domain.routing import BindType, Route, RouteStatus, UnknownOutcomePolicy
-from core.store.cursor import QueueCursor
 from core.store.eventstore import Claimed, EventStore, Transition
+from core.store.lanes import LaneBook, LaneClaimer
 from core.store.routes import RouteStore
 from smsc.inbound import InboundRecorder, ensure_inbound_indexes
 from smsc.pdu import ReceiptFields
@@ -67,6 +67,10 @@ PART_FORGET_S = 3600.0  # persisted part progress is dropped from memory after t
 THROTTLE_BASE_S = 0.5
 THROTTLE_CAP_S = 10.0  # below the lease: a claimed message waiting out a throttle must not lose its lease
 PART_THROTTLE_RETRIES = 5
+# Claim no more than the route's TPS lets out in this long: a claimed message waits for its token in
+# claim order, so a one-time password arriving during a campaign waits behind at most this much bulk.
+CLAIM_AHEAD_S = 0.5
+HOLD_S = 5.0  # a suspended tenant's claimed message is given back, due again this much later
 BIND_STABLE_S = 2.0  # a bind lost after living this long reconnects at once (after a little jitter)
 RELINK_CAP_S = 5.0  # cap of the back-off between a lost bind and its next try while it keeps flapping
 UNDELIVERED_STATS = {"UNDELIV", "EXPIRED", "REJECTD", "DELETED", "UNKNOWN"}
@@ -120,7 +124,7 @@ class Connector:
         self.batch_size = batch_size
         self.max_attempts = max_attempts
         self.queue = f"send:{route.id}"
-        self.cursor = QueueCursor()
+        self.lanes = LaneClaimer(store, self.queue, LaneBook(store.db))
         self.sessions: list[SmppSession] = []
         self.bucket = TokenBucket(route.tps)
         self.inbound = InboundRecorder(store, route.id)
@@ -248,14 +252,14 @@ class Connector:
     async def _claim_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
-            room = self.capacity * 2 - self.in_flight
+            room = self._claim_room() - self.in_flight
             if room <= 0 or loop.time() < self.throttled_until:
                 await wait_and_clear(self.wake, 0.05)
                 continue
             now = self.clock()
             try:
-                claims = await self.store.claim(self.queue, now, min(room, self.batch_size), self.owner, self.lease_s,
-                                                self.cursor)
+                claims = await self.lanes.claim(now, min(room, self.batch_size), self.owner, self.lease_s)
+                claims = await self._hold_suspended(claims, now)
             except (ConnectionFailure, OperationFailure) as e:
                 log.warning("connector route=%s: claim failed, store unavailable: %s", self.route.id, e)
                 await sleep_or_stop(stop, 1.0)
@@ -275,6 +279,24 @@ class Connector:
                 task = asyncio.create_task(self._send(claim))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    def _claim_room(self) -> int:
+        """How many messages may be claimed and not yet answered: two windows, and no more than the
+        route's TPS sends in CLAIM_AHEAD_S."""
+        room = self.capacity * 2
+        if self.route.tps:
+            room = min(room, max(1, int(self.route.tps * CLAIM_AHEAD_S)))
+        return room
+
+    async def _hold_suspended(self, claims: list[Claimed], now: datetime) -> list[Claimed]:
+        """Give back, untouched, the claims of tenants suspended meanwhile: held, not lost."""
+        suspended = self.lanes.book.suspended
+        held = [c for c in claims if c.state.tenant_id in suspended]
+        if held:
+            await self.store.release(held, now + timedelta(seconds=HOLD_S))
+            log.info("connector route=%s: %d messages of suspended tenants held (e.g. message=%s tenant=%s)",
+                     self.route.id, len(held), held[0].state.message_id, held[0].state.tenant_id)
+        return [c for c in claims if c.state.tenant_id not in suspended] if held else claims
 
     def _source_ton_npi(self, sender: str) -> tuple[int, int]:
         """TON/NPI of the source address: the route's when set, else derived from the sender

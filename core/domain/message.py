@@ -11,6 +11,15 @@ one *queue* (the stage that must act next); the queue follows from the state alo
     failed | dead_lettered ─requeued (operator)─> retry (attempts 0, no excluded routes) ─> router
 
 `billed` does not change the delivery state; it sets `billed` and empties the queue.
+
+Lanes: the two stages whose capacity is shared (the router and each route's connector) read one queue
+per *lane*, so that bulk work never stands in front of a one-time password. The shared lane (`""`)
+holds every transactional message submitted one by one or in API batches; a campaign has its own lane
+(`c:<campaign id>`), and a tenant's marketing messages submitted through the API share that tenant's
+lane (`t:<tenant id>`). The queue name is the stage plus the lane: `route`, `route~c:42`,
+`send:sim~t:acme`. Which lanes are claimed, and in which proportion, is decided by
+`core.domain.fairness`; the lane itself follows from the accepted event, so a rebuilt head lands in
+the same queue.
 """
 
 from __future__ import annotations
@@ -83,12 +92,43 @@ class MessageState:
         return start + timedelta(seconds=self.validity_s)
 
 
+TRANSACTIONAL_PRIORITY = 10  # `priority` of transactional traffic; marketing is 0
+LANE_SEPARATOR = "~"
+
+
+def lane_of(state: MessageState) -> str:
+    """The lane a message waits in at the router and the connector ("" = the shared lane)."""
+    if state.campaign_id:
+        return campaign_lane(state.campaign_id)
+    if state.priority < TRANSACTIONAL_PRIORITY:
+        return tenant_lane(state.tenant_id)
+    return ""
+
+
+def campaign_lane(campaign_id: str) -> str:
+    return f"c:{campaign_id}"
+
+
+def tenant_lane(tenant_id: str) -> str:
+    return f"t:{tenant_id}"
+
+
+def queue_name(stage: str, lane: str) -> str:
+    """`stage` ("route" or "send:<route id>") in `lane`."""
+    return f"{stage}{LANE_SEPARATOR}{lane}" if lane else stage
+
+
+def stage_of(queue: str) -> str:
+    """The stage part of a queue name: "send:sim~c:42" -> "send:sim"."""
+    return queue.split(LANE_SEPARATOR, 1)[0]
+
+
 def queue_for(state: MessageState) -> str | None:
     """The stage that must act next on a message in this state, or None when nothing must."""
     if state.state in ("accepted", "retry"):
-        return "route"
+        return queue_name("route", lane_of(state))
     if state.state == "routed":
-        return f"send:{state.route_id}"
+        return queue_name(f"send:{state.route_id}", lane_of(state))
     if state.state == "sent":
         return "receipt"
     if state.state in ("delivered", "undelivered", "expired") and not state.billed and state.sent_at is not None:

@@ -46,3 +46,8 @@ class QueueCursor:
             return False
         self.position = hi
         return hi < now and last_due is None
+
+    def rewind(self, due: datetime) -> None:
+        """Heads up to `due` were used but later ones were fetched and left: look again from `due`."""
+        if self.position is not None and due < self.position:
+            self.position = due

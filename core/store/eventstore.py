@@ -30,7 +30,7 @@ from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 from core.domain.events import Event
-from core.domain.message import MessageState
+from core.domain.message import MessageState, queue_name
 from core.store.cursor import EPOCH, QueueCursor
 from core.store.heads import NOT_LEASED, head_doc, state_from_head
 
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DUPLICATE_KEY = 11000
 MAX_SLICES_PER_SCAN = 20
+LEASE_PROJECTION = {"version": 1, "lease_token": 1, "due_at": 1}
 
 
 SideWrites = Callable[[Sequence["Transition"]], list[tuple[str, list[Any]]]]
@@ -122,8 +123,10 @@ class EventStore:
             return await session.with_transaction(body, read_concern=self._rc, write_concern=self._wc)
 
     async def accept(self, items: Sequence[tuple[Event, dict[str, Any]]],
-                     idempotency: IdempotencyRecord | None = None) -> None:
-        """Append the first event of new streams with their heads, in one transaction.
+                     idempotency: IdempotencyRecord | None = None,
+                     side_writes: Sequence[tuple[str, list[Any]]] = ()) -> None:
+        """Append the first event of new streams with their heads, in one transaction, together with
+        `side_writes` (collection name, bulk operations), e.g. a campaign's counters.
 
         Raises IdempotencyReplay if the idempotency key was used before (nothing is written then).
         """
@@ -138,6 +141,9 @@ class EventStore:
             if items:
                 await self.events.insert_many([e.to_doc() for e, _ in items], ordered=False, session=session)
                 await self.streams.insert_many([h for _, h in items], ordered=False, session=session)
+            for collection, writes in side_writes:
+                if writes:
+                    await self.db[collection].bulk_write(writes, ordered=False, session=session)
 
         try:
             await self._in_transaction(body)
@@ -211,11 +217,12 @@ class EventStore:
     async def due(self, queue: str, now: datetime, limit: int, cursor: QueueCursor | None = None) -> list[Claimed]:
         """Heads of `queue` whose time has come, oldest first; no lease (the commit's version guard
         settles races). With a cursor, only its window is scanned (see core/store/cursor.py)."""
-        docs = await self._scan(queue, now, limit, cursor, projection=None)
+        docs = await self.scan(queue, now, limit, cursor, projection=None)
         return [Claimed(state_from_head(d)) for d in docs]
 
-    async def _scan(self, queue: str, now: datetime, limit: int, cursor: QueueCursor | None,
+    async def scan(self, queue: str, now: datetime, limit: int, cursor: QueueCursor | None,
                     projection: dict[str, int] | None) -> list[dict[str, Any]]:
+        """Up to `limit` due heads of `queue`, oldest first (the cursor's window when one is given)."""
         for _ in range(MAX_SLICES_PER_SCAN):
             lo, hi = cursor.window(now) if cursor else (EPOCH, now)
             found = [d async for d in self.streams.find({"queue": queue, "due_at": {"$gte": lo, "$lte": hi}},
@@ -237,7 +244,12 @@ class EventStore:
         """
         if limit <= 0:
             return []
-        found = await self._scan(queue, now, limit, cursor, projection={"version": 1, "lease_token": 1, "due_at": 1})
+        found = await self.scan(queue, now, limit, cursor, projection=LEASE_PROJECTION)
+        return await self.lease(found, now, owner, lease_s)
+
+    async def lease(self, found: Sequence[dict[str, Any]], now: datetime, owner: str,
+                    lease_s: float) -> list[Claimed]:
+        """Lease heads found by `scan(..., projection=LEASE_PROJECTION)`; returns those won."""
         if not found:
             return []
         # A head whose previous lease expired without an outcome: that attempt's result is unknown.
@@ -286,7 +298,9 @@ class EventStore:
 
     async def any_unfinished(self) -> bool:
         """Whether some stage still has work on any head: one index probe, cheap enough to poll."""
-        queues = ["route", "receipt", "bill"] + [f"send:{r}" for r in await self.db["routes"].distinct("_id")]
+        lanes = ["", *[d["_id"] async for d in self.db["lanes"].find({}, {"_id": 1})]]
+        stages = ["route", *[f"send:{r}" for r in await self.db["routes"].distinct("_id")]]
+        queues = ["receipt", "bill", *(queue_name(stage, lane) for stage in stages for lane in lanes)]
         return await self.streams.find_one({"queue": {"$in": queues}}, {"_id": 1}) is not None
 
     async def heads_by_ids(self, ids: Sequence[str]) -> dict[str, MessageState]:

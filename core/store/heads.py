@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from core.domain.message import MessageState, queue_for
+from core.domain.message import MessageState, queue_for, stage_of
 
 # A lease_until in the past means "not leased"; a fixed value keeps the claim filter a simple range.
 NOT_LEASED = datetime(1970, 1, 1, tzinfo=UTC)
@@ -23,7 +23,7 @@ def due_at_for(
     """When the stage owning `queue` should pick the message up."""
     if queue is None:
         return None
-    if queue == "route":
+    if stage_of(queue) == "route":
         if state.state == "retry" and retry_at is not None:
             return retry_at
         return max(now, state.send_at) if state.send_at else now

@@ -1,6 +1,9 @@
 """Router: takes accepted (and retrying) messages, picks a route, appends `routed`.
 
 No lease: the commit is guarded by version, so two routers racing for one message change it once.
+The router reads its queue lane by lane (core/store/lanes.py): transactional traffic first, campaigns
+and marketing shared fairly between tenants. A suspended tenant's messages are held: their heads are
+pushed `HOLD_S` into the future unchanged (no event), and routed once the tenant is active again.
 """
 
 from __future__ import annotations
@@ -9,19 +12,21 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from core.domain.errors import NoRoute
 from core.domain.events import Event, EventType
 from core.domain.message import MessageState, evolve, next_event
 from core.domain.routing import Route, RouteStatus, choose_route
-from core.store.cursor import QueueCursor
 from core.store.eventstore import EventStore, Transition
+from core.store.lanes import LaneBook, LaneClaimer
 from core.store.routes import RouteStore
 
 log = logging.getLogger(__name__)
 
 ROUTES_TTL_S = 1.0
+HOLD_S = 5.0
+BULK_PER_BATCH = 200
 
 
 class Router:
@@ -31,7 +36,7 @@ class Router:
         self.routes = routes
         self.clock = clock
         self.batch_size = batch_size
-        self.cursor = QueueCursor()
+        self.lanes = LaneClaimer(store, "route", LaneBook(store.db), bulk_limit=min(batch_size, BULK_PER_BATCH))
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self._routes: list[Route] = []
@@ -48,15 +53,21 @@ class Router:
 
     async def step(self) -> int:
         now = self.clock()
-        claims = await self.store.due("route", now, self.batch_size, self.cursor)
+        claims = await self.lanes.due(now, self.batch_size)
         if not claims:
             return 0
         await self._refresh(now)
-        transitions = [self._decide(c.state, now) for c in claims]
+        suspended = self.lanes.book.suspended
+        transitions = [self._hold(c.state, now) if c.state.tenant_id in suspended else self._decide(c.state, now)
+                       for c in claims]
         result = await self.store.commit(transitions, now)
         self.routed += len(result.committed)
         log.debug("router: committed %d, conflicts %d", len(result.committed), len(result.conflicts))
         return len(claims)
+
+    @staticmethod
+    def _hold(state: MessageState, now: datetime) -> Transition:
+        return Transition(state.version, [], state, due_at=now + timedelta(seconds=HOLD_S))
 
     def _decide(self, state: MessageState, now: datetime) -> Transition:
         event = self._route_event(state, now)
