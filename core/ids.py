@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import time
@@ -24,3 +25,20 @@ def new_message_id() -> str:
 
 def new_token(prefix: str = "", nbytes: int = 24) -> str:
     return prefix + secrets.token_urlsafe(nbytes)
+
+
+def new_campaign_id() -> str:
+    return "cmp_" + new_message_id()
+
+
+def campaign_message_id(campaign_id: str, phone: str) -> str:
+    """The id of a campaign's message to `phone`: the same number in the same campaign always gets the
+    same id, so an upload repeated after a lost answer creates nothing twice. The campaign id's time
+    part comes first (a campaign's messages sit together in the indexes), then 80 bits of a hash."""
+    digest = int.from_bytes(hashlib.sha256(f"{campaign_id}\n{phone}".encode()).digest()[:10], "big")
+    suffix = []
+    for _ in range(16):
+        suffix.append(_CROCKFORD[digest & 31])
+        digest >>= 5
+    stamp = campaign_id.removeprefix("cmp_")[:10]
+    return stamp + "".join(reversed(suffix))

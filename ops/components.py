@@ -20,11 +20,13 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.config import Settings
 from core.domain.events import utcnow
+from core.store.campaigns import CampaignStore
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
 from core.workers.biller import Biller
+from core.workers.campaigns import CampaignSweeper
 from core.workers.expiry import Expirer
 from core.workers.loop import run_until_stopped
 from ops.embedded import read_endpoints
@@ -68,6 +70,7 @@ async def prepare(db: AsyncDatabase) -> None:
     """Indexes every component relies on; idempotent."""
     await EventStore(db).ensure_indexes()
     await TenantStore(db).ensure_indexes()
+    await CampaignStore(db).ensure_indexes()
 
 
 def worker_id(component: str) -> str:
@@ -98,18 +101,29 @@ async def biller_main(settings: Settings) -> None:
 
 
 async def scheduler_main(settings: Settings) -> None:
-    """Timed jobs: expire messages whose receipt never came (every second)."""
+    """Timed jobs: expire messages whose receipt never came; release scheduled campaigns at their
+    send_at (a date job each, plus a sweep every second), cancel and complete campaigns."""
     stop = stop_on_signals()
     async with database(settings, "scheduler") as db:
         await prepare(db)
         expirer = Expirer(EventStore(db), utcnow, batch_size=settings.batch_size)
+        campaigns = CampaignSweeper(CampaignStore(db), utcnow)
         scheduler = AsyncIOScheduler(timezone="UTC")
 
         async def expire_due() -> None:
             while await expirer.step():
                 pass
 
+        async def campaign_jobs() -> None:
+            await campaigns.sweep()
+            for doc in await campaigns.campaigns.scheduled():
+                job_id = f"release:{doc['_id']}"
+                if scheduler.get_job(job_id) is None and doc.get("send_at") is not None:
+                    scheduler.add_job(campaigns.release, "date", run_date=doc["send_at"], id=job_id,
+                                      misfire_grace_time=None)
+
         scheduler.add_job(expire_due, "interval", seconds=1, max_instances=1, coalesce=True, id="expire")
+        scheduler.add_job(campaign_jobs, "interval", seconds=1, max_instances=1, coalesce=True, id="campaigns")
         scheduler.start()
         log.info("scheduler started (%s)", worker_id("scheduler"))
         await stop.wait()

@@ -1,0 +1,328 @@
+"""Campaigns in MongoDB: the campaign documents, their recipients accepted as messages, and the
+sweeps the scheduler runs (release when due, cancel what was not sent, notice completion).
+
+- `campaigns`: one document per campaign: definition, status, and exact upload counters (rows,
+  accepted, duplicates, invalid, parts; problems by code), updated in the same transaction as the
+  messages they count. State counts of the messages themselves come from the reporting tables.
+- `campaign_problems`: one document per CSV row that was not accepted (row number, code, reason):
+  nothing is dropped silently.
+- A recipient becomes an `accepted` message in the campaign's lane (`c:<campaign id>`), with an id
+  derived from (campaign, number): a number appears once per campaign, even across uploads, and an
+  upload repeated after a lost answer accepts nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from core.domain.campaign import (
+    LANE_STATE,
+    UPLOADABLE,
+    CampaignAction,
+    CampaignStatus,
+    apply_action,
+)
+from core.domain.events import Event, EventType
+from core.domain.message import TRANSACTIONAL_PRIORITY, campaign_lane, evolve, next_event, queue_name
+from core.domain.recipients import Recipient, RowProblem
+from core.domain.templates import Template
+from core.ids import campaign_message_id, new_campaign_id
+from core.store.eventstore import EventStore, Transition
+from core.store.heads import head_doc, state_from_head
+from core.store.lanes import LaneStore
+
+log = logging.getLogger(__name__)
+
+UPLOAD_QUIET_S = 15.0  # a campaign is complete only once no upload has written for this long
+CANCEL_BATCH = 500
+
+
+class CampaignNotFound(Exception):
+    pass
+
+
+class CampaignClosed(Exception):
+    """Recipients were uploaded to a campaign that no longer takes any (canceled, completed)."""
+
+    def __init__(self, campaign_id: str, status: str) -> None:
+        super().__init__(f"campaign {campaign_id} is {status} and takes no more recipients")
+        self.status = status
+
+
+@dataclass
+class BatchResult:
+    accepted: int = 0
+    duplicates: int = 0
+    invalid: int = 0
+    problems: list[RowProblem] = field(default_factory=list)
+
+
+class CampaignStore:
+    def __init__(self, db: AsyncDatabase) -> None:
+        self.db = db
+        self.campaigns = db["campaigns"]
+        self.problem_rows = db["campaign_problems"]
+        self.events = EventStore(db)
+        self.lanes = LaneStore(db)
+
+    async def ensure_indexes(self) -> None:
+        await self.campaigns.create_index([("tenant_id", ASCENDING), ("created_at", DESCENDING)], name="tenant_created")
+        await self.campaigns.create_index("status", name="status")
+        await self.problem_rows.create_index([("campaign_id", ASCENDING), ("row", ASCENDING)], name="campaign_row")
+
+    # ---- definition and status ------------------------------------------------------------------
+
+    async def create(self, tenant_id: str, *, name: str, sender: str, template: Template, transactional: bool,
+                     send_at: datetime | None, now: datetime, channel: str = "sms") -> dict[str, Any]:
+        campaign_id = new_campaign_id()
+        doc = {
+            "_id": campaign_id, "tenant_id": tenant_id, "name": name, "channel": channel, "sender": sender,
+            "template": template.source, "tags": list(template.tags),
+            "priority": "transactional" if transactional else "marketing", "send_at": send_at,
+            "status": CampaignStatus.DRAFT.value, "lane": campaign_lane(campaign_id),
+            "created_at": now, "updated_at": now, "started_at": None, "paused_at": None, "canceled_at": None,
+            "completed_at": None, "upload_heartbeat_at": None,
+            "recipients": {"rows": 0, "accepted": 0, "duplicates": 0, "invalid": 0, "parts": 0},
+            "encodings": {"gsm7": 0, "ucs2": 0}, "problems_by_code": {},
+        }
+        # The lane first: a campaign document never exists without its lane (the lane alone is harmless).
+        await self.lanes.ensure(doc["lane"], tenant_id, transactional=transactional, now=now,
+                                state=LANE_STATE[CampaignStatus.DRAFT], campaign_id=campaign_id)
+        await self.campaigns.insert_one(doc)
+        log.info("campaign=%s tenant=%s created (%s)", campaign_id, tenant_id, doc["priority"])
+        return doc
+
+    async def get(self, tenant_id: str, campaign_id: str) -> dict[str, Any]:
+        doc = await self.campaigns.find_one({"_id": campaign_id, "tenant_id": tenant_id})
+        if doc is None:
+            raise CampaignNotFound(campaign_id)
+        return doc
+
+    async def list(self, tenant_id: str, *, status: str | None = None, limit: int = 50,
+                   before: datetime | None = None) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"tenant_id": tenant_id}
+        if status:
+            query["status"] = status
+        if before is not None:
+            query["created_at"] = {"$lt": before}
+        cursor = self.campaigns.find(query).sort("created_at", DESCENDING).limit(limit)
+        return [d async for d in cursor]
+
+    async def act(self, tenant_id: str, campaign_id: str, action: CampaignAction, now: datetime) -> dict[str, Any]:
+        """Apply start/pause/resume/cancel; raises CampaignTransitionError when it does not apply."""
+        for _ in range(5):
+            doc = await self.get(tenant_id, campaign_id)
+            status = apply_action(CampaignStatus(doc["status"]), action, doc.get("send_at"), now)
+            if await self._move(doc, status, now, action=action.value):
+                return await self.get(tenant_id, campaign_id)
+        raise RuntimeError(f"campaign {campaign_id}: status kept changing under {action.value}")
+
+    async def _move(self, doc: dict[str, Any], status: CampaignStatus, now: datetime, action: str) -> bool:
+        """Move the campaign from the status read to `status`, and its lane with it, in one transaction."""
+        stamp = {CampaignStatus.RUNNING: "started_at", CampaignStatus.PAUSED: "paused_at",
+                 CampaignStatus.CANCELING: "canceled_at", CampaignStatus.COMPLETED: "completed_at"}.get(status)
+        update: dict[str, Any] = {"status": status.value, "updated_at": now}
+        if stamp and not (stamp == "started_at" and doc.get("started_at")):
+            update[stamp] = now
+
+        async def body(session: Any) -> bool:
+            res = await self.campaigns.update_one({"_id": doc["_id"], "status": doc["status"]}, {"$set": update},
+                                                  session=session)
+            if res.matched_count == 0:
+                return False
+            await self.lanes.set_state(doc["lane"], LANE_STATE[status], now, session=session)
+            return True
+
+        moved = bool(await self.events._in_transaction(body))
+        if moved:
+            log.info("campaign=%s tenant=%s %s: %s -> %s", doc["_id"], doc["tenant_id"], action, doc["status"],
+                     status.value)
+        return moved
+
+    # ---- recipients -----------------------------------------------------------------------------
+
+    async def accept_batch(self, campaign: dict[str, Any], recipients: Sequence[Recipient],
+                           problems: Sequence[RowProblem], now: datetime) -> BatchResult:
+        """Accept `recipients` as messages and record `problems`, with the counters, in one transaction.
+        Numbers already in the campaign (earlier batches, other uploads) are reported as duplicates."""
+        for _ in range(5):
+            try:
+                return await self._accept_once(campaign, recipients, problems, now)
+            except (DuplicateKeyError, BulkWriteError) as e:
+                # Another upload to this campaign accepted one of these numbers meanwhile: look again.
+                log.info("campaign=%s: concurrent upload, retrying a batch: %s", campaign["_id"], e)
+        raise RuntimeError(f"campaign {campaign['_id']}: a batch kept conflicting with another upload")
+
+    async def _accept_once(self, campaign: dict[str, Any], recipients: Sequence[Recipient],
+                           problems: Sequence[RowProblem], now: datetime) -> BatchResult:
+        cid = campaign["_id"]
+        result = BatchResult(invalid=len(problems), problems=list(problems))
+        first_row: dict[str, int] = {}
+        fresh: list[tuple[Recipient, str]] = []
+        for r in recipients:
+            mid = campaign_message_id(cid, r.phone)
+            if mid in first_row:
+                result.problems.append(RowProblem(r.row, "duplicate", f"same number as row {first_row[mid]}", r.phone))
+            else:
+                first_row[mid] = r.row
+                fresh.append((r, mid))
+        existing = {d["_id"] async for d in self.events.streams.find({"_id": {"$in": [m for _, m in fresh]}},
+                                                                     {"_id": 1})}
+        items = []
+        parts = {"gsm7": 0, "ucs2": 0}
+        total_parts = 0
+        for r, mid in fresh:
+            if mid in existing:
+                result.problems.append(RowProblem(r.row, "duplicate",
+                                                  f"number already in this campaign (message {mid})", r.phone))
+                continue
+            items.append(self._accepted(campaign, r, mid, now))
+            parts[r.encoding] = parts.get(r.encoding, 0) + 1
+            total_parts += r.parts
+        result.accepted = len(items)
+        result.duplicates = len(result.problems) - result.invalid
+        by_code: dict[str, int] = {}
+        for p in result.problems:
+            by_code[p.code] = by_code.get(p.code, 0) + 1
+        inc = {"recipients.rows": len(recipients) + len(problems), "recipients.accepted": result.accepted,
+               "recipients.duplicates": result.duplicates, "recipients.invalid": result.invalid,
+               "recipients.parts": total_parts, **{f"encodings.{k}": v for k, v in parts.items()},
+               **{f"problems_by_code.{k}": v for k, v in by_code.items()}}
+        side = [("campaigns", [UpdateOne({"_id": cid}, {"$inc": inc, "$set": {"upload_heartbeat_at": now,
+                                                                               "updated_at": now}})]),
+                ("campaign_problems", [InsertOne({"campaign_id": cid, "tenant_id": campaign["tenant_id"], "row": p.row,
+                                                  "code": p.code, "reason": p.reason, "phone": p.phone, "at": now})
+                                       for p in result.problems])]
+        await self.events.accept(items, side_writes=side)
+        return result
+
+    @staticmethod
+    def _accepted(campaign: dict[str, Any], r: Recipient, message_id: str, now: datetime) -> tuple[Event, dict]:
+        transactional = campaign["priority"] == "transactional"
+        event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=campaign["tenant_id"],
+                      channel=campaign.get("channel", "sms"),
+                      data={"to": r.phone, "sender": campaign["sender"], "text": r.text, "encoding": r.encoding,
+                            "parts": r.parts, "priority": TRANSACTIONAL_PRIORITY if transactional else 0,
+                            # No send_at or validity per message: the campaign's lane holds them until it
+                            # runs, and a message's due time stays its acceptance (spread over the upload).
+                            "validity_s": 0, "send_at": None, "campaign_id": campaign["_id"],
+                            "client_ref": None, "campaign_row": r.row})
+        return event, head_doc(evolve(None, event), now=now)
+
+    async def start_upload(self, campaign_id: str, rows: int, now: datetime) -> None:
+        """Note an upload of `rows` data rows starting (for progress bars, and so that the campaign is
+        not seen as complete between two of its batches)."""
+        await self.campaigns.update_one({"_id": campaign_id}, {
+            "$set": {"upload_heartbeat_at": now, "last_upload": {"rows": rows, "started_at": now}},
+            "$inc": {"uploads": 1}})
+
+    async def finish_upload(self, campaign_id: str) -> None:
+        """The upload is over (done or failed): the campaign may complete or be canceled at once."""
+        await self.campaigns.update_one({"_id": campaign_id}, {"$set": {"upload_heartbeat_at": None}})
+
+    async def check_uploadable(self, tenant_id: str, campaign_id: str) -> dict[str, Any]:
+        doc = await self.get(tenant_id, campaign_id)
+        if CampaignStatus(doc["status"]) not in UPLOADABLE:
+            raise CampaignClosed(campaign_id, doc["status"])
+        return doc
+
+    async def problems(self, tenant_id: str, campaign_id: str, *, after_row: int = 0,
+                       limit: int = 100) -> list[dict[str, Any]]:
+        await self.get(tenant_id, campaign_id)
+        cursor = self.problem_rows.find({"campaign_id": campaign_id, "row": {"$gt": after_row}},
+                                        {"_id": 0, "row": 1, "code": 1, "reason": 1}).sort("row", ASCENDING)
+        return [d async for d in cursor.limit(limit)]
+
+    # ---- the scheduler's sweeps -----------------------------------------------------------------
+
+    async def scheduled(self) -> list[dict[str, Any]]:
+        return [d async for d in self.campaigns.find({"status": CampaignStatus.SCHEDULED.value},
+                                                     {"send_at": 1, "tenant_id": 1})]
+
+    async def release_due(self, now: datetime) -> list[str]:
+        """Start every scheduled campaign whose send_at has come."""
+        released = []
+        async for doc in self.campaigns.find({"status": CampaignStatus.SCHEDULED.value, "send_at": {"$lte": now}}):
+            if await self._move(doc, CampaignStatus.RUNNING, now, action="release"):
+                released.append(doc["_id"])
+        return released
+
+    async def _lane_queues(self, lane: str) -> list[str]:
+        routes = await self.db["routes"].distinct("_id")
+        return [queue_name(stage, lane) for stage in ["route", *(f"send:{r}" for r in routes)]]
+
+    async def _lane_empty(self, lane: str) -> bool:
+        queues = await self._lane_queues(lane)
+        return await self.events.streams.find_one({"queue": {"$in": queues}}, {"_id": 1}) is None
+
+    def _upload_quiet(self, doc: dict[str, Any], now: datetime) -> bool:
+        beat = doc.get("upload_heartbeat_at")
+        if beat is not None and beat.tzinfo is None:
+            beat = beat.replace(tzinfo=now.tzinfo)
+        return beat is None or now - beat >= timedelta(seconds=UPLOAD_QUIET_S)
+
+    async def complete_finished(self, now: datetime) -> list[str]:
+        """Running campaigns with recipients, nothing left in their lane and no upload going on."""
+        done = []
+        async for doc in self.campaigns.find({"status": CampaignStatus.RUNNING.value}):
+            finished = (doc["recipients"]["accepted"] and self._upload_quiet(doc, now)
+                        and await self._lane_empty(doc["lane"]))
+            if finished and await self._move(doc, CampaignStatus.COMPLETED, now, action="complete"):
+                done.append(doc["_id"])
+        return done
+
+    async def cancel_sweep(self, now: datetime, budget: int = 20 * CANCEL_BATCH) -> int:
+        """End up to `budget` not-yet-sent messages of canceling campaigns as `canceled`; a campaign
+        whose lane is empty (and no upload is writing to it) becomes `canceled`."""
+        canceled = 0
+        async for doc in self.campaigns.find({"status": CampaignStatus.CANCELING.value}):
+            for queue in await self._lane_queues(doc["lane"]):
+                canceled += await self._cancel_queue(queue, doc, now, budget - canceled)
+                if canceled >= budget:
+                    return canceled
+            if self._upload_quiet(doc, now) and await self._lane_empty(doc["lane"]):
+                await self._move(doc, CampaignStatus.CANCELED, now, action="canceled")
+        return canceled
+
+    async def _cancel_queue(self, queue: str, campaign: dict[str, Any], now: datetime, budget: int) -> int:
+        """Cancel the heads waiting in one queue of the lane. Read in windows of `due_at` (a query's cost
+        is its index range on some servers); a head leased by a connector right now is left to it."""
+        streams = self.events.streams
+        first = await streams.find_one({"queue": queue}, {"due_at": 1}, sort=[("due_at", ASCENDING)])
+        if first is None:
+            return 0
+        last = await streams.find_one({"queue": queue}, {"due_at": 1}, sort=[("due_at", DESCENDING)])
+        lo, hi_max = first["due_at"], last["due_at"] if last else first["due_at"]
+        width = timedelta(seconds=1)
+        done = 0
+        while lo <= hi_max and done < budget:
+            docs = [d async for d in streams.find({"queue": queue, "due_at": {"$gte": lo, "$lte": lo + width}})
+                    .sort("due_at", ASCENDING).limit(CANCEL_BATCH)]
+            live = [d for d in docs if d.get("lease_token") and _aware(d["lease_until"], now) > now]
+            todo = [d for d in docs if d not in live]
+            if todo:
+                transitions = []
+                for d in todo:
+                    state = state_from_head(d)
+                    event = next_event(state, EventType.CANCELED, now,
+                                       {"reason": f"campaign {campaign['_id']} canceled",
+                                        "attempted": bool(d.get("lease_token"))})
+                    transitions.append(Transition(state.version, [event], evolve(state, event)))
+                result = await self.events.commit(transitions, now)
+                done += len(result.committed)
+            if len(docs) < CANCEL_BATCH or not todo:
+                lo = lo + width + timedelta(milliseconds=1)
+                width = width * 2 if not docs else width
+        return done
+
+
+def _aware(value: datetime, like: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
