@@ -4,16 +4,24 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
 
     400 invalid_json            body is not JSON (or not UTF-8)
     401 unauthorized            API key missing or unknown (with `WWW-Authenticate: Bearer`)
-    403 forbidden               tenant not active
+    403 tenant_suspended        the tenant is suspended (tenant endpoints)
+        forbidden               tenant not active for another reason
         admin_disabled          /v1/admin called while no admin key is configured
     404 not_found               no such route, or no such message for this tenant
+        not_found               also: no such campaign for this tenant
     405 method_not_allowed      (with `Allow`)
+    409 invalid_campaign_transition  e.g. pausing a campaign that is not running
+        campaign_closed         recipients uploaded to a canceled or completed campaign
     413 payload_too_large       body over `max_body_bytes`
     415 unsupported_media_type  body sent with a non-JSON content type
     422 validation_error        details: [{field, loc, type, message}]
         too_many_parts          details: {field, parts, limit}
         batch_too_large         details: {limit, count}
+        invalid_template        a campaign template with an unclosed `{{`, a bad tag name, ...
+        invalid_csv, invalid_csv_header, invalid_encoding  a recipient upload that cannot be used at all
         idempotency_key_reused  same Idempotency-Key, different body
+        batch_exceeds_rate_limit  more messages in one request than the tenant's burst
+    429 rate_limited            over the tenant's submission rate (with `Retry-After`)
     503 unavailable             MongoDB unreachable (retry later)
         reporting_unavailable   search: no PostgreSQL configured, unreachable, or no reporting tables yet
     500 internal_error          a bug: logged with its traceback; client input never gets here
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -36,9 +45,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import ApiError, TenantCache, reporting_pool
-from api.routes import admin, health, inbound, messages, numbers_admin, routes_admin
+from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
 from core.config import Settings
 from core.domain.errors import DomainError
+from core.domain.ratelimit import SubmissionLimiter
+from core.store.campaigns import CampaignStore
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from core.store.tenants import TenantStore
@@ -69,12 +80,16 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
     app.state.db = db
     app.state.pg_pool = None  # opened by the lifespan when settings.pg_url is set (search)
     app.state.tenant_cache = TenantCache()
+    app.state.known_lanes = set()  # lanes this process registered (api/routes/messages.py)
+    app.state.limiter = SubmissionLimiter()  # per-tenant submission rate, per API process
     app.include_router(health.router)
     app.include_router(messages.router)
     app.include_router(admin.router)  # /v1/admin: admin key, not tenant keys (api/routes/admin.py)
     app.include_router(routes_admin.router)  # /v1/admin/routes (api/routes/routes_admin.py)
     app.include_router(inbound.router)  # /v1/inbound: the tenant's MO messages (api/routes/inbound.py)
     app.include_router(numbers_admin.router)  # /v1/admin/numbers (api/routes/numbers_admin.py)
+    app.include_router(tenants_admin.router)  # /v1/admin/tenants (api/routes/tenants_admin.py)
+    app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(CatchAllMiddleware)  # added last = outermost: also catches the others' bugs
@@ -98,6 +113,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     try:
         await EventStore(app.state.db).ensure_indexes()
         await TenantStore(app.state.db).ensure_indexes()
+        await CampaignStore(app.state.db).ensure_indexes()
         log.info("api ready on database %s", app.state.db.name)
         yield
     finally:
@@ -169,14 +185,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 class BodyLimitMiddleware:
     """Refuse bodies over `max_bytes`: at once when Content-Length says so, else (chunked) when the
-    route reads past the limit, by raising `payload_too_large` from `receive`."""
+    route reads past the limit, by raising `payload_too_large` from `receive`. Streamed uploads (a
+    campaign's recipient CSV) are exempt: their route spools them to disk under its own limit."""
+
+    STREAMED = re.compile(r"^/v1/campaigns/[^/]+/recipients$")
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or self.STREAMED.match(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         too_large = ApiError(413, "payload_too_large", f"request body over {self.max_bytes} bytes",

@@ -1,12 +1,18 @@
-"""What routes depend on: settings, the stores, the calling tenant, and the API's error type.
+"""What routes depend on: settings, the stores, the calling tenant, the submission rate limit, and
+the API's error type.
 
 The app keeps its ports on `app.state` (set by `create_app`); dependencies only read them, so a test
 can build an app around any database.
+
+Tenants are cached per process (`TenantCache`, 10 s): the admin endpoints drop a tenant's entries in
+the process that served them, so a suspension, a revoked key or a new limit applies there at once;
+other API processes see the change within the cache's TTL.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -17,8 +23,9 @@ from psycopg_pool import AsyncConnectionPool
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.config import Settings
+from core.domain.ratelimit import SubmissionLimiter
 from core.store.eventstore import EventStore
-from core.store.tenants import Tenant, TenantStore, hash_key
+from core.store.tenants import SUSPENDED, Tenant, TenantStore, hash_key
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +47,8 @@ class ApiError(Exception):
 class TenantCache:
     """Successful API-key lookups, kept `ttl_s` seconds so that a busy client costs no DB round trip
     per request. Keyed by the key's hash, so no plaintext key sits in memory longer than a request.
-    A revoked key keeps working for at most `ttl_s`."""
+    A revoked key (or a suspended tenant, or a changed limit) takes effect at once in the process
+    that called `drop_tenant`, and in the others within `ttl_s`."""
 
     ttl_s: float = 10.0
     max_entries: int = 10_000
@@ -62,6 +70,14 @@ class TenantCache:
             if len(self._entries) >= self.max_entries:
                 self._entries.clear()
         self._entries[key_hash] = (tenant, now + self.ttl_s)
+
+    def drop_tenant(self, tenant_id: str) -> int:
+        """Forget every cached key of `tenant_id` (after a change to it); returns how many. A scan:
+        changes are rare and the cache is bounded."""
+        stale = [k for k, (tenant, _) in self._entries.items() if tenant.id == tenant_id]
+        for k in stale:
+            del self._entries[k]
+        return len(stale)
 
 
 def get_settings(request: Request) -> Settings:
@@ -126,7 +142,7 @@ async def get_tenant(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Tenant:
     """The tenant owning the bearer key; 401 `unauthorized` if the key is missing or unknown,
-    403 `forbidden` if the tenant is not active."""
+    403 `tenant_suspended` if the tenant is suspended (`forbidden` for any other inactive status)."""
     if credentials is None:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     key_hash = hash_key(credentials.credentials)
@@ -138,9 +154,47 @@ async def get_tenant(
             log.info("auth failed: unknown API key (hash %s...)", key_hash[:8])
             raise _unauthorized("invalid API key", "invalid_token")
         cache.put(key_hash, tenant)
+    if tenant.status == SUSPENDED:
+        raise ApiError(403, "tenant_suspended",
+                       f"tenant {tenant.id} is suspended: its requests are refused until the operator resumes it; "
+                       "messages accepted before are held, not lost", {"tenant_id": tenant.id})
     if tenant.status != "active":
         raise ApiError(403, "forbidden", f"tenant {tenant.id} is {tenant.status}")
     return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+def get_tenant_cache(request: Request) -> TenantCache:
+    return request.app.state.tenant_cache  # type: ignore[no-any-return]
+
+
+TenantCacheDep = Annotated[TenantCache, Depends(get_tenant_cache)]
+
+
+def charge_submission(request: Request, tenant: Tenant, cost: int) -> None:
+    """Charge `cost` messages to the tenant's submission rate limit (a no-op without one).
+
+    422 `batch_exceeds_rate_limit` if `cost` exceeds the tenant's burst (it could never pass);
+    429 `rate_limited` with `Retry-After` (whole seconds, at least 1) if it does not fit now, charging
+    nothing. The limiter is per API process (see core/domain/ratelimit.py)."""
+    burst = tenant.burst
+    if tenant.submit_tps is None or burst is None:
+        return
+    if cost > burst:
+        raise ApiError(422, "batch_exceeds_rate_limit",
+                       f"{cost} messages exceed the tenant's burst of {burst}: send at most {burst} per request",
+                       {"burst": burst, "count": cost, "limit_tps": tenant.submit_tps})
+    limiter: SubmissionLimiter = request.app.state.limiter
+    wait = limiter.check(tenant.id, cost, tenant.submit_tps, burst, limiter.clock())
+    if wait is None:
+        return
+    retry_after = max(1, math.ceil(wait))
+    log.info("tenant %s: rate limited, %d message(s) over %g/s (burst %d), retry in %.3f s",
+             tenant.id, cost, tenant.submit_tps, burst, wait)
+    raise ApiError(429, "rate_limited",
+                   f"tenant {tenant.id} may submit {tenant.submit_tps:g} messages/s (burst {burst}): "
+                   f"retry after {retry_after} s",
+                   {"limit_tps": tenant.submit_tps, "burst": burst, "retry_after_s": round(wait, 3)},
+                   headers={"Retry-After": str(retry_after)})

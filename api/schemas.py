@@ -176,5 +176,6 @@ class MessageSearchPage(BaseModel):
 # keeps FastAPI from documenting its default validation shape, which this API never sends.
 TENANT_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or invalid API key (`unauthorized`)"},
+    403: {"model": ErrorResponse, "description": "The tenant is suspended (`tenant_suspended`)"},
     422: {"model": ErrorResponse, "description": "`validation_error`"},
 }

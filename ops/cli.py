@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from core.config import Settings
 from ops import components
+from ops.cli_tenants import tenants_app
 from ops.logs import configure
 
 if TYPE_CHECKING:
@@ -20,12 +21,11 @@ if TYPE_CHECKING:
     from core.store.deadletters import RequeueResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="msgcore: event-sourced SMS core.")
-tenants_app = typer.Typer(no_args_is_help=True, help="Tenants and their API keys.")
 routes_app = typer.Typer(no_args_is_help=True, help="SMSC routes.")
 heads_app = typer.Typer(no_args_is_help=True, help="Heads (the per-message cache in `streams`).")
 dead_letters_app = typer.Typer(no_args_is_help=True,
                                help="Dead-lettered (and failed) messages: list, show, requeue (appends events).")
-app.add_typer(tenants_app, name="tenants")
+app.add_typer(tenants_app, name="tenants")  # ops/cli_tenants.py
 app.add_typer(routes_app, name="routes")
 app.add_typer(heads_app, name="heads")
 app.add_typer(dead_letters_app, name="dead-letters")
@@ -166,45 +166,6 @@ def smsc_sim(
             faults["receipt_stat"] = receipt_stat
     _run("smsc-sim", components.simulator_main(s, port, receipt_delay, str(journal) if journal else None,
                                                control_port, faults))
-
-
-@tenants_app.command("create")
-def tenants_create(
-    name: Annotated[str, typer.Argument(help="Display name")],
-    tenant_id: Annotated[str | None, typer.Option("--id", help="Tenant id (default: from the name)")] = None,
-) -> None:
-    """Create a tenant and print its API key (shown only this once)."""
-    from core.domain.events import utcnow
-    from core.store.tenants import TenantExists, TenantStore
-
-    s = _settings("cli")
-    tid = tenant_id or "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:63]
-
-    async def create() -> str:
-        async with components.database(s, "cli") as db:
-            await components.prepare(db)
-            return await TenantStore(db).create(tid, name, utcnow())
-
-    try:
-        key = asyncio.run(create())
-    except (ValueError, TenantExists) as e:
-        typer.echo(f"msgcore tenants create: {e}", err=True)
-        raise typer.Exit(2) from e
-    typer.echo(f"tenant: {tid}\napi key: {key}\n(store it now: only its hash is kept)")
-
-
-@tenants_app.command("list")
-def tenants_list() -> None:
-    from core.store.tenants import TenantStore
-
-    s = _settings("cli")
-
-    async def fetch() -> list[dict[str, object]]:
-        async with components.database(s, "cli") as db:
-            return await TenantStore(db).list()
-
-    for t in asyncio.run(fetch()):
-        typer.echo(f"{t['_id']}\t{t['name']}\t{t['status']}\tspent_minor={t.get('spent_minor', 0)}")
 
 
 @routes_app.command("list")

@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import ValidationError
 
-from api.deps import ApiError, EventStoreDep, ReportingPoolDep, SettingsDep, TenantDep
+from api.deps import ApiError, EventStoreDep, ReportingPoolDep, SettingsDep, TenantDep, charge_submission
 from api.schemas import (
     DEFAULT_SEARCH_LIMIT,
     E164,
@@ -53,10 +53,11 @@ from api.schemas import (
 )
 from core.domain.errors import TooManyParts
 from core.domain.events import Event, EventType, utcnow
-from core.domain.message import evolve
+from core.domain.message import evolve, tenant_lane
 from core.ids import new_message_id
-from core.store.eventstore import IdempotencyRecord, IdempotencyReplay
+from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
 from core.store.heads import head_doc
+from core.store.lanes import ACTIVE, LaneStore
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +76,12 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Body is not valid JSON (`invalid_json`)"},
     401: ERRORS[401],
+    403: ERRORS[403],
     413: {"model": ErrorResponse, "description": "Body too large (`payload_too_large`)"},
     422: {"model": ErrorResponse, "description": "`validation_error`, `too_many_parts`, `batch_too_large`, "
-                                                 "`idempotency_key_reused`"},
+                                                 "`idempotency_key_reused`, `batch_exceeds_rate_limit`"},
+    429: {"model": ErrorResponse, "description": "Over the tenant's submission rate (`rate_limited`, with "
+                                                 "`Retry-After`); nothing was accepted"},
 }
 
 IdempotencyKey = Annotated[
@@ -113,6 +117,9 @@ async def submit_messages(
     messages, is_batch = _validate_submission(body)
     encodings = [_encoding_and_parts(m.text, settings.max_parts, i if is_batch else None)
                  for i, m in enumerate(messages)]
+    # Charged once the request is known valid, before anything is written: a 429 writes nothing. An
+    # idempotent replay is charged like any request (simplest; a client replays rarely).
+    charge_submission(request, tenant, len(messages))
     now = utcnow()
     ids = [new_message_id() for _ in messages]
     items = [_accepted_item(mid, tenant.id, m, enc, parts, now, settings.default_validity_s)
@@ -121,6 +128,8 @@ async def submit_messages(
     if idempotency_key is not None:
         record = IdempotencyRecord(key=f"{tenant.id}:{idempotency_key}", request_hash=_request_hash(body),
                                    message_ids=ids)
+    if any(m.priority == "marketing" for m in messages):
+        await _ensure_marketing_lane(request, store, tenant.id, now)
     try:
         await store.accept(items, record)
     except IdempotencyReplay as replay:
@@ -135,6 +144,16 @@ async def submit_messages(
     accepted = [MessageAccepted(id=mid, to=m.to, parts=parts, client_ref=m.client_ref)
                 for mid, m, (_, parts) in zip(ids, messages, encodings, strict=True)]
     return MessageBatchAccepted(messages=accepted) if is_batch else accepted[0]
+
+
+async def _ensure_marketing_lane(request: Request, store: EventStore, tenant_id: str, now: datetime) -> None:
+    """Register the tenant's marketing lane before its first marketing message is accepted (once per
+    process): the stages claim only registered lanes (core/store/lanes.py)."""
+    known: set[str] = request.app.state.known_lanes
+    lane = tenant_lane(tenant_id)
+    if lane not in known:
+        await LaneStore(store.db).ensure(lane, tenant_id, transactional=False, state=ACTIVE, now=now)
+        known.add(lane)
 
 
 def _reject_constant(name: str) -> Any:

@@ -1,0 +1,218 @@
+"""Campaigns: a template, a recipient list uploaded as CSV, a start time; pause, resume, cancel.
+
+The campaign document and its upload counters are read from MongoDB (exact); the messages' states
+(counts, progress, ETA) from the reporting tables, which follow the log with the projector's lag.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+from typing import Annotated, Any
+
+import psycopg
+from fastapi import APIRouter, Path, Query, Request
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import PoolTimeout
+
+from api.campaign_schemas import (
+    Campaign,
+    CampaignCreate,
+    CampaignList,
+    ProblemPage,
+    Progress,
+    RecipientCounts,
+    RowProblemOut,
+    UploadReport,
+)
+from api.campaign_upload import accept_upload, spool_body
+from api.deps import ApiError, DbDep, SettingsDep, TenantDep
+from api.schemas import TENANT_ERRORS, ErrorResponse
+from core.domain.campaign import CampaignAction, CampaignTransitionError
+from core.domain.events import utcnow
+from core.domain.templates import TemplateError, parse_template
+from core.store.campaigns import CampaignClosed, CampaignNotFound, CampaignStore
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/campaigns", tags=["campaigns"])
+
+MAX_SCHEDULE_AHEAD = timedelta(days=90)
+MAX_UPLOAD_BYTES = 2 * 1024 ** 3
+WAITING_STATES = ("accepted", "routed", "retry")
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    **TENANT_ERRORS,
+    404: {"model": ErrorResponse, "description": "No such campaign for this tenant (`not_found`)"},
+}
+ACTION_ERRORS = {**ERRORS, 409: {"model": ErrorResponse,
+                                 "description": "The action does not apply in the campaign's status "
+                                                "(`invalid_campaign_transition`)"}}
+UPLOAD_ERRORS = {**ERRORS,
+                 409: {"model": ErrorResponse, "description": "The campaign takes no more recipients "
+                                                              "(`campaign_closed`)"},
+                 413: {"model": ErrorResponse, "description": "Upload too large (`payload_too_large`)"},
+                 415: {"model": ErrorResponse, "description": "Not CSV (`unsupported_media_type`)"},
+                 422: {"model": ErrorResponse, "description": "`invalid_csv`, `invalid_csv_header` (no phone "
+                                                              "column, a tag without a column, ...), "
+                                                              "`invalid_encoding` (not UTF-8); nothing written"}}
+CampaignId = Annotated[str, Path(max_length=64)]
+
+
+def _store(db: DbDep) -> CampaignStore:
+    return CampaignStore(db)
+
+
+async def _get(campaigns: CampaignStore, tenant_id: str, campaign_id: str) -> dict[str, Any]:
+    try:
+        return await campaigns.get(tenant_id, campaign_id)
+    except CampaignNotFound as e:
+        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
+
+
+@router.post("", status_code=201, response_model=Campaign, responses={
+    **ERRORS, 422: {"model": ErrorResponse, "description": "`validation_error`, `invalid_template`"}},
+    summary="Create a campaign (draft)")
+async def create_campaign(body: CampaignCreate, tenant: TenantDep, db: DbDep) -> Campaign:
+    try:
+        template = parse_template(body.template)
+    except TemplateError as e:
+        raise ApiError(422, "invalid_template", str(e), {"field": "body.template", "offset": e.offset,
+                                                         "problem": e.problem}) from e
+    now = utcnow()
+    if body.send_at is not None and body.send_at - now > MAX_SCHEDULE_AHEAD:
+        raise ApiError(422, "validation_error", "send_at is more than 90 days ahead",
+                       [{"field": "body.send_at", "loc": ["body", "send_at"], "type": "too_far_ahead",
+                         "message": "send_at is more than 90 days ahead"}])
+    doc = await _store(db).create(tenant.id, name=body.name, sender=body.sender, template=template,
+                                  transactional=body.priority == "transactional", send_at=body.send_at, now=now)
+    return _campaign(doc)
+
+
+@router.get("", response_model=CampaignList, responses=ERRORS, summary="List campaigns, newest first")
+async def list_campaigns(tenant: TenantDep, db: DbDep,
+                         status: Annotated[str | None, Query(max_length=20)] = None,
+                         limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                         before: Annotated[datetime | None, Query()] = None) -> CampaignList:
+    docs = await _store(db).list(tenant.id, status=status, limit=limit, before=before)
+    return CampaignList(campaigns=[_campaign(d) for d in docs],
+                        next=docs[-1]["created_at"] if len(docs) == limit else None)
+
+
+@router.get("/{campaign_id}", response_model=Campaign, responses=ERRORS,
+            summary="A campaign: status, upload counters, messages by state, progress and ETA")
+async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep, request: Request) -> Campaign:
+    doc = await _get(_store(db), tenant.id, campaign_id)
+    campaign = _campaign(doc)
+    states = await _reported_states(request, tenant.id, campaign_id)
+    if states is not None:
+        counts, sent_last_minute = states
+        total = doc["recipients"]["accepted"]
+        counts["accepted"] = counts.get("accepted", 0) + max(0, total - sum(counts.values()))  # not projected yet
+        waiting = sum(counts.get(s, 0) for s in WAITING_STATES)
+        rate = sent_last_minute / 60.0
+        campaign.counts = counts
+        campaign.progress = Progress(total=total, waiting=waiting,
+                                     done_percent=round(100.0 * (total - waiting) / total, 2) if total else 0.0,
+                                     rate_per_s=round(rate, 2), eta_s=round(waiting / rate, 1) if rate else None)
+    return campaign
+
+
+@router.post("/{campaign_id}/recipients", response_model=UploadReport, responses=UPLOAD_ERRORS,
+             summary="Upload recipients as CSV (streamed)",
+             description="Body: CSV (`Content-Type: text/csv`), UTF-8 (a BOM is fine), `,` `;` or tab separated, "
+                         "with a header row naming a phone column (`phone`, `to`, `msisdn`, `mobile` or "
+                         "`number`; E.164 with `+` or `00`) and a column for each tag of the template. Each valid "
+                         "row is rendered and accepted as a message; each other row is reported with its row "
+                         "number (the header is row 1) and reason, and skipped. A number already in the campaign "
+                         "is reported as a duplicate. Uploading the same file twice accepts nothing twice.",
+             openapi_extra={"requestBody": {"required": True,
+                                            "content": {"text/csv": {"schema": {"type": "string"}}}}})
+async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: TenantDep, db: DbDep,
+                            settings: SettingsDep) -> UploadReport:
+    campaigns = _store(db)
+    try:
+        campaign = await campaigns.check_uploadable(tenant.id, campaign_id)
+    except CampaignNotFound as e:
+        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
+    except CampaignClosed as e:
+        raise ApiError(409, "campaign_closed", str(e), {"status": e.status}) from e
+    with await spool_body(request, MAX_UPLOAD_BYTES) as spool:
+        return await accept_upload(campaigns, campaign, spool, settings.max_parts)
+
+
+@router.get("/{campaign_id}/problems", response_model=ProblemPage, responses=ERRORS,
+            summary="Rows that were not accepted, by row number")
+async def list_problems(campaign_id: CampaignId, tenant: TenantDep, db: DbDep,
+                        after_row: Annotated[int, Query(ge=0)] = 0,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ProblemPage:
+    try:
+        rows = await _store(db).problems(tenant.id, campaign_id, after_row=after_row, limit=limit)
+    except CampaignNotFound as e:
+        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
+    return ProblemPage(problems=[RowProblemOut(**r) for r in rows],
+                       next_after_row=rows[-1]["row"] if len(rows) == limit else None)
+
+
+async def _act(action: CampaignAction, campaign_id: str, tenant_id: str, db: Any) -> Campaign:
+    try:
+        doc = await _store(db).act(tenant_id, campaign_id, action, utcnow())
+    except CampaignNotFound as e:
+        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
+    except CampaignTransitionError as e:
+        raise ApiError(409, "invalid_campaign_transition", str(e), {"status": e.status, "action": e.action}) from e
+    return _campaign(doc)
+
+
+@router.post("/{campaign_id}/start", response_model=Campaign, responses=ACTION_ERRORS,
+             summary="Start sending (at send_at, if it is ahead)")
+async def start_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
+    return await _act(CampaignAction.START, campaign_id, tenant.id, db)
+
+
+@router.post("/{campaign_id}/pause", response_model=Campaign, responses=ACTION_ERRORS,
+             summary="Stop claiming its messages (within about a second); they keep their place")
+async def pause_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
+    return await _act(CampaignAction.PAUSE, campaign_id, tenant.id, db)
+
+
+@router.post("/{campaign_id}/resume", response_model=Campaign, responses=ACTION_ERRORS,
+             summary="Carry on where it was paused")
+async def resume_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
+    return await _act(CampaignAction.RESUME, campaign_id, tenant.id, db)
+
+
+@router.post("/{campaign_id}/cancel", response_model=Campaign, responses=ACTION_ERRORS,
+             summary="Cancel: messages not yet handed to an SMSC end as `canceled`")
+async def cancel_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
+    return await _act(CampaignAction.CANCEL, campaign_id, tenant.id, db)
+
+
+def _campaign(doc: dict[str, Any]) -> Campaign:
+    return Campaign(id=doc["_id"], name=doc["name"], status=doc["status"], channel=doc["channel"],
+                    sender=doc["sender"], template=doc["template"], tags=doc["tags"], priority=doc["priority"],
+                    send_at=doc.get("send_at"), created_at=doc["created_at"], started_at=doc.get("started_at"),
+                    paused_at=doc.get("paused_at"), canceled_at=doc.get("canceled_at"),
+                    completed_at=doc.get("completed_at"), recipients=RecipientCounts(**doc["recipients"]),
+                    encodings=doc.get("encodings", {}), problems_by_code=doc.get("problems_by_code", {}))
+
+
+async def _reported_states(request: Request, tenant_id: str, campaign_id: str) -> tuple[dict[str, int], int] | None:
+    """Messages by state and those sent in the last minute, from the reporting tables; None when
+    reporting is not configured or unavailable (the campaign is still answered, without them)."""
+    pool = getattr(request.app.state, "pg_pool", None)
+    if pool is None:
+        return None
+    schema = request.app.state.settings.reporting_schema
+    query = sql.SQL("SELECT state, count(*) AS n, count(*) FILTER (WHERE sent_at > now() - interval '60 seconds') "
+                    "AS recent FROM {}.messages WHERE campaign_id = %s AND tenant_id = %s GROUP BY state"
+                    ).format(sql.Identifier(schema))
+    try:
+        async with pool.connection(timeout=2.0) as conn, conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(query, (campaign_id, tenant_id))
+            rows = await cur.fetchall()
+    except (PoolTimeout, psycopg.Error) as e:
+        log.warning("campaign=%s tenant=%s: reporting unavailable for progress: %r", campaign_id, tenant_id, e)
+        return None
+    return {r["state"]: r["n"] for r in rows if r["state"]}, sum(r["recent"] for r in rows)
