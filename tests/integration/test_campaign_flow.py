@@ -27,6 +27,7 @@ from core.domain.templates import parse_template
 from core.store.campaigns import CampaignStore
 from core.store.eventstore import EventStore
 from core.store.routes import RouteStore
+from core.store.tenants import TenantStore
 from core.workers.biller import Biller
 from core.workers.campaigns import CampaignSweeper
 from core.workers.loop import run_until_stopped
@@ -168,3 +169,23 @@ async def test_pause_stops_claiming_resume_carries_on_cancel_ends_the_rest(flow:
     canceled_numbers = {h["msg"]["to"].lstrip("+") for h in heads if h["state"] == "canceled"}
     assert not canceled_numbers & set(sent)  # a canceled message never reached the SMSC
     assert sum(states[s] for s in ("accepted", "routed", "retry")) == 0
+
+
+async def test_a_suspended_tenants_messages_are_held_not_lost(flow: Flow) -> None:
+    tenants = TenantStore(flow.db)
+    await tenants.suspend("bravo", "unpaid invoice", utcnow())
+    await asyncio.sleep(1.5)  # the stages reread tenants every second
+    singles = [accepted("bravo", utcnow(), to=f"+4916{i:09d}", text=f"alert {i}") for i in range(5)]
+    await flow.store.accept(singles)
+    campaign = await flow.campaign("bravo", 20, first=9000)
+    await flow.campaigns.act("bravo", campaign["_id"], CampaignAction.START, utcnow())
+    await asyncio.sleep(3.0)
+    assert flow.arrivals() == []  # held: nothing sent
+    states = Counter([h["state"] async for h in flow.db["streams"].find({"tenant_id": "bravo"}, {"state": 1})])
+    assert states == {"accepted": 25}  # and nothing failed or expired meanwhile
+
+    await tenants.resume("bravo", utcnow())
+    await _arrived(flow, 25)
+    await asyncio.sleep(0.5)
+    sent = [a["destination"] for a in flow.arrivals()]
+    assert len(sent) == len(set(sent)) == 25
