@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -38,6 +39,7 @@ class Lane:
     tenant_id: str | None = None
     transactional: bool = False
     weight: int = DEFAULT_WEIGHT
+    since: datetime | None = None  # no head of this lane is due before this (its first write)
 
     @property
     def tier(self) -> int:

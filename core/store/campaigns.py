@@ -35,9 +35,10 @@ from core.domain.message import TRANSACTIONAL_PRIORITY, campaign_lane, evolve, n
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
 from core.ids import campaign_message_id, new_campaign_id
+from core.store.cursor import QueueCursor
 from core.store.eventstore import EventStore, Transition
 from core.store.heads import head_doc, state_from_head
-from core.store.lanes import LaneStore
+from core.store.lanes import LaneStore, deep_cursor, lane_has_heads
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class CampaignStore:
         self.problem_rows = db["campaign_problems"]
         self.events = EventStore(db)
         self.lanes = LaneStore(db)
+        self._cursors: dict[str, QueueCursor] = {}  # the scheduler's sweeps (see _cursor)
 
     async def ensure_indexes(self) -> None:
         await self.campaigns.create_index([("tenant_id", ASCENDING), ("created_at", DESCENDING)], name="tenant_created")
@@ -198,6 +200,9 @@ class CampaignStore:
                **{f"problems_by_code.{k}": v for k, v in by_code.items()}}
         side = [("campaigns", [UpdateOne({"_id": cid}, {"$inc": inc, "$set": {"upload_heartbeat_at": now,
                                                                                "updated_at": now}})]),
+                # The lane's floor: no head of it is due before its first upload (core/store/cursor.py).
+                ("lanes", [UpdateOne({"_id": campaign["lane"], "since": {"$exists": False}},
+                                     {"$set": {"since": now}})]),
                 ("campaign_problems", [InsertOne({"campaign_id": cid, "tenant_id": campaign["tenant_id"], "row": p.row,
                                                   "code": p.code, "reason": p.reason, "phone": p.phone, "at": now})
                                        for p in result.problems])]
@@ -259,9 +264,21 @@ class CampaignStore:
         routes = await self.db["routes"].distinct("_id")
         return [queue_name(stage, lane) for stage in ["route", *(f"send:{r}" for r in routes)]]
 
-    async def _lane_empty(self, lane: str) -> bool:
-        queues = await self._lane_queues(lane)
-        return await self.events.streams.find_one({"queue": {"$in": queues}}, {"_id": 1}) is None
+    async def _cursor(self, queue: str, lane: str, kind: str) -> QueueCursor:
+        """A deep cursor per (job, queue), kept across sweeps: a campaign's lane may hold millions of
+        heads, and an unbounded query would cost all of them on some servers (core/store/cursor.py)."""
+        key = f"{kind}:{queue}"
+        cursor = self._cursors.get(key)
+        if cursor is None:
+            doc = await self.db["lanes"].find_one({"_id": lane}, {"since": 1, "created_at": 1}) or {}
+            cursor = self._cursors[key] = deep_cursor(doc.get("since") or doc.get("created_at"))
+        return cursor
+
+    async def _lane_empty(self, lane: str, now: datetime) -> bool:
+        for queue in await self._lane_queues(lane):
+            if await lane_has_heads(self.events, queue, await self._cursor(queue, lane, "probe"), now):
+                return False
+        return True
 
     def _upload_quiet(self, doc: dict[str, Any], now: datetime) -> bool:
         beat = doc.get("upload_heartbeat_at")
@@ -274,7 +291,7 @@ class CampaignStore:
         done = []
         async for doc in self.campaigns.find({"status": CampaignStatus.RUNNING.value}):
             finished = (doc["recipients"]["accepted"] and self._upload_quiet(doc, now)
-                        and await self._lane_empty(doc["lane"]))
+                        and await self._lane_empty(doc["lane"], now))
             if finished and await self._move(doc, CampaignStatus.COMPLETED, now, action="complete"):
                 done.append(doc["_id"])
         return done
@@ -288,26 +305,19 @@ class CampaignStore:
                 canceled += await self._cancel_queue(queue, doc, now, budget - canceled)
                 if canceled >= budget:
                     return canceled
-            if self._upload_quiet(doc, now) and await self._lane_empty(doc["lane"]):
+            if self._upload_quiet(doc, now) and await self._lane_empty(doc["lane"], now):
                 await self._move(doc, CampaignStatus.CANCELED, now, action="canceled")
         return canceled
 
     async def _cancel_queue(self, queue: str, campaign: dict[str, Any], now: datetime, budget: int) -> int:
-        """Cancel the heads waiting in one queue of the lane. Read in windows of `due_at` (a query's cost
-        is its index range on some servers); a head leased by a connector right now is left to it."""
-        streams = self.events.streams
-        first = await streams.find_one({"queue": queue}, {"due_at": 1}, sort=[("due_at", ASCENDING)])
-        if first is None:
-            return 0
-        last = await streams.find_one({"queue": queue}, {"due_at": 1}, sort=[("due_at", DESCENDING)])
-        lo, hi_max = first["due_at"], last["due_at"] if last else first["due_at"]
-        width = timedelta(seconds=1)
+        """Cancel the heads due in one queue of the lane, slice by slice; a head leased by a connector
+        right now is left to it (its outcome is recorded; if it comes back, a later sweep cancels it).
+        Heads due later (a retry's back-off) are canceled once due."""
+        cursor = await self._cursor(queue, campaign["lane"], "cancel")
         done = 0
-        while lo <= hi_max and done < budget:
-            docs = [d async for d in streams.find({"queue": queue, "due_at": {"$gte": lo, "$lte": lo + width}})
-                    .sort("due_at", ASCENDING).limit(CANCEL_BATCH)]
-            live = [d for d in docs if d.get("lease_token") and _aware(d["lease_until"], now) > now]
-            todo = [d for d in docs if d not in live]
+        for _ in range(max(1, budget // CANCEL_BATCH)):
+            docs = await self.events.scan(queue, now, CANCEL_BATCH, cursor, projection=None)
+            todo = [d for d in docs if not (d.get("lease_token") and _aware(d["lease_until"], now) > now)]
             if todo:
                 transitions = []
                 for d in todo:
@@ -315,12 +325,10 @@ class CampaignStore:
                     event = next_event(state, EventType.CANCELED, now,
                                        {"reason": f"campaign {campaign['_id']} canceled",
                                         "attempted": bool(d.get("lease_token"))})
-                    transitions.append(Transition(state.version, [event], evolve(state, event)))
-                result = await self.events.commit(transitions, now)
-                done += len(result.committed)
-            if len(docs) < CANCEL_BATCH or not todo:
-                lo = lo + width + timedelta(milliseconds=1)
-                width = width * 2 if not docs else width
+                    transitions.append(Transition(state.version, [event], evolve(state, event), unleased=True))
+                done += len((await self.events.commit(transitions, now)).committed)
+            if len(docs) < CANCEL_BATCH:
+                break
         return done
 
 

@@ -58,6 +58,9 @@ class Transition:
     due_at: datetime | None = None
     lease_token: str | None = None
     head_extra: dict[str, Any] = field(default_factory=dict)
+    # Only if nobody holds a live lease on the head (e.g. cancel a message unless a connector is
+    # sending it right now): a lease does not change the version, so the version alone cannot say.
+    unleased: bool = False
 
     @property
     def message_id(self) -> str:
@@ -175,7 +178,7 @@ class EventStore:
             except (_Conflict, DuplicateKeyError, BulkWriteError) as e:
                 if not isinstance(e, _Conflict) and not _is_duplicate(e):
                     raise
-                pending, lost = await self._drop_stale(pending)
+                pending, lost = await self._drop_stale(pending, now)
                 result.conflicts.extend(lost)
                 log.debug("commit: %d lost a race and were dropped: %s", len(lost), lost[:5])
         raise RuntimeError("commit: conflicts did not settle after 5 rounds")
@@ -190,6 +193,8 @@ class EventStore:
             guard: dict[str, Any] = {"_id": t.message_id, "version": t.expected_version}
             if t.lease_token is not None:
                 guard["lease_token"] = t.lease_token
+            if t.unleased:
+                guard["lease_until"] = {"$lte": now}
             ops.append(ReplaceOne(guard, head_doc(t.state, now=now, due_at=t.due_at, **t.head_extra)))
         res = await self.streams.bulk_write(ops, ordered=False, session=session)
         if res.matched_count != len(ops):
@@ -198,17 +203,18 @@ class EventStore:
             if writes:
                 await self.db[collection].bulk_write(writes, ordered=False, session=session)
 
-    async def _drop_stale(self, batch: list[Transition]) -> tuple[list[Transition], list[str]]:
+    async def _drop_stale(self, batch: list[Transition], now: datetime) -> tuple[list[Transition], list[str]]:
         heads = {
             d["_id"]: d
             async for d in self.streams.find({"_id": {"$in": [t.message_id for t in batch]}},
-                                             {"version": 1, "lease_token": 1})
+                                             {"version": 1, "lease_token": 1, "lease_until": 1})
         }
         keep, lost = [], []
         for t in batch:
             h = heads.get(t.message_id)
             fresh = h is not None and h["version"] == t.expected_version and (
-                t.lease_token is None or h.get("lease_token") == t.lease_token)
+                t.lease_token is None or h.get("lease_token") == t.lease_token) and (
+                not t.unleased or _aware(h.get("lease_until"), now) <= now)
             (keep if fresh else lost).append(t if fresh else t.message_id)  # type: ignore[arg-type]
         return keep, lost  # type: ignore[return-value]
 
@@ -305,6 +311,12 @@ class EventStore:
 
     async def heads_by_ids(self, ids: Sequence[str]) -> dict[str, MessageState]:
         return {d["_id"]: state_from_head(d) async for d in self.streams.find({"_id": {"$in": list(ids)}})}
+
+
+def _aware(value: datetime | None, like: datetime) -> datetime:
+    if value is None:
+        return NOT_LEASED
+    return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
 
 
 def _is_duplicate(e: Exception) -> bool:

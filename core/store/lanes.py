@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -30,7 +30,8 @@ from core.store.heads import state_from_head
 
 ACTIVE = "active"
 IDLE_LANE_S = 0.25  # a lane found empty is not probed again for this long (the shared lane always is)
-BULK_CURSOR_SWEEP_S = 300.0  # campaign lanes are deep: a full-range safety sweep is costly, so rarer
+BULK_CURSOR_SWEEP_S = 300.0  # how often a deep lane's cursor goes back to the lane's floor (a safety net)
+DEEP_SLICE_S = 0.2  # a campaign uploads a few thousand rows a second: a slice holds about a batch
 
 
 class LaneStore:
@@ -79,7 +80,8 @@ class LaneBook:
             if tenant in self.suspended:
                 continue
             weight = int((tenants.get(tenant) or {}).get("priority") or DEFAULT_WEIGHT)
-            lanes.append(Lane(d["_id"], tenant, bool(d.get("transactional")), weight))
+            lanes.append(Lane(d["_id"], tenant, bool(d.get("transactional")), weight,
+                              since=d.get("since") or d.get("created_at")))
         self.lanes = lanes
         self._loaded_at = time.monotonic()
 
@@ -150,7 +152,9 @@ class LaneClaimer:
                      projection: dict[str, int] | None) -> list[dict[str, Any]]:
         cursor = self.cursors.get(lane.key)
         if cursor is None:
-            cursor = self.cursors[lane.key] = QueueCursor(sweep_s=BULK_CURSOR_SWEEP_S)
+            cursor = self.cursors[lane.key] = deep_cursor(lane.since)
+        if lane.since is not None:
+            cursor.floor = lane.since
         return await self.store.scan(queue_name(self.stage, lane.key), now, limit, cursor, projection)
 
     def _forget_gone(self, lanes: Sequence[Lane]) -> None:
@@ -161,6 +165,32 @@ class LaneClaimer:
             self.cursors = {k: c for k, c in self.cursors.items() if k in keep}
             self._idle_until = {k: v for k, v in self._idle_until.items() if k in keep}
         self.share.forget({lane.tenant_id or "" for lane in lanes})
+
+
+def deep_cursor(floor: datetime | None) -> QueueCursor:
+    """A cursor for a lane that may hold millions of heads: only ever read in slices from `floor`."""
+    return QueueCursor(slice_s=DEEP_SLICE_S, sweep_s=BULK_CURSOR_SWEEP_S, deep=True, floor=floor)
+
+
+async def lane_has_heads(store: EventStore, queue: str, cursor: QueueCursor, now: datetime,
+                         horizon: timedelta = timedelta(days=1), max_probes: int = 60) -> bool:
+    """Whether `queue` holds any head due up to `now + horizon` (leases and retry back-offs end well
+    within that), probing slice by slice from the cursor: on a deep queue an unbounded query would
+    cost the whole queue. The cursor stays at the first head found, so a later call starts there."""
+    end = now + horizon
+    for _ in range(max_probes):
+        lo, hi = cursor.window(end)
+        doc = await store.streams.find_one({"queue": queue, "due_at": {"$gte": lo, "$lte": hi}}, {"due_at": 1})
+        if doc is not None:
+            cursor.position = min(doc["due_at"], now)
+            cursor.width_s = cursor.slice_s
+            return True
+        cursor.advance(end, hi, False, None)
+        if hi >= end:
+            cursor.position = now  # new heads are written due now or later: never look past now
+            return False
+    cursor.position = min(cursor.position or now, now)
+    return True  # not settled within the probes: assume there is work
 
 
 def _allocate(plan: Sequence[tuple[Lane, int]], found: dict[str, list[dict[str, Any]]],
