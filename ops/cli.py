@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from core.config import Settings
 from ops import components
+from ops.cli_campaigns import campaigns_app
 from ops.cli_tenants import tenants_app
 from ops.logs import configure
 
@@ -26,6 +27,7 @@ heads_app = typer.Typer(no_args_is_help=True, help="Heads (the per-message cache
 dead_letters_app = typer.Typer(no_args_is_help=True,
                                help="Dead-lettered (and failed) messages: list, show, requeue (appends events).")
 app.add_typer(tenants_app, name="tenants")  # ops/cli_tenants.py
+app.add_typer(campaigns_app, name="campaigns")  # ops/cli_campaigns.py
 app.add_typer(routes_app, name="routes")
 app.add_typer(heads_app, name="heads")
 app.add_typer(dead_letters_app, name="dead-letters")
