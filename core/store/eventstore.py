@@ -29,7 +29,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
-from core.domain.events import Event
+from core.domain.events import Event, utcnow
 from core.domain.message import MessageState, queue_name
 from core.store.cursor import EPOCH, QueueCursor
 from core.store.heads import NOT_LEASED, head_doc, state_from_head
@@ -303,11 +303,21 @@ class EventStore:
         return [state_from_head(d) async for d in self.streams.find({"_id": {"$in": ids}})]
 
     async def any_unfinished(self) -> bool:
-        """Whether some stage still has work on any head: one index probe, cheap enough to poll."""
-        lanes = ["", *[d["_id"] async for d in self.db["lanes"].find({}, {"_id": 1})]]
+        """Whether some stage still has work on any head. Shallow queues cost one index probe; a lane
+        (a campaign's, possibly millions deep) is probed slice by slice from its floor
+        (core/store/lanes.py), since an unbounded query would cost all its heads on some servers."""
+        from core.store.lanes import deep_cursor, lane_has_heads  # lanes builds on this module
+
         stages = ["route", *[f"send:{r}" for r in await self.db["routes"].distinct("_id")]]
-        queues = ["receipt", "bill", *(queue_name(stage, lane) for stage in stages for lane in lanes)]
-        return await self.streams.find_one({"queue": {"$in": queues}}, {"_id": 1}) is not None
+        if await self.streams.find_one({"queue": {"$in": ["receipt", "bill", *stages]}}, {"_id": 1}) is not None:
+            return True
+        now = utcnow()
+        async for lane in self.db["lanes"].find({}, {"since": 1, "created_at": 1}):
+            floor = lane.get("since") or lane.get("created_at")
+            for stage in stages:
+                if await lane_has_heads(self, queue_name(stage, lane["_id"]), deep_cursor(floor), now):
+                    return True
+        return False
 
     async def heads_by_ids(self, ids: Sequence[str]) -> dict[str, MessageState]:
         return {d["_id"]: state_from_head(d) async for d in self.streams.find({"_id": {"$in": list(ids)}})}

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def _head_for(state: MessageState, last: Event, now: datetime) -> dict[str, Any]:
+    """The head of `state`, due as it was when its last event was written (not all at `now`: a
+    campaign's million heads due at one instant would make every slice of its lane hold them all)."""
     retry_at = last.data.get("next_at") if last.type == EventType.RETRY else None
-    return head_doc(state, now=now, due_at=due_at_for(state, queue_for(state), now, retry_at))
+    return head_doc(state, now=now, due_at=due_at_for(state, queue_for(state), min(now, last.at), retry_at))
 
 
 async def rebuild_heads(db: AsyncDatabase, now: datetime, batch: int = 1000,
