@@ -89,11 +89,20 @@ async def _run_stage(settings: Settings, component: str,
 
 
 async def router_main(settings: Settings) -> None:
+    """Two routing loops in one process: the shared (transactional) lane, and the campaign and
+    marketing lanes, so that a one-time password is routed while a bulk batch commits."""
+    from core.store.lanes import BULK, SHARED
     from core.workers.router import Router
 
-    await _run_stage(settings, "router", lambda db: Router(EventStore(db), RouteStore(db), utcnow,
-                                                           batch_size=settings.batch_size,
-                                                           max_attempts=settings.max_attempts))
+    stop = stop_on_signals()
+    async with database(settings, "router") as db:
+        await prepare(db)
+        routers = [Router(EventStore(db), RouteStore(db), utcnow, batch_size=settings.batch_size,
+                          max_attempts=settings.max_attempts, scope=scope) for scope in (SHARED, BULK)]
+        log.info("router started (%s)", worker_id("router"))
+        await asyncio.gather(*(run_until_stopped(f"router[{r.scope}]", r.step, stop, settings.poll_interval_s)
+                               for r in routers))
+        log.info("router stopped")
 
 
 async def biller_main(settings: Settings) -> None:

@@ -31,6 +31,7 @@ Intermediate stats (ENROUTE, ACCEPTD) are acknowledged and change nothing.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -70,6 +71,10 @@ PART_THROTTLE_RETRIES = 5
 # Claim no more than the route's TPS lets out in this long: a claimed message waits for its token in
 # claim order, so a one-time password arriving during a campaign waits behind at most this much bulk.
 CLAIM_AHEAD_S = 0.5
+MIN_CLAIM_AHEAD = 10
+# Transactional claims may exceed the claim-ahead by this much: an OTP arriving while bulk fills the
+# connector is claimed at once (it still queues behind at most CLAIM_AHEAD_S of bulk to be sent).
+TRANSACTIONAL_RESERVE = 20
 HOLD_S = 5.0  # a suspended tenant's claimed message is given back, due again this much later
 BIND_STABLE_S = 2.0  # a bind lost after living this long reconnects at once (after a little jitter)
 RELINK_CAP_S = 5.0  # cap of the back-off between a lost bind and its next try while it keeps flapping
@@ -137,6 +142,7 @@ class Connector:
         self._tasks: set[asyncio.Task[None]] = set()
         self.awaiting_commit: set[str] = set()  # smsc ids whose `sent` is not committed yet
         self.in_flight = 0
+        self._done_at: collections.deque[float] = collections.deque(maxlen=100_000)  # submit completions
         self.wake = asyncio.Event()
         self.throttled_until = 0.0
         self.throttle_level = 0
@@ -253,12 +259,13 @@ class Connector:
         loop = asyncio.get_running_loop()
         while not stop.is_set():
             room = self._claim_room() - self.in_flight
-            if room <= 0 or loop.time() < self.throttled_until:
+            if room + TRANSACTIONAL_RESERVE <= 0 or loop.time() < self.throttled_until:
                 await wait_and_clear(self.wake, 0.05)
                 continue
             now = self.clock()
             try:
-                claims = await self.lanes.claim(now, min(room, self.batch_size), self.owner, self.lease_s)
+                claims = await self.lanes.claim(now, min(room + TRANSACTIONAL_RESERVE, self.batch_size), self.owner,
+                                                self.lease_s, bulk_limit=max(0, min(room, self.batch_size)))
                 claims = await self._hold_suspended(claims, now)
             except (ConnectionFailure, OperationFailure) as e:
                 log.warning("connector route=%s: claim failed, store unavailable: %s", self.route.id, e)
@@ -282,11 +289,15 @@ class Connector:
 
     def _claim_room(self) -> int:
         """How many messages may be claimed and not yet answered: two windows, and no more than the
-        route's TPS sends in CLAIM_AHEAD_S."""
+        route sends in CLAIM_AHEAD_S (at its TPS limit, or at the rate it achieved in the last two
+        seconds when the store or the SMSC is slower than that)."""
         room = self.capacity * 2
         if self.route.tps:
             room = min(room, max(1, int(self.route.tps * CLAIM_AHEAD_S)))
-        return room
+        horizon = asyncio.get_running_loop().time() - 2.0
+        while self._done_at and self._done_at[0] < horizon:
+            self._done_at.popleft()
+        return min(room, max(MIN_CLAIM_AHEAD, int(len(self._done_at) / 2.0 * CLAIM_AHEAD_S)))
 
     async def _hold_suspended(self, claims: list[Claimed], now: datetime) -> list[Claimed]:
         """Give back, untouched, the claims of tenants suspended meanwhile: held, not lost."""
@@ -353,6 +364,7 @@ class Connector:
             error = str(e)
         finally:
             self.in_flight -= 1
+            self._done_at.append(asyncio.get_running_loop().time())
         self.outcomes.append(Outcome(claim, smsc_ids, status, error, maybe_sent, nack=nack))
         self.wake.set()
 

@@ -29,6 +29,7 @@ from core.store.eventstore import LEASE_PROJECTION, Claimed, EventStore
 from core.store.heads import state_from_head
 
 ACTIVE = "active"
+ALL, SHARED, BULK = "all", "shared", "bulk"  # which lanes a stage reads
 IDLE_LANE_S = 0.25  # a lane found empty is not probed again for this long (the shared lane always is)
 BULK_CURSOR_SWEEP_S = 300.0  # how often a deep lane's cursor goes back to the lane's floor (a safety net)
 DEEP_SLICE_S = 0.2  # a campaign uploads a few thousand rows a second: a slice holds about a batch
@@ -104,27 +105,33 @@ class LaneClaimer:
         self.cursors: dict[str, QueueCursor] = {SHARED_LANE: QueueCursor()}
         self._idle_until: dict[str, float] = {}
 
-    async def due(self, now: datetime, limit: int) -> list[Claimed]:
-        """Due heads across the lanes, not leased (for stages guarded by the version alone)."""
-        docs = await self._gather(now, limit, projection=None)
+    async def due(self, now: datetime, limit: int, scope: str = ALL) -> list[Claimed]:
+        """Due heads across the lanes, not leased (for stages guarded by the version alone). `scope`:
+        ALL, SHARED (only the shared lane) or BULK (only the other lanes)."""
+        docs = await self._gather(now, limit, projection=None, scope=scope)
         return [Claimed(state_from_head(d)) for d in docs]
 
-    async def claim(self, now: datetime, limit: int, owner: str, lease_s: float) -> list[Claimed]:
-        """Lease up to `limit` due heads across the lanes; transactional ones first."""
-        found = await self._gather(now, limit, projection=LEASE_PROJECTION)
+    async def claim(self, now: datetime, limit: int, owner: str, lease_s: float,
+                    bulk_limit: int | None = None) -> list[Claimed]:
+        """Lease up to `limit` due heads across the lanes, transactional ones first, and of the others
+        at most `bulk_limit` (default: the claimer's)."""
+        found = await self._gather(now, limit, projection=LEASE_PROJECTION, bulk_limit=bulk_limit)
         won = {c.state.message_id: c for c in await self.store.lease(found, now, owner, lease_s)}
         return [won[d["_id"]] for d in found if d["_id"] in won]
 
-    async def _gather(self, now: datetime, limit: int, projection: dict[str, int] | None) -> list[dict[str, Any]]:
+    async def _gather(self, now: datetime, limit: int, projection: dict[str, int] | None, scope: str = ALL,
+                      bulk_limit: int | None = None) -> list[dict[str, Any]]:
         if limit <= 0:
             return []
         await self.book.refresh()
-        lanes = [Lane(SHARED_LANE, transactional=True), *self.book.lanes]
+        lanes = [] if scope == BULK else [Lane(SHARED_LANE, transactional=True)]
+        if scope != SHARED:
+            lanes.extend(self.book.lanes)
         self._forget_gone(lanes)
         out: list[dict[str, Any]] = []
         remaining = limit
         clock = time.monotonic()
-        bulk_left = limit if self.bulk_limit is None else self.bulk_limit
+        bulk_left = bulk_limit if bulk_limit is not None else limit if self.bulk_limit is None else self.bulk_limit
         for tier in FairShare.tiers(lanes):
             tier = [lane for lane in tier if self._idle_until.get(lane.key, 0.0) <= clock]
             room = remaining if tier and tier[0].key == SHARED_LANE else min(remaining, bulk_left)

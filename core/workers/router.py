@@ -19,7 +19,7 @@ from core.domain.events import Event, EventType
 from core.domain.message import MessageState, evolve, next_event
 from core.domain.routing import Route, RouteStatus, choose_route
 from core.store.eventstore import EventStore, Transition
-from core.store.lanes import LaneBook, LaneClaimer
+from core.store.lanes import ALL, LaneBook, LaneClaimer
 from core.store.routes import RouteStore
 
 log = logging.getLogger(__name__)
@@ -31,11 +31,15 @@ BULK_PER_BATCH = 200
 
 class Router:
     def __init__(self, store: EventStore, routes: RouteStore, clock: Callable[[], datetime], *,
-                 batch_size: int = 500, max_attempts: int = 5, rng: random.Random | None = None) -> None:
+                 batch_size: int = 500, max_attempts: int = 5, rng: random.Random | None = None,
+                 scope: str = ALL) -> None:
         self.store = store
         self.routes = routes
         self.clock = clock
         self.batch_size = batch_size
+        # `msgcore router` runs two: one for the shared (transactional) lane, one for the others, so a
+        # one-time password never waits for a batch of campaign messages to commit.
+        self.scope = scope
         self.lanes = LaneClaimer(store, "route", LaneBook(store.db), bulk_limit=min(batch_size, BULK_PER_BATCH))
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
@@ -53,7 +57,7 @@ class Router:
 
     async def step(self) -> int:
         now = self.clock()
-        claims = await self.lanes.due(now, self.batch_size)
+        claims = await self.lanes.due(now, self.batch_size, self.scope)
         if not claims:
             return 0
         await self._refresh(now)
