@@ -104,6 +104,7 @@ class LaneClaimer:
         self.share = FairShare()
         self.cursors: dict[str, QueueCursor] = {SHARED_LANE: QueueCursor()}
         self._idle_until: dict[str, float] = {}
+        self.skip: set[str] = set()  # lanes the stage leaves alone for now (e.g. the router's backpressure)
 
     async def due(self, now: datetime, limit: int, scope: str = ALL) -> list[Claimed]:
         """Due heads across the lanes, not leased (for stages guarded by the version alone). `scope`:
@@ -133,7 +134,7 @@ class LaneClaimer:
         clock = time.monotonic()
         bulk_left = bulk_limit if bulk_limit is not None else limit if self.bulk_limit is None else self.bulk_limit
         for tier in FairShare.tiers(lanes):
-            tier = [lane for lane in tier if self._idle_until.get(lane.key, 0.0) <= clock]
+            tier = [lane for lane in tier if self._idle_until.get(lane.key, 0.0) <= clock and lane.key not in self.skip]
             room = remaining if tier and tier[0].key == SHARED_LANE else min(remaining, bulk_left)
             if room <= 0 or not tier:
                 continue

@@ -16,10 +16,10 @@ from datetime import datetime, timedelta
 
 from core.domain.errors import NoRoute
 from core.domain.events import Event, EventType
-from core.domain.message import MessageState, evolve, next_event
+from core.domain.message import MessageState, evolve, next_event, queue_name
 from core.domain.routing import Route, RouteStatus, choose_route
 from core.store.eventstore import EventStore, Transition
-from core.store.lanes import ALL, LaneBook, LaneClaimer
+from core.store.lanes import ALL, SHARED, LaneBook, LaneClaimer
 from core.store.routes import RouteStore
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,13 @@ log = logging.getLogger(__name__)
 ROUTES_TTL_S = 1.0
 HOLD_S = 5.0
 BULK_PER_BATCH = 200
+# Backpressure: a bulk lane is not routed further while a message it routed between BACKLOG_SINCE_S and
+# BACKLOG_AFTER_S ago still waits for its connector. Routing far ahead of what the SMSCs take would
+# spend the store's capacity on work a pause or a cancel then leaves unused, and commit route choices
+# long before sending.
+BACKLOG_AFTER_S = 5.0
+BACKLOG_SINCE_S = 60.0
+BACKLOG_CHECK_S = 0.5
 
 
 class Router:
@@ -46,6 +53,7 @@ class Router:
         self._routes: list[Route] = []
         self._status: dict[str, RouteStatus] = {}
         self._loaded_at = float("-inf")
+        self._backlog_checked = float("-inf")
         self.routed = 0
 
     async def _refresh(self, now: datetime) -> None:
@@ -57,6 +65,9 @@ class Router:
 
     async def step(self) -> int:
         now = self.clock()
+        if self.scope != SHARED:
+            await self._refresh(now)
+            await self._backpressure(now)
         claims = await self.lanes.due(now, self.batch_size, self.scope)
         if not claims:
             return 0
@@ -68,6 +79,20 @@ class Router:
         self.routed += len(result.committed)
         log.debug("router: committed %d, conflicts %d", len(result.committed), len(result.conflicts))
         return len(claims)
+
+    async def _backpressure(self, now: datetime) -> None:
+        if time.monotonic() - self._backlog_checked < BACKLOG_CHECK_S:
+            return
+        self._backlog_checked = time.monotonic()
+        waiting = {"$gte": now - timedelta(seconds=BACKLOG_SINCE_S), "$lte": now - timedelta(seconds=BACKLOG_AFTER_S)}
+        skip = set()
+        for lane in self.lanes.book.lanes:
+            queues = [queue_name(f"send:{r.id}", lane.key) for r in self._routes]
+            if queues and await self.store.streams.find_one({"queue": {"$in": queues}, "due_at": waiting}, {"_id": 1}):
+                skip.add(lane.key)
+        if skip != self.lanes.skip:
+            log.debug("router: backpressure on lanes %s", sorted(skip))
+        self.lanes.skip = skip
 
     @staticmethod
     def _hold(state: MessageState, now: datetime) -> Transition:
