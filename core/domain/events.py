@@ -8,8 +8,10 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
 
 `data` per type (all keys present unless marked optional):
 
-    accepted      to, sender, text, encoding ("gsm7"|"ucs2"), parts, priority, validity_s,
-                  send_at (datetime|None), campaign_id (None), client_ref (None)
+    accepted      to, sender, text, encoding ("gsm7"|"ucs2"), parts, priority (10 transactional,
+                  0 marketing), validity_s, send_at (datetime|None), campaign_id (None), client_ref
+                  (None); campaign messages also campaign_row (the CSV row they came from) and have no
+                  send_at or validity of their own (the campaign's lane holds them until it runs)
     routed        route_id, price_per_part (int, minor units), currency, strategy
     sent          route_id, smsc_message_ids (list[str], one per part), attempt, parts
     retry         route_id, attempt, error_code (int), error_name, next_at (datetime)
@@ -22,7 +24,8 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
     expired       reason
     billed        route_id, parts, price_per_part, amount (int, minor units), currency
     rejected      reason
-    canceled      reason
+    canceled      reason; attempted (bool, campaign cancel: an earlier attempt's lease had expired
+                  without an outcome, so the SMSC may have it)
     dead_lettered reason, attempts
     unknown       route_id, attempt, reason, smsc_message_ids (of the attempt, if any): an attempt's
                   outcome is unknown (the connector died or lost its bind mid-submit) and the route's
