@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import psycopg
 from fastapi import APIRouter, Path, Query, Request
@@ -58,6 +58,7 @@ UPLOAD_ERRORS = {**ERRORS,
                                                               "column, a tag without a column, ...), "
                                                               "`invalid_encoding` (not UTF-8); nothing written"}}
 CampaignId = Annotated[str, Path(max_length=64)]
+CampaignStatusName = Literal["draft", "scheduled", "running", "paused", "canceling", "canceled", "completed"]
 
 
 def _store(db: DbDep) -> CampaignStore:
@@ -92,7 +93,7 @@ async def create_campaign(body: CampaignCreate, tenant: TenantDep, db: DbDep) ->
 
 @router.get("", response_model=CampaignList, responses=ERRORS, summary="List campaigns, newest first")
 async def list_campaigns(tenant: TenantDep, db: DbDep,
-                         status: Annotated[str | None, Query(max_length=20)] = None,
+                         status: Annotated[CampaignStatusName | None, Query()] = None,
                          limit: Annotated[int, Query(ge=1, le=200)] = 50,
                          before: Annotated[datetime | None, Query()] = None) -> CampaignList:
     docs = await _store(db).list(tenant.id, status=status, limit=limit, before=before)

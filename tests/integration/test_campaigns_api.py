@@ -3,7 +3,6 @@ resume/cancel, scheduling, tenant isolation."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -191,4 +190,15 @@ async def test_tenants_see_only_their_campaigns(api: dict[str, Any]) -> None:
     assert (await client.get(f"/v1/campaigns/{theirs['id']}", headers=auth["other"])).status_code == 200
     r = await client.get("/v1/campaigns", headers={"Authorization": "Bearer nope"})
     assert r.status_code == 401
-    await asyncio.sleep(0)
+
+
+
+async def test_list_filters_by_status_and_refuses_an_unknown_one(api: dict[str, Any]) -> None:
+    client, auth = api["client"], api["auth"]["acme"]
+    draft = await _create(api, name="draft one")
+    running = await _create(api, name="running one")
+    await client.post(f"/v1/campaigns/{running['id']}/start", headers=auth)
+    listed = (await client.get("/v1/campaigns?status=running", headers=auth)).json()["campaigns"]
+    assert running["id"] in {c["id"] for c in listed} and draft["id"] not in {c["id"] for c in listed}
+    r = await client.get("/v1/campaigns?status=bogus", headers=auth)
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")
