@@ -296,7 +296,7 @@ class CampaignStore:
                 done.append(doc["_id"])
         return done
 
-    async def cancel_sweep(self, now: datetime, budget: int = 20 * CANCEL_BATCH) -> int:
+    async def cancel_sweep(self, now: datetime, budget: int = 8 * CANCEL_BATCH) -> int:
         """End up to `budget` not-yet-sent messages of canceling campaigns as `canceled`; a campaign
         whose lane is empty (and no upload is writing to it) becomes `canceled`."""
         canceled = 0
@@ -315,7 +315,9 @@ class CampaignStore:
         Heads due later (a retry's back-off) are canceled once due."""
         cursor = await self._cursor(queue, campaign["lane"], "cancel")
         done = 0
-        for _ in range(max(1, budget // CANCEL_BATCH)):
+        for _ in range(4 * max(1, budget // CANCEL_BATCH)):  # a slice may hold fewer than a batch
+            if done >= budget:
+                break
             docs = await self.events.scan(queue, now, CANCEL_BATCH, cursor, projection=None)
             todo = [d for d in docs if not (d.get("lease_token") and _aware(d["lease_until"], now) > now)]
             if todo:
@@ -327,7 +329,7 @@ class CampaignStore:
                                         "attempted": bool(d.get("lease_token"))})
                     transitions.append(Transition(state.version, [event], evolve(state, event), unleased=True))
                 done += len((await self.events.commit(transitions, now)).committed)
-            if len(docs) < CANCEL_BATCH:
+            if not docs:  # `scan` crossed empty slices up to now
                 break
         return done
 
