@@ -58,6 +58,9 @@ _GSM7_EXTENSION = {
 }
 
 _ENCODE_BASIC: dict[str, int] = {ch: i for i, ch in enumerate(_GSM7_BASIC) if i != ESC}
+# For counting parts without encoding (count_parts): characters of one septet, and of the alphabet.
+_ONE_SEPTET = frozenset(_ENCODE_BASIC)
+_GSM7 = frozenset(_ENCODE_BASIC) | frozenset(_GSM7_EXTENSION)
 _DECODE_EXTENSION: dict[int, str] = {code: ch for ch, code in _GSM7_EXTENSION.items()}
 
 
@@ -140,7 +143,23 @@ def encode_text(text: str, *, allow_long: bool = True) -> EncodedText:
 
 
 def count_parts(text: str) -> tuple[Encoding, int]:
-    """(encoding name, number of parts) that `encode_text(text)` would produce; the billed part count."""
+    """(encoding name, number of parts) that `encode_text(text)` would produce; the billed part count.
+
+    Without encoding in the common cases (encoding costs ~0.3 µs a character, which would cap a
+    campaign upload at a few tens of thousands of rows a second): one septet per character, or UCS-2
+    without surrogate pairs, fill every part but the last, so the count is a division."""
+    length = len(text)
+    if _ONE_SEPTET.issuperset(text):
+        parts = 1 if length <= GSM7_SINGLE_SEPTETS else -(-length // GSM7_PART_SEPTETS)
+        if parts > MAX_PARTS:
+            raise MessageTooLong(parts, MAX_PARTS)
+        return "gsm7", parts
+    if not _GSM7.issuperset(text):
+        units = len(text.encode("utf-16-le")) // 2
+        if units <= UCS2_SINGLE_UNITS:
+            return "ucs2", 1
+        if units == length and -(-units // UCS2_PART_UNITS) <= MAX_PARTS:
+            return "ucs2", -(-units // UCS2_PART_UNITS)
     encoded = encode_text(text)
     return encoded.encoding, encoded.part_count
 

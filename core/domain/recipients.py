@@ -44,15 +44,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import TYPE_CHECKING
 
-from core.domain.encoding import (
-    GSM7_PART_SEPTETS,
-    GSM7_SINGLE_SEPTETS,
-    MAX_PARTS,
-    UCS2_PART_UNITS,
-    UCS2_SINGLE_UNITS,
-    MessageTooLong,
-    count_parts,
-)
+from core.domain.encoding import GSM7_PART_SEPTETS, GSM7_SINGLE_SEPTETS, MAX_PARTS, MessageTooLong, count_parts
 from core.domain.templates import MissingTag, Template, render
 
 if TYPE_CHECKING:
@@ -75,18 +67,6 @@ _LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)")
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")  # [0-9], not \d: \d also matches Arabic-Indic digits
 # Separators people type or spreadsheets add: whitespace (incl. no-break space), dashes, dots, parens.
 _PHONE_NOISE = re.compile(r"[\s\-\u2010-\u2015\u2212.()]")
-
-# Characters that cost exactly one septet in GSM 03.38 (the default alphabet without its escape),
-# and the extension table's characters (two septets each). Used only by the fast path of
-# `_encoding_and_parts`; tests check these sets against `core.domain.encoding`.
-GSM7_ONE_SEPTET_CHARS = (
-    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
-    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
-)
-GSM7_EXTENSION_CHARS = "\f^{}\\[~]|€"
-_NOT_ONE_SEPTET = re.compile(f"[^{re.escape(GSM7_ONE_SEPTET_CHARS)}]")
-_NOT_GSM7 = re.compile(f"[^{re.escape(GSM7_ONE_SEPTET_CHARS + GSM7_EXTENSION_CHARS)}]")
-
 
 class CsvEncodingError(ValueError):
     """The upload is not valid UTF-8: `line` (from 1) holds the first bad `byte`, or ends the file in
@@ -186,27 +166,6 @@ def normalize_phone(raw: str) -> str | None:
     if phone.startswith("00"):
         phone = "+" + phone[2:]
     return phone if _E164.fullmatch(phone) else None
-
-
-def _encoding_and_parts(text: str) -> tuple[str, int]:
-    """Same result as `count_parts(text)` (which raises `MessageTooLong` over 255 parts), but without
-    encoding the text in the common cases: `count_parts` costs about 0.3 µs a character, which
-    would cap a campaign upload at a few tens of thousands of rows a second."""
-    length = len(text)
-    if not _NOT_ONE_SEPTET.search(text):
-        # One septet per character: greedy packing fills every part but the last.
-        parts = 1 if length <= GSM7_SINGLE_SEPTETS else -(-length // GSM7_PART_SEPTETS)
-        if parts > MAX_PARTS:
-            raise MessageTooLong(parts, MAX_PARTS)
-        return "gsm7", parts
-    if _NOT_GSM7.search(text):
-        units = len(text.encode("utf-16-le")) // 2
-        if units <= UCS2_SINGLE_UNITS:
-            return "ucs2", 1
-        if units == length and -(-units // UCS2_PART_UNITS) <= MAX_PARTS:
-            # No surrogate pairs, so no pair to keep whole: every part but the last is full.
-            return "ucs2", -(-units // UCS2_PART_UNITS)
-    return count_parts(text)
 
 
 class RecipientReader:
@@ -322,7 +281,7 @@ class RecipientReader:
             return RowProblem(row, TOO_MANY_PARTS, f"the rendered text needs at least {needed} parts, "
                               f"limit is {limit}", phone)
         try:
-            encoding, parts = _encoding_and_parts(text)
+            encoding, parts = count_parts(text)
         except MessageTooLong as e:
             return _too_many_parts(row, phone, e.part_count, limit)
         if parts > limit:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from core.domain.encoding import (
@@ -137,3 +139,37 @@ def test_domain_module_is_pure() -> None:
     source = Path(mod.__file__).read_text(encoding="utf-8")
     imports = {line.split()[1] for line in source.splitlines() if line.startswith(("import ", "from "))}
     assert imports <= {"__future__", "dataclasses", "typing"}
+
+
+# The fast part count (no encoding) against the encoder, over the whole alphabet and random texts.
+ONE_SEPTET = (
+    "@£$¥èéùìòÇ\nØø\rÅåΔ_ΦΓΛΩΠΨΣΘΞÆæßÉ !\"#¤%&'()*+,-./0123456789:;<=>?"
+    "¡ABCDEFGHIJKLMNOPQRSTUVWXYZÄÖÑÜ§¿abcdefghijklmnopqrstuvwxyzäöñüà"
+)
+EXTENSION = "\f^{}\\[~]|€"
+
+
+def _encoded_count(text: str) -> tuple[str, int]:
+    encoded = encode_text(text)
+    return encoded.encoding, encoded.part_count
+
+
+def test_fast_character_sets_agree_with_the_encoder() -> None:
+    for ch in ONE_SEPTET:
+        assert count_parts(ch * 160) == ("gsm7", 1), repr(ch)
+        assert count_parts(ch * 161) == ("gsm7", 2), repr(ch)
+    for ch in EXTENSION:
+        assert count_parts(ch * 80) == ("gsm7", 1), repr(ch)
+        assert count_parts(ch * 81) == ("gsm7", 2), repr(ch)
+    for code in range(0x250):
+        ch = chr(code)
+        if ch not in ONE_SEPTET + EXTENSION + "\x1b":
+            assert count_parts(ch)[0] == "ucs2", repr(ch)
+
+
+def test_fast_part_count_matches_count_parts() -> None:
+    rnd = random.Random(7)
+    alphabets = ["abc XYZ 09.,!", "abc€[]^", "éüÄñ£", "aé😀", "مرحبا", "日本語", "a😀" * 3]
+    for _ in range(3000):
+        text = "".join(rnd.choice(rnd.choice(alphabets)) for _ in range(rnd.randint(0, 700)))
+        assert count_parts(text) == _encoded_count(text), text

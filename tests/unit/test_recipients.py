@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import types
 from collections.abc import Iterator
 
@@ -372,24 +371,3 @@ def test_ten_thousand_rows_stream_in_order() -> None:
         assert (result.row, result.phone) == (i + 2, f"+4915{i:09d}")
         count += 1
     assert count == 10_000
-
-
-def test_fast_character_sets_agree_with_the_encoder() -> None:
-    for ch in recipients.GSM7_ONE_SEPTET_CHARS:
-        assert count_parts(ch * 160) == ("gsm7", 1), repr(ch)
-        assert count_parts(ch * 161) == ("gsm7", 2), repr(ch)
-    for ch in recipients.GSM7_EXTENSION_CHARS:
-        assert count_parts(ch * 80) == ("gsm7", 1), repr(ch)
-        assert count_parts(ch * 81) == ("gsm7", 2), repr(ch)
-    for code in range(0x250):
-        ch = chr(code)
-        if ch not in recipients.GSM7_ONE_SEPTET_CHARS + recipients.GSM7_EXTENSION_CHARS + "\x1b":
-            assert count_parts(ch)[0] == "ucs2", repr(ch)
-
-
-def test_fast_part_count_matches_count_parts() -> None:
-    rnd = random.Random(7)
-    alphabets = ["abc XYZ 09.,!", "abc€[]^", "éüÄñ£", "aé😀", "مرحبا", "日本語", "a😀" * 3]
-    for _ in range(3000):
-        text = "".join(rnd.choice(rnd.choice(alphabets)) for _ in range(rnd.randint(0, 700)))
-        assert recipients._encoding_and_parts(text) == count_parts(text), text
