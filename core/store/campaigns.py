@@ -282,8 +282,6 @@ class CampaignStore:
 
     def _upload_quiet(self, doc: dict[str, Any], now: datetime) -> bool:
         beat = doc.get("upload_heartbeat_at")
-        if beat is not None and beat.tzinfo is None:
-            beat = beat.replace(tzinfo=now.tzinfo)
         return beat is None or now - beat >= timedelta(seconds=UPLOAD_QUIET_S)
 
     async def complete_finished(self, now: datetime) -> list[str]:
@@ -319,7 +317,7 @@ class CampaignStore:
             if done >= budget:
                 break
             docs = await self.events.scan(queue, now, CANCEL_BATCH, cursor, projection=None)
-            todo = [d for d in docs if not (d.get("lease_token") and _aware(d["lease_until"], now) > now)]
+            todo = [d for d in docs if d["lease_until"] <= now]  # the commit guard would refuse the others
             if todo:
                 transitions = []
                 for d in todo:
@@ -332,7 +330,3 @@ class CampaignStore:
             if not docs:  # `scan` crossed empty slices up to now
                 break
         return done
-
-
-def _aware(value: datetime, like: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)

@@ -214,7 +214,7 @@ class EventStore:
             h = heads.get(t.message_id)
             fresh = h is not None and h["version"] == t.expected_version and (
                 t.lease_token is None or h.get("lease_token") == t.lease_token) and (
-                not t.unleased or _aware(h.get("lease_until"), now) <= now)
+                not t.unleased or h.get("lease_until", NOT_LEASED) <= now)
             (keep if fresh else lost).append(t if fresh else t.message_id)  # type: ignore[arg-type]
         return keep, lost  # type: ignore[return-value]
 
@@ -321,12 +321,6 @@ class EventStore:
 
     async def heads_by_ids(self, ids: Sequence[str]) -> dict[str, MessageState]:
         return {d["_id"]: state_from_head(d) async for d in self.streams.find({"_id": {"$in": list(ids)}})}
-
-
-def _aware(value: datetime | None, like: datetime) -> datetime:
-    if value is None:
-        return NOT_LEASED
-    return value if value.tzinfo is not None else value.replace(tzinfo=like.tzinfo)
 
 
 def _is_duplicate(e: Exception) -> bool:

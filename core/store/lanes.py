@@ -53,12 +53,6 @@ class LaneStore:
     async def set_state(self, key: str, state: str, now: datetime, session: AsyncClientSession | None = None) -> None:
         await self.lanes.update_one({"_id": key}, {"$set": {"state": state, "updated_at": now}}, session=session)
 
-    async def keys(self) -> list[str]:
-        return [d["_id"] async for d in self.lanes.find({}, {"_id": 1})]
-
-    async def active(self) -> list[dict[str, Any]]:
-        return [d async for d in self.lanes.find({"state": ACTIVE})]
-
 
 @dataclass
 class LaneBook:

@@ -20,6 +20,7 @@ from api.app import create_app
 from core.config import Settings
 from core.domain.events import utcnow
 from core.store.tenants import TenantStore
+from tests.support.api import app_client, assert_error
 
 ACCEPTED_DATA_KEYS = {"to", "sender", "text", "encoding", "parts", "priority", "validity_s", "send_at",
                       "campaign_id", "client_ref"}
@@ -37,10 +38,8 @@ def settings() -> Settings:
 
 
 async def _client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    async with app.router.lifespan_context(app):  # ASGITransport does not run the lifespan itself
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with app_client(app) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -63,16 +62,6 @@ def auth(keys: dict[str, str]) -> dict[str, str]:
 
 async def counts(db: AsyncDatabase) -> tuple[int, int]:
     return await db["events"].count_documents({}), await db["streams"].count_documents({})
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    assert r.headers["content-type"].startswith("application/json")
-    body = r.json()
-    assert set(body) == {"error"}
-    assert set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code, body
-    return body["error"]  # type: ignore[no-any-return]
 
 
 # ---- accept -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from core.domain.events import utcnow
 from core.store.campaigns import CampaignStore
 from core.store.tenants import TenantStore
 from core.workers.campaigns import CampaignSweeper
+from tests.support.api import app_client
 from tests.support.waiting import wait_for
 
 TEMPLATE = "Hi {{first_name}}! Stop by {{ store_name }} today."
@@ -38,11 +39,9 @@ async def api(mongo_db: AsyncDatabase) -> AsyncIterator[dict[str, Any]]:
     tenants = TenantStore(mongo_db)
     keys = {t: await tenants.create(t, t.title(), utcnow()) for t in ("acme", "other")}
     app = create_app(Settings(mongo_url="mongodb://unused.invalid"), db=mongo_db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield {"client": client, "db": mongo_db,
-                   "auth": {t: {"Authorization": f"Bearer {k}"} for t, k in keys.items()}}
+    async with app_client(app) as client:
+        yield {"client": client, "db": mongo_db,
+               "auth": {t: {"Authorization": f"Bearer {k}"} for t, k in keys.items()}}
 
 
 async def _create(api: dict[str, Any], tenant: str = "acme", **body: Any) -> dict[str, Any]:

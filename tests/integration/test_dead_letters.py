@@ -28,6 +28,7 @@ from core.store.rebuild import rebuild_heads
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
 from core.workers.router import Router
+from tests.support.api import app_client, assert_error
 from tests.support.factories import accepted
 
 MAX_ATTEMPTS = 3
@@ -200,10 +201,8 @@ async def test_requeue_reports_a_head_that_moved_on_and_appends_nothing_for_it(
 
 async def _client(settings: Settings, db: AsyncDatabase) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings, db=db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with app_client(app) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -213,13 +212,6 @@ async def client(mongo_db: AsyncDatabase) -> AsyncIterator[httpx.AsyncClient]:
 
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code, body
 
 
 async def test_admin_api_lists_and_requeues(client: httpx.AsyncClient, store: EventStore,

@@ -36,6 +36,7 @@ from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
 from smsc.connector import Connector
 from smsc.pdu import ESM_CLASS_RECEIPT, MESSAGE_STATES, SequenceCounter, as_str, build_receipt_text
+from tests.support.api import app_client
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for
 
@@ -205,10 +206,8 @@ async def make_connector(mongo_db: AsyncDatabase, port: int, **route: Any) -> Co
 async def api(mongo_db: AsyncDatabase) -> AsyncIterator[httpx.AsyncClient]:
     settings = Settings(mongo_url="mongodb://unused.invalid", admin_key=ADMIN_KEY)
     app = create_app(settings, db=mongo_db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield client
+    async with app_client(app) as client:
+        yield client
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -15,6 +15,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from api.app import create_app
 from core.config import Settings
+from tests.support.api import app_client, assert_error
 
 ADMIN_KEY = "adm_ratelimit_0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -38,10 +39,8 @@ def clock() -> Clock:
 async def client(mongo_db: AsyncDatabase, clock: Clock) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(mongo_url="mongodb://unused.invalid", admin_key=ADMIN_KEY), db=mongo_db)
     app.state.limiter.clock = clock
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield c
+    async with app_client(app) as c:
+        yield c
 
 
 async def tenant(client: httpx.AsyncClient, tenant_id: str, **plan: Any) -> dict[str, str]:
@@ -54,13 +53,6 @@ async def send(client: httpx.AsyncClient, auth: dict[str, str], count: int = 1,
                headers: dict[str, str] | None = None) -> httpx.Response:
     body: Any = MSG if count == 1 else {"messages": [MSG] * count}
     return await client.post("/v1/messages", json=body, headers={**auth, **(headers or {})})
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and body["error"]["code"] == code, body
-    return body["error"]  # type: ignore[no-any-return]
 
 
 async def events_of(db: AsyncDatabase, tenant_id: str) -> int:

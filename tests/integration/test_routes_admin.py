@@ -20,6 +20,7 @@ from core.config import Settings
 from core.domain.events import utcnow
 from core.domain.routing import Route, RouteStatus
 from core.store.routes import RouteStore
+from tests.support.api import app_client, assert_error
 
 ADMIN_KEY = "adm_routes_0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -29,18 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(mongo_db: AsyncDatabase) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(mongo_url="mongodb://unused.invalid", admin_key=ADMIN_KEY), db=mongo_db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield c
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code, body
-    return body["error"]  # type: ignore[no-any-return]
+    async with app_client(app) as c:
+        yield c
 
 
 NEW = {"id": "carrier-a", "host": "127.0.0.1", "port": 2776, "system_id": "acme", "password": "s3cret!",

@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import httpx
 import pytest_asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
@@ -16,6 +15,7 @@ from core.domain.events import utcnow
 from core.store.tenants import TenantStore
 from projections.projector import apply_events
 from projections.schema import migrate
+from tests.support.api import app_client
 
 BASE = datetime(2026, 5, 4, 10, 0, tzinfo=UTC)
 
@@ -52,10 +52,8 @@ async def setup(mongo_db: AsyncDatabase, pg_url: str, pg_schema: str) -> AsyncIt
     assert await apply_events(pg_url, pg_schema, docs) == len(docs)
     settings = Settings(mongo_url="mongodb://unused.invalid", pg_url=pg_url, reporting_schema=pg_schema)
     app = create_app(settings, db=mongo_db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            yield {"client": client, "auth": {t: {"Authorization": f"Bearer {k}"} for t, k in keys.items()}}
+    async with app_client(app) as client:
+        yield {"client": client, "auth": {t: {"Authorization": f"Bearer {k}"} for t, k in keys.items()}}
 
 
 async def search(setup: dict[str, Any], tenant: str = "acme", **params: Any) -> dict[str, Any]:
@@ -137,9 +135,7 @@ async def test_bad_parameters_are_validation_errors(setup: dict[str, Any]) -> No
 async def test_without_postgres_search_is_unavailable(mongo_db: AsyncDatabase) -> None:
     key = await TenantStore(mongo_db).create("solo", "Solo", utcnow())
     app = create_app(Settings(mongo_url="mongodb://unused.invalid"), db=mongo_db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            r = await client.get("/v1/messages", headers={"Authorization": f"Bearer {key}"})
+    async with app_client(app) as client:
+        r = await client.get("/v1/messages", headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 503, r.text
     assert r.json()["error"]["code"] == "reporting_unavailable"

@@ -19,6 +19,7 @@ from api.app import create_app
 from core.config import Settings
 from core.domain.events import utcnow
 from core.store.tenants import KeyNotFound, TenantStore, hash_key
+from tests.support.api import app_client, assert_error
 
 ADMIN_KEY = "adm_tenants_0123456789abcdef"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -33,18 +34,8 @@ def bearer(key: str) -> dict[str, str]:
 @pytest_asyncio.fixture(loop_scope="session")
 async def client(mongo_db: AsyncDatabase) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(mongo_url="mongodb://unused.invalid", admin_key=ADMIN_KEY), db=mongo_db)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield c
-
-
-def assert_error(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details"}
-    assert body["error"]["code"] == code, body
-    return body["error"]  # type: ignore[no-any-return]
+    async with app_client(app) as c:
+        yield c
 
 
 async def create(client: httpx.AsyncClient, tenant_id: str, **plan: Any) -> dict[str, Any]:
