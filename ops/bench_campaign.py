@@ -86,7 +86,7 @@ from core.domain.routing import Route
 from core.store.campaigns import CANCEL_BATCH, UPLOAD_QUIET_S
 from core.store.lanes import LaneBook
 from core.workers.router import BULK_PER_BATCH
-from ops.embedded import EmbeddedMongo, EmbeddedPostgres
+from ops.bench_support import pct, store_servers
 from ops.stack import Stack, seed
 
 TEMPLATE = "Hi {{first_name}}! Stop by {{store_name}} today: 20% off everything."
@@ -97,13 +97,6 @@ CAMPAIGN_PREFIX = "49151"  # campaign numbers: +49151 and 8 digits
 PROBE_PREFIX = "4917"  # one-time passwords: +4917 and 9 digits
 STEADY_SKIP_S = 10.0
 SCHED_LINE = re.compile(rb"^(\S+)Z .*campaigns: (\d+) messages canceled")
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def line(label: str, text: str) -> None:
@@ -743,31 +736,8 @@ def main() -> None:
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
     args = p.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="msgcore-bench-campaign-") as tmp:
-        work = Path(tmp)
-        started: list[Any] = []
-        pids: dict[str, int] = {}
-        mongo_url, pg_url = os.environ.get("MSGCORE_MONGO_URL", ""), os.environ.get("MSGCORE_PG_URL", "")
-        try:
-            if not mongo_url:
-                mongo = EmbeddedMongo(work)
-                mongo.start()
-                started.append(mongo)
-                mongo_url = mongo.url
-                if mongo.proc is not None:
-                    pids["mongo-server"] = mongo.proc.pid
-            if not pg_url:
-                pg = EmbeddedPostgres(work)
-                pg.start()
-                started.append(pg)
-                pg_url = pg.url
-                with contextlib.suppress(OSError, ValueError, IndexError):
-                    pids["pg-server"] = int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-            asyncio.run(bench(args, mongo_url, pg_url, work, pids))
-        finally:
-            for s in reversed(started):
-                s.stop()
-
+    with tempfile.TemporaryDirectory(prefix="msgcore-bench-campaign-") as tmp, store_servers(Path(tmp)) as servers:
+        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp), servers.pids))
 
 if __name__ == "__main__":
     main()

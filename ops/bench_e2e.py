@@ -32,15 +32,8 @@ from pymongo import AsyncMongoClient, ReplaceOne
 
 from core.domain.routing import Route
 from core.store.eventstore import EventStore
-from ops.embedded import EmbeddedMongo, EmbeddedPostgres
+from ops.bench_support import pct, store_servers
 from ops.stack import Stack, seed
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def raw_write_rate(client: AsyncMongoClient, seconds: float = 3.0, batch: int = 1000) -> float:
@@ -240,7 +233,6 @@ async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Pat
 
 
 def main() -> None:
-    import os
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=20_000)
@@ -252,24 +244,8 @@ def main() -> None:
     args = p.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="msgcore-bench-") as tmp:
-        work = Path(tmp)
-        servers: list[Any] = []
-        mongo_url, pg_url = os.environ.get("MSGCORE_MONGO_URL", ""), os.environ.get("MSGCORE_PG_URL", "")
-        if not mongo_url:
-            servers.append(EmbeddedMongo(work))
-            servers[-1].start()
-            mongo_url = servers[-1].url
-        if not pg_url:
-            servers.append(EmbeddedPostgres(work))
-            servers[-1].start()
-            pg_url = servers[-1].url
-        try:
-            asyncio.run(bench(args, mongo_url, pg_url, work))
-        finally:
-            for s in reversed(servers):
-                s.stop()
-
+    with tempfile.TemporaryDirectory(prefix="msgcore-bench-") as tmp, store_servers(Path(tmp)) as servers:
+        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp)))
 
 if __name__ == "__main__":
     main()

@@ -48,6 +48,7 @@ from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.asynchronous.collection import AsyncCollection
 
 from core.store.eventstore import EventStore
+from ops.bench_support import pct, postgres_pid
 from ops.embedded import EmbeddedMongo, EmbeddedPostgres
 from projections.projector import Projector
 from projections.rebuild import rebuild
@@ -189,13 +190,6 @@ class RssSampler(threading.Thread):
             self.sample()
 
 
-def postgres_pid(pg: EmbeddedPostgres) -> int | None:
-    try:
-        return int((pg.pgdata / "postmaster.pid").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 # --- steps -------------------------------------------------------------------------------------------
 
 
@@ -253,13 +247,6 @@ async def pg_count(pg_url: str, schema: str, table: str) -> int:
                                                                             sql.Identifier(table)))
         row = await cur.fetchone()
     return int(row[0]) if row else 0
-
-
-def pct(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 async def _wait_applied(projector: Projector, task: asyncio.Task[None], target: int, timeout_s: float,

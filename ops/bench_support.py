@@ -1,0 +1,64 @@
+"""What the benchmarks share: the store servers a run starts (unless MSGCORE_MONGO_URL /
+MSGCORE_PG_URL name others), and percentiles."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ops.embedded import EmbeddedMongo, EmbeddedPostgres
+
+
+def pct(values: list[float], p: float) -> float:
+    """The p-th percentile (nearest rank); NaN for no values."""
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def postgres_pid(pg: EmbeddedPostgres) -> int | None:
+    """The postmaster's pid, from its pid file; None if it cannot be read."""
+    try:
+        return int((pg.pgdata / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class StoreServers:
+    mongo_url: str
+    pg_url: str
+    # pids of the servers this run started ("mongo-server", "pg-server"), for CPU and memory figures
+    pids: dict[str, int] = field(default_factory=dict)
+
+
+@contextmanager
+def store_servers(work: Path) -> Iterator[StoreServers]:
+    """The MongoDB-wire and PostgreSQL servers for a run: those the environment names, else embedded
+    ones started under `work` and stopped at the end (also on Ctrl-C or SIGTERM)."""
+    servers = StoreServers(os.environ.get("MSGCORE_MONGO_URL", ""), os.environ.get("MSGCORE_PG_URL", ""))
+    started: list[EmbeddedMongo | EmbeddedPostgres] = []
+    try:
+        if not servers.mongo_url:
+            mongo = EmbeddedMongo(work)
+            mongo.start()
+            started.append(mongo)
+            servers.mongo_url = mongo.url
+            if mongo.proc is not None:
+                servers.pids["mongo-server"] = mongo.proc.pid
+        if not servers.pg_url:
+            pg = EmbeddedPostgres(work)
+            pg.start()
+            started.append(pg)
+            servers.pg_url = pg.url
+            pid = postgres_pid(pg)
+            if pid is not None:
+                servers.pids["pg-server"] = pid
+        yield servers
+    finally:
+        for s in reversed(started):
+            s.stop()
