@@ -14,8 +14,8 @@ from pydantic import ValidationError
 from core.config import Settings
 from ops import components
 from ops.cli_campaigns import campaigns_app
+from ops.cli_common import cli_actor, cli_settings
 from ops.cli_tenants import tenants_app
-from ops.logs import configure
 
 if TYPE_CHECKING:
     from core.domain.events import Event
@@ -37,21 +37,6 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(reporting_app, name="reporting")
 
 
-def _settings(component: str, need_store: bool = True) -> Settings:
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        raise typer.BadParameter(f"invalid MSGCORE_* setting: {e}") from e
-    configure(component, settings.log_level)
-    if need_store:
-        try:
-            settings = components.resolve_urls(settings)
-        except components.ConfigError as e:
-            typer.echo(f"msgcore {component}: {e}", err=True)
-            raise typer.Exit(2) from e
-    return settings
-
-
 def _run(component: str, coro: object) -> None:
     try:
         asyncio.run(coro)  # type: ignore[arg-type]
@@ -67,7 +52,7 @@ def up() -> None:
     """Start everything on the embedded default (or on MSGCORE_MONGO_URL / MSGCORE_PG_URL)."""
     from ops.up import up as run_up
 
-    settings = _settings("up", need_store=False)
+    settings = cli_settings("up", need_store=False)
     run_up(settings)
 
 
@@ -76,27 +61,27 @@ def api() -> None:
     """The REST API (submission, status, audit trail)."""
     from api.server import serve
 
-    serve(_settings("api"))
+    serve(cli_settings("api"))
 
 
 @app.command()
 def router() -> None:
     """Route accepted messages."""
-    s = _settings("router")
+    s = cli_settings("router")
     _run("router", components.router_main(s))
 
 
 @app.command()
 def biller() -> None:
     """Price and bill finished messages."""
-    s = _settings("biller")
+    s = cli_settings("biller")
     _run("biller", components.biller_main(s))
 
 
 @app.command()
 def scheduler() -> None:
     """Timed jobs: receipt expiry."""
-    s = _settings("scheduler")
+    s = cli_settings("scheduler")
     _run("scheduler", components.scheduler_main(s))
 
 
@@ -104,14 +89,14 @@ def scheduler() -> None:
 def connector(route: Annotated[list[str] | None, typer.Option(help="Route id(s); default: all SMPP routes")] = None
               ) -> None:
     """The SMPP connector(s): send routed messages, record receipts."""
-    s = _settings("connector")
+    s = cli_settings("connector")
     _run("connector", components.connector_main(s, route or []))
 
 
 @app.command()
 def projector() -> None:
     """Stream the event log into the PostgreSQL reporting schema."""
-    s = _settings("projector")
+    s = cli_settings("projector")
     _run("projector", components.projector_main(s))
 
 
@@ -121,7 +106,7 @@ def migrate() -> None:
     The projector and `msgcore up` also apply them on start."""
     from projections.schema import migrate as apply_migrations
 
-    s = _settings("migrate")
+    s = cli_settings("migrate")
     pg_url = _need_pg(s, "migrate")
     applied = asyncio.run(apply_migrations(pg_url, s.reporting_schema))
     if applied:
@@ -152,7 +137,7 @@ def smsc_sim(
     seed: Annotated[int | None, typer.Option(help="Seed of the fault RNG, for reproducible runs")] = None,
 ) -> None:
     """An SMPP v3.4 SMSC simulator on 127.0.0.1 with delivery receipts and switchable faults."""
-    s = _settings("smsc-sim", need_store=False)
+    s = cli_settings("smsc-sim", need_store=False)
     faults: dict[str, Any] = {k: v for k, v in {
         "error_ratio": error_ratio, "permanent_share": permanent_share, "throttle_tps": throttle_tps,
         "drop_after_pdus": drop_after_pdus, "receipt_mode": receipt_mode, "malformed_ratio": malformed_ratio,
@@ -176,7 +161,7 @@ def routes_list() -> None:
     from core.domain.events import utcnow
     from core.store.routes import RouteStore
 
-    s = _settings("cli")
+    s = cli_settings("cli")
 
     async def fetch():  # type: ignore[no-untyped-def]
         async with components.database(s, "cli") as db:
@@ -255,7 +240,7 @@ def _route_store_call(fn: Any) -> Any:
     """Run `fn(store)` against the RouteStore of the configured database."""
     from core.store.routes import RouteStore
 
-    s = _settings("cli")
+    s = cli_settings("cli")
 
     async def go() -> Any:
         async with components.database(s, "cli") as db:
@@ -294,7 +279,7 @@ def routes_add(
                            group=group, strategy=strategy, source_ton=source_ton, source_npi=source_npi,
                            dest_ton=dest_ton, dest_npi=dest_npi, on_unknown_outcome=on_unknown_outcome)
     route = _build_route("add", route_id, {**fields, "id": route_id, "enabled": not disabled})
-    actor = _cli_actor()
+    actor = cli_actor()
 
     async def add(store: Any) -> bool:
         if await store.get(route_id) is not None:
@@ -331,7 +316,7 @@ def routes_update(
                            dest_ton=dest_ton, dest_npi=dest_npi, on_unknown_outcome=on_unknown_outcome)
     if not fields:
         raise _fail("update", "nothing to change: give at least one option (see `msgcore routes update --help`)", 2)
-    actor = _cli_actor()
+    actor = cli_actor()
 
     async def update(store: Any) -> tuple[Any, Any] | None:
         current = await store.get(route_id)
@@ -353,7 +338,7 @@ def routes_update(
 def _set_enabled_cli(command: str, route_id: str, enabled: bool) -> None:
     from core.domain.events import utcnow
 
-    actor = _cli_actor()
+    actor = cli_actor()
 
     async def go(store: Any) -> tuple[Any, Any]:
         before = await store.get(route_id)
@@ -428,7 +413,7 @@ def heads_rebuild() -> None:
     from core.domain.events import utcnow
     from core.store.rebuild import rebuild_heads
 
-    s = _settings("cli")
+    s = cli_settings("cli")
 
     async def go() -> int:
         async with components.database(s, "cli") as db:
@@ -450,15 +435,6 @@ def _check_dl_state(state: str) -> None:
         raise typer.BadParameter(f"--state must be one of {', '.join(sorted(REQUEUABLE_STATES))}")
 
 
-def _cli_actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no user name in this environment (e.g. a container without one)
-        return "cli"
-
-
 @dead_letters_app.command("list")
 def dead_letters_list(
     tenant: Annotated[str | None, typer.Option(help="Only this tenant's messages")] = None,
@@ -470,7 +446,7 @@ def dead_letters_list(
     from core.store.deadletters import list_dead_letters
 
     _check_dl_state(state)
-    s = _settings("cli")
+    s = cli_settings("cli")
 
     async def fetch() -> list[dict[str, object]]:
         async with components.database(s, "cli") as db:
@@ -492,7 +468,7 @@ def dead_letters_show(message_id: Annotated[str, typer.Argument(help="Message id
 
     from core.store.eventstore import EventStore
 
-    s = _settings("cli")
+    s = cli_settings("cli")
 
     async def fetch() -> tuple[dict[str, Any] | None, list[Event]]:
         async with components.database(s, "cli") as db:
@@ -558,8 +534,8 @@ def dead_letters_requeue(
     if tenant is not None and not all_:
         typer.echo("msgcore dead-letters requeue: --tenant goes with --all", err=True)
         raise typer.Exit(2)
-    s = _settings("cli")
-    result = asyncio.run(_requeue_pages(s, None if all_ else message_ids, tenant, state, _cli_actor(), reason))
+    s = cli_settings("cli")
+    result = asyncio.run(_requeue_pages(s, None if all_ else message_ids, tenant, state, cli_actor(), reason))
     for mid in result.requeued:
         typer.echo(f"requeued {mid}")
     typer.echo(f"{len(result.requeued)} message(s) requeued" +
@@ -590,7 +566,7 @@ def verify(
     from ops.verify import VerifyError
     from ops.verify import verify as run_verify
 
-    s = _settings("verify")
+    s = cli_settings("verify")
 
     async def go():  # type: ignore[no-untyped-def]
         async with components.database(s, "verify") as db:
@@ -653,7 +629,7 @@ def projections_status(
 
     from projections.status import format_status, projection_status
 
-    s = _settings("cli")
+    s = cli_settings("cli")
     pg_url = _need_pg(s, "projections status")
 
     async def go():  # type: ignore[no-untyped-def]
@@ -697,7 +673,7 @@ def projections_rebuild(
 
     from projections.rebuild import RebuildError, rebuild
 
-    s = _settings("cli")
+    s = cli_settings("cli")
     pg_url = _need_pg(s, "projections rebuild")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("events"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
@@ -747,7 +723,7 @@ def trace(
     from ops.trace import format_trace
     from ops.trace import trace as run_trace
 
-    s = _settings("cli")
+    s = cli_settings("cli")
 
     async def go():  # type: ignore[no-untyped-def]
         async with components.database(s, "cli") as db:
@@ -772,7 +748,7 @@ def reporting_grant_bi_role(
     """Create (or update) a read-only login role with SELECT on the reporting schema."""
     import inspect
 
-    s = _settings("cli")
+    s = cli_settings("cli")
     try:
         from projections.bi_role import ensure_bi_role  # lazily: written alongside the reporting views
     except ImportError as e:

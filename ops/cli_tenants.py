@@ -14,11 +14,9 @@ from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
 
-from core.config import Settings
 from ops import components
-from ops.logs import configure
+from ops.cli_common import cli_actor, cli_settings
 
 T = TypeVar("T")
 
@@ -37,34 +35,12 @@ def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def _actor() -> str:
-    import getpass
-
-    try:
-        return f"cli:{getpass.getuser()}"
-    except (KeyError, OSError):  # no user name in this environment (e.g. a container without one)
-        return "cli"
-
-
-def _settings(command: str) -> Settings:
-    # ops/cli.py has the same few lines; importing them from there would be circular.
-    try:
-        settings = Settings()
-    except ValidationError as e:
-        raise typer.BadParameter(f"invalid MSGCORE_* setting: {e}") from e
-    configure("cli", settings.log_level)
-    try:
-        return components.resolve_urls(settings)
-    except components.ConfigError as e:
-        raise _fail(command, str(e), 2) from e
-
-
 def _with_store(command: str, fn: Callable[[Any], Awaitable[T]], prepare: bool = False) -> T:
     """Run `fn(store)` against the TenantStore of the configured database, turning the store's
     errors into a message and an exit code."""
     from core.store.tenants import InvalidTenantSetting, KeyNotFound, TenantExists, TenantNotFound, TenantStore
 
-    s = _settings(command)
+    s = cli_settings(f"tenants {command}")
 
     async def go() -> T:
         async with components.database(s, "cli") as db:
@@ -136,7 +112,7 @@ def tenants_create(
     burst = _parse_burst("create", submit_burst) if submit_burst is not None else None
     key_id, key = _with_store("create", lambda store: store.register(
         tid, name, _now(), priority=DEFAULT_PRIORITY if priority is None else priority, submit_tps=tps,
-        submit_burst=burst, actor=_actor()), prepare=True)
+        submit_burst=burst, actor=cli_actor()), prepare=True)
     typer.echo(f"tenant: {tid}\napi key: {key}\nkey id: {key_id}\n(store it now: only its hash is kept)")
 
 
@@ -164,7 +140,7 @@ def tenants_limits(tenant_id: TenantIdArg, priority: PriorityOpt = None, submit_
         before = await store.get(tenant_id)
         if before is None or not fields:
             return before, before or {}
-        return before, await store.update_limits(tenant_id, _now(), actor=_actor(), **fields)
+        return before, await store.update_limits(tenant_id, _now(), actor=cli_actor(), **fields)
 
     before, after = _with_store("limits", apply)
     if before is None:
@@ -182,14 +158,14 @@ def tenants_suspend(tenant_id: TenantIdArg,
                     reason: Annotated[str, typer.Option("--reason", help="Why (recorded)")]) -> None:
     """Suspend a tenant: its API calls are refused (403 tenant_suspended); its accepted messages are
     held by the workers, not lost."""
-    t = _with_store("suspend", lambda store: store.suspend(tenant_id, reason, _now(), actor=_actor()))
+    t = _with_store("suspend", lambda store: store.suspend(tenant_id, reason, _now(), actor=cli_actor()))
     typer.echo(f"tenant {tenant_id} suspended since {t['suspended_at'].isoformat()}: {t['suspend_reason']}")
 
 
 @tenants_app.command("resume")
 def tenants_resume(tenant_id: TenantIdArg) -> None:
     """Make a suspended tenant active again; its held messages go on."""
-    _with_store("resume", lambda store: store.resume(tenant_id, _now(), actor=_actor()))
+    _with_store("resume", lambda store: store.resume(tenant_id, _now(), actor=cli_actor()))
     typer.echo(f"tenant {tenant_id} active")
 
 
@@ -212,7 +188,7 @@ def tenants_rotate_key(
     """Issue a new API key and print it (shown only this once). The other keys keep working until
     revoked, unless --revoke-existing."""
     key_id, key = _with_store("rotate-key", lambda store: store.rotate_key(tenant_id, _now(), revoke_existing,
-                                                                           actor=_actor()))
+                                                                           actor=cli_actor()))
     typer.echo(f"tenant: {tenant_id}\napi key: {key}\nkey id: {key_id}\n(store it now: only its hash is kept)")
     if revoke_existing:
         typer.echo("every other key of the tenant is revoked")
@@ -222,7 +198,7 @@ def tenants_rotate_key(
 def tenants_revoke_key(tenant_id: TenantIdArg,
                        key_id: Annotated[str, typer.Argument(help="Key id (see `msgcore tenants keys`)")]) -> None:
     """Revoke an API key; requests with it are refused (within 10 s on running API processes)."""
-    k = _with_store("revoke-key", lambda store: store.revoke_key(tenant_id, key_id, _now(), actor=_actor()))
+    k = _with_store("revoke-key", lambda store: store.revoke_key(tenant_id, key_id, _now(), actor=cli_actor()))
     typer.echo(f"key {key_id} of tenant {tenant_id} revoked at {k['revoked_at'].isoformat()}")
 
 
