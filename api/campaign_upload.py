@@ -1,12 +1,13 @@
 """A campaign's recipient upload: streamed to disk, checked whole, then accepted in batches.
 
 1. The body is streamed into an unnamed temporary file (never held in memory; a 1,000,000-row file is
-   about 50 MB of disk). A client that disconnects midway has written nothing.
-2. A first pass over the file checks what would make it unusable as a whole: UTF-8, the header (a
-   phone column, a column for every tag), the CSV structure. Any of these answers 422 and nothing is
-   written.
-3. A second pass renders each row and accepts the valid ones in batches of `BATCH_ROWS`, each batch
-   one transaction with its problem rows and the campaign's counters. Parsing runs in a worker thread,
+   about 50 MB of disk), checked to be UTF-8 as it arrives. A client that disconnects midway has
+   written nothing.
+2. What would make the file unusable as a whole answers 422 before anything is written: not UTF-8,
+   or a header without a phone column or without a column for every tag. (Broken quoting in a row
+   is that row's problem, `malformed_row`.)
+3. One pass renders each row and accepts the valid ones in batches of `BATCH_ROWS`, each batch one
+   transaction with its problem rows and the campaign's counters. Parsing runs in a worker thread,
    batch by batch, so the event loop keeps serving other requests (one-time passwords among them).
 
 Should the store fail midway, the rows accepted so far stay accepted and counted, and the answer says
@@ -17,10 +18,11 @@ duplicate, never sent twice.
 from __future__ import annotations
 
 import asyncio
-import csv
+import codecs
 import logging
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from typing import IO, Any
 
@@ -50,20 +52,41 @@ STATUS_CHECK_BATCHES = 20  # re-read the campaign's status this often: a cancel 
 CSV_TYPES = {"text/csv", "application/csv", "text/plain", "application/octet-stream", "application/vnd.ms-excel"}
 
 
-async def spool_body(request: Request, max_bytes: int) -> IO[bytes]:
-    """The request body in an unnamed temporary file, positioned at its start."""
+@dataclass
+class Spooled:
+    """The upload on disk: `file` at its start, `lines` physical lines (for progress: a quoted field
+    may span lines)."""
+
+    file: IO[bytes]
+    lines: int
+
+
+async def spool_body(request: Request, max_bytes: int) -> Spooled:
+    """The request body in an unnamed temporary file, checked to be UTF-8 on the way."""
     ctype = request.headers.get("content-type", "text/csv").split(";")[0].strip().lower()
     if ctype not in CSV_TYPES:
         raise ApiError(415, "unsupported_media_type", f"send the recipients as text/csv, not {ctype}",
                        {"accepted": sorted(CSV_TYPES)})
     spool = tempfile.TemporaryFile()  # noqa: SIM115 - handed to the caller, who closes it
-    size = 0
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = lines = 0
     try:
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_bytes:
                 raise ApiError(413, "payload_too_large", f"upload over {max_bytes} bytes", {"limit": max_bytes})
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                line = lines + chunk[:max(0, e.start)].count(b"\n") + 1
+                raise ApiError(422, "invalid_encoding", f"the CSV is not UTF-8 (line {line})", {"line": line}) from e
+            lines += chunk.count(b"\n")
             spool.write(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ApiError(422, "invalid_encoding", f"the CSV is not UTF-8: it ends inside a character (line "
+                           f"{lines + 1})", {"line": lines + 1}) from e
     except BaseException:
         spool.close()
         raise
@@ -71,41 +94,34 @@ async def spool_body(request: Request, max_bytes: int) -> IO[bytes]:
         spool.close()
         raise ApiError(422, "invalid_csv", "the upload is empty: send a CSV with a header row")
     spool.seek(0)
-    return spool
+    return Spooled(spool, lines)
 
 
 def _reader(spool: IO[bytes], template_source: str, max_parts: int) -> Iterator[Recipient | RowProblem]:
+    """The file's rows; reading the header here raises 422 if it cannot be used."""
     spool.seek(0)
     lines = iter_text_lines(iter(lambda: spool.read(READ_CHUNK), b""))
-    return RecipientReader(parse_template(template_source), max_parts).read(lines)
-
-
-def check_file(spool: IO[bytes], template_source: str, max_parts: int) -> int:
-    """First pass: raise ApiError 422 if the file cannot be used at all; else the number of data rows."""
     try:
-        return sum(1 for _ in _reader(spool, template_source, max_parts))
-    except CsvEncodingError as e:
+        return RecipientReader(parse_template(template_source), max_parts).read(lines)
+    except CsvEncodingError as e:  # spool_body checked the encoding; kept for readers fed otherwise
         raise ApiError(422, "invalid_encoding", f"the CSV is not UTF-8: {e}", {"line": e.line}) from e
     except CsvHeaderError as e:
         raise ApiError(422, "invalid_csv_header", str(e), {"problem": e.code, "columns": list(e.names)}) from e
-    except csv.Error as e:
-        raise ApiError(422, "invalid_csv", f"the CSV cannot be read: {e}") from e
 
 
-async def accept_upload(campaigns: CampaignStore, campaign: dict[str, Any], spool: IO[bytes],
+async def accept_upload(campaigns: CampaignStore, campaign: dict[str, Any], upload: Spooled,
                         max_parts: int) -> UploadReport:
-    """Second pass: render and accept the rows in batches; the report of this upload."""
-    rows = await asyncio.to_thread(check_file, spool, campaign["template"], max_parts)
-    await campaigns.start_upload(campaign["_id"], rows, utcnow())
+    """Render and accept the rows in batches; the report of this upload."""
+    reader = await asyncio.to_thread(_reader, upload.file, campaign["template"], max_parts)
+    await campaigns.start_upload(campaign["_id"], max(0, upload.lines - 1), utcnow())
     try:
-        return await _accept_rows(campaigns, campaign, spool, max_parts)
+        return await _accept_rows(campaigns, campaign, reader)
     finally:
         await campaigns.finish_upload(campaign["_id"])
 
 
-async def _accept_rows(campaigns: CampaignStore, campaign: dict[str, Any], spool: IO[bytes],
-                       max_parts: int) -> UploadReport:
-    reader = _reader(spool, campaign["template"], max_parts)
+async def _accept_rows(campaigns: CampaignStore, campaign: dict[str, Any],
+                       reader: Iterator[Recipient | RowProblem]) -> UploadReport:
     report = UploadReport(campaign_id=campaign["_id"], rows=0, accepted=0, duplicates=0, invalid=0, problems=[],
                           problems_total=0, status=campaign["status"])
     batches = 0

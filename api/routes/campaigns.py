@@ -139,8 +139,9 @@ async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: T
         raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
     except CampaignClosed as e:
         raise ApiError(409, "campaign_closed", str(e), {"status": e.status}) from e
-    with await spool_body(request, MAX_UPLOAD_BYTES) as spool:
-        return await accept_upload(campaigns, campaign, spool, settings.max_parts)
+    upload = await spool_body(request, MAX_UPLOAD_BYTES)
+    with upload.file:
+        return await accept_upload(campaigns, campaign, upload, settings.max_parts)
 
 
 @router.get("/{campaign_id}/problems", response_model=ProblemPage, responses=ERRORS,
