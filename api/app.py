@@ -50,6 +50,7 @@ from core.config import Settings
 from core.domain.errors import DomainError
 from core.domain.ratelimit import SubmissionLimiter
 from core.store.campaigns import CampaignStore
+from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from core.store.tenants import TenantStore
@@ -179,6 +180,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(DomainError, domain_error)
     app.add_exception_handler(ConnectionFailure, store_unavailable)
+    app.add_exception_handler(StoreUnavailable, store_unavailable)
 
 
 # ---- middleware (pure ASGI: no buffering of bodies or responses) -----------------------------------

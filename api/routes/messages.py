@@ -53,10 +53,10 @@ from api.schemas import (
 )
 from core.domain.errors import TooManyParts
 from core.domain.events import Event, EventType, utcnow
-from core.domain.message import evolve, tenant_lane
+from core.domain.message import MessageState, fold, tenant_lane
 from core.ids import new_message_id
 from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
-from core.store.heads import head_doc
+from core.store.submission import accepted_write
 from core.store.lanes import ACTIVE, LaneStore
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _too_many_parts(parts: int, limit: int, index: int | None) -> ApiError:
 
 
 def _accepted_item(message_id: str, tenant_id: str, m: MessageCreate, encoding: str, parts: int,
-                   now: datetime, default_validity_s: int) -> tuple[Event, dict[str, Any]]:
+                   now: datetime, default_validity_s: int) -> Write:
     event = Event(
         message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
         data={
@@ -219,7 +219,7 @@ def _accepted_item(message_id: str, tenant_id: str, m: MessageCreate, encoding: 
             "send_at": m.send_at, "campaign_id": None, "client_ref": m.client_ref,
         },
     )
-    return event, head_doc(evolve(None, event), now=now)
+    return accepted_write(event, now)
 
 
 def _request_hash(body: Any) -> str:
@@ -346,29 +346,29 @@ def _as_utc(value: datetime | None) -> datetime | None:
 
 @router.get("/{message_id}", response_model=MessageStatus, responses=ERRORS,
             summary="Current status of a message",
-            description="Read from the message's head, written in the same transaction as its events, "
+            description="The fold of the message's events in the log (read through the unique index), "
                         "so a message is visible as soon as its submission was answered.")
 async def get_message(message_id: str, tenant: TenantDep, store: EventStoreDep) -> MessageStatus:
-    head = await store.head(message_id) if len(message_id) <= MAX_MESSAGE_ID_LEN else None
-    if head is None or head.get("tenant_id") != tenant.id:
+    events = await store.load_events(message_id) if len(message_id) <= MAX_MESSAGE_ID_LEN else []
+    if not events or events[0].tenant_id != tenant.id:
         raise _not_found(message_id)
-    events = await store.load_events(message_id)
-    return _status(head, events)
+    state = fold(events)
+    assert state is not None  # a message has at least its first event
+    return _status(state, events)
 
 
-def _status(head: dict[str, Any], events: Sequence[Event]) -> MessageStatus:
-    msg = head.get("msg", {})
+def _status(state: MessageState, events: Sequence[Event]) -> MessageStatus:
     timestamps = {e.type.value: e.at for e in events}  # later events of a type overwrite earlier ones
     billed = next((e for e in reversed(events) if e.type == EventType.BILLED), None)
     price = None
     if billed is not None:
         price = Price(amount_minor=billed.data.get("amount", 0),
-                      currency=billed.data.get("currency", head.get("currency", "EUR")))
+                      currency=billed.data.get("currency", state.currency))
     return MessageStatus(
-        id=head["_id"], status=head["state"], to=msg.get("to", ""), sender=msg.get("sender", ""),
-        parts=msg.get("parts", 1), encoding=msg.get("encoding", "gsm7"), route_id=head.get("route_id"),
-        created_at=msg.get("accepted_at"), send_at=msg.get("send_at"), sent_at=head.get("sent_at"),
-        billed=head.get("billed", False), price=price, timestamps=timestamps, attempts=head.get("attempts", 0),
+        id=state.message_id, status=state.state, to=state.to, sender=state.sender,
+        parts=state.parts, encoding=state.encoding, route_id=state.route_id,
+        created_at=state.accepted_at, send_at=state.send_at, sent_at=state.sent_at,
+        billed=state.billed, price=price, timestamps=timestamps, attempts=state.attempts,
     )
 
 

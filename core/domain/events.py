@@ -4,7 +4,10 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
 
     {message_id: str, seq: int (1, 2, 3 ... per message), type: str, at: datetime (UTC),
      tenant_id: str, route_id: str | None, channel: "sms" | "email", v: int (schema version),
-     data: {...}}
+     data: {...}, topic: str (optional), pos: int (optional)}
+
+An event that hands work to the next stage carries `topic` (that stage's input topic) and `pos` (its
+dense position there); see core/store/topics.py.
 
 `data` per type (all keys present unless marked optional):
 
@@ -34,6 +37,8 @@ Document shape in MongoDB (collection `events`, unique index on (message_id, seq
     requeued      reason (str, the operator's), actor (str, who requeued: e.g. "cli:alice", "admin-api"),
                   previous_state ("dead_lettered" | "failed"); an operator's retry: the message goes
                   back to `retry` (queue "route") with its attempt budget reset and no excluded routes
+    released      reason (why it waited: "retry", "send_at", "tenant_suspended"), topic (the stage's
+                  topic it was handed back to): a timer fell due; the state does not change
     inbound       from, to, text, smsc_message_id (optional), reply_to (message id, optional),
                   udh (optional: {ref, total, index} when the MO is one part of a concatenated text)
 
@@ -67,6 +72,7 @@ class EventType(StrEnum):
     INBOUND = "inbound"
     REQUEUED = "requeued"
     UNKNOWN = "unknown"
+    RELEASED = "released"
 
 
 class Event(BaseModel):

@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from core.domain.errors import InvalidTransition
-from core.domain.events import Event, EventType
+from core.domain.events import SCHEMA_VERSION, Event, EventType
 
 # Which states each event may follow (None = a new stream).
 ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
@@ -48,6 +48,7 @@ ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
     EventType.DEAD_LETTERED: frozenset({"accepted", "retry", "routed", "sent"}),
     EventType.REQUEUED: frozenset({"dead_lettered", "failed", "unknown"}),
     EventType.UNKNOWN: frozenset({"routed"}),
+    EventType.RELEASED: frozenset({"accepted", "retry", "routed"}),
 }
 
 TERMINAL_STATES = frozenset(
@@ -118,6 +119,26 @@ def queue_name(stage: str, lane: str) -> str:
     return f"{stage}{LANE_SEPARATOR}{lane}" if lane else stage
 
 
+def route_topic(lane: str) -> str:
+    """The router's input topic of `lane`."""
+    return queue_name("route", lane)
+
+
+def send_topic(route_id: str, lane: str) -> str:
+    """The input topic of route `route_id`'s connector for `lane`."""
+    return queue_name(f"send:{route_id}", lane)
+
+
+def await_topic(route_id: str) -> str:
+    """The topic of `sent` events of a route: read, one validity period behind, by the expirer."""
+    return f"await:{route_id}"
+
+
+def lane_of_topic(topic: str) -> str:
+    """The lane part of a topic name: "send:sim~c:42" -> "c:42"; "route" -> ""."""
+    return topic.split(LANE_SEPARATOR, 1)[1] if LANE_SEPARATOR in topic else ""
+
+
 def stage_of(queue: str) -> str:
     """The stage part of a queue name: "send:sim~c:42" -> "send:sim"."""
     return queue.split(LANE_SEPARATOR, 1)[0]
@@ -165,6 +186,8 @@ def evolve(state: MessageState | None, event: Event) -> MessageState:
             return replace(s, state="retry", attempts=d.get("attempt", s.attempts), excluded_routes=excluded)
         case EventType.BILLED:
             return replace(s, billed=True)
+        case EventType.RELEASED:
+            return s  # a timer fell due: the message goes on from the same state
         case EventType.REQUEUED:
             # An operator's retry: a fresh attempt budget, every route allowed again.
             return replace(s, state="retry", attempts=0, excluded_routes=())
@@ -218,3 +241,51 @@ def next_event(state: MessageState, event_type: EventType, at: datetime, data: d
         channel=state.channel,
         data=data,
     )
+
+
+# ---- the hot path: plain documents, no pydantic --------------------------------------------------
+
+def event_doc(state: MessageState, event_type: EventType, at: datetime, data: dict[str, Any],
+              route_id: str | None = None, seq: int | None = None) -> dict[str, Any]:
+    """The document of the event that follows `state` (seq = version + 1 unless given), after
+    checking the transition is allowed. Same shape as `Event.to_doc()`, without building a model."""
+    check_allowed(state, event_type, state.message_id)
+    return {"message_id": state.message_id, "seq": state.version + 1 if seq is None else seq,
+            "type": event_type.value, "at": at, "tenant_id": state.tenant_id,
+            "route_id": route_id if route_id is not None else state.route_id, "channel": state.channel,
+            "v": SCHEMA_VERSION, "data": data}
+
+
+def state_of_accepted(doc: dict[str, Any]) -> MessageState:
+    """The state right after an `accepted` event document (its fold, without a model per event)."""
+    d = doc["data"]
+    return MessageState(
+        message_id=doc["message_id"], tenant_id=doc["tenant_id"], state="accepted", version=doc["seq"],
+        channel=doc.get("channel", "sms"), to=d["to"], sender=d["sender"], text=d["text"],
+        encoding=d.get("encoding", "gsm7"), parts=d.get("parts", 1), priority=d.get("priority", 0),
+        validity_s=d.get("validity_s", 0), accepted_at=doc["at"], send_at=d.get("send_at"),
+        campaign_id=d.get("campaign_id"))
+
+
+def routed_message(state: MessageState) -> dict[str, Any]:
+    """What the connector needs of a message, copied into its `routed` event so that the connector's
+    hot path reads no other event."""
+    return {"to": state.to, "sender": state.sender, "text": state.text, "encoding": state.encoding,
+            "parts": state.parts, "priority": state.priority, "campaign_id": state.campaign_id,
+            "attempt": state.attempts, "expires_at": state.expires_at, "accepted_at": state.accepted_at}
+
+
+def state_of_routed(doc: dict[str, Any]) -> MessageState:
+    """The state right after a `routed` event document written with `routed_message` in its data."""
+    d = doc["data"]
+    m = d["message"]
+    accepted_at = m.get("accepted_at")
+    expires_at = m.get("expires_at")
+    validity_s = int((expires_at - accepted_at).total_seconds()) if expires_at and accepted_at else 0
+    return MessageState(
+        message_id=doc["message_id"], tenant_id=doc["tenant_id"], state="routed", version=doc["seq"],
+        channel=doc.get("channel", "sms"), to=m["to"], sender=m["sender"], text=m["text"],
+        encoding=m.get("encoding", "gsm7"), parts=m.get("parts", 1), priority=m.get("priority", 0),
+        validity_s=validity_s, accepted_at=accepted_at, campaign_id=m.get("campaign_id"),
+        route_id=d["route_id"], price_per_part=d.get("price_per_part", 0), currency=d.get("currency", "EUR"),
+        attempts=m.get("attempt", 0))

@@ -1,22 +1,22 @@
-"""Lanes: which queues of a stage are claimable, and how a stage fetches a fair batch from them.
+"""Lanes: which topics of a stage are read, and how a stage reads one fair batch from them.
 
 A lane is registered in `lanes` (`_id` = lane key, `tenant_id`, `transactional`, `state`): campaigns
 register theirs when created, the API registers a tenant's marketing lane the first time it accepts
-marketing traffic. Only lanes in state `active` are claimed: pausing a campaign is one write to its
-lane, and every stage stops taking its messages within `LaneBook.TTL_S`; its heads keep their place
-in the queue, so resuming carries on where it stopped. A suspended tenant's lanes are skipped the
-same way. The shared lane (`""`, transactional traffic) is always claimed.
+marketing traffic. Each lane has one topic per stage (`route~c:42`, `send:sim~c:42`). Only lanes in
+state `active` are read; a `canceling` lane is read too, and its consumer cancels what it reads.
+Pausing a campaign is one write to its lane; resuming continues from the checkpoint. A suspended
+tenant's lanes are skipped. The shared lane (`""`, transactional traffic) is always read.
 
-Workers read the registry and the tenants' weights at most once per `TTL_S`, so a stage costs the
-registry two small reads a second, whatever its rate.
+The reader knows each topic's backlog exactly (counter - checkpoint, one `_id` lookup of all the
+counters per batch), so the fair share (core/domain/fairness.py) is planned on what really waits, and
+each chosen topic is read as one exact range [position, position + n) through the (topic, pos) index.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
@@ -24,15 +24,11 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.domain.fairness import DEFAULT_WEIGHT, SHARED_LANE, FairShare, Lane, interleave
 from core.domain.message import queue_name
-from core.store.cursor import QueueCursor
-from core.store.eventstore import LEASE_PROJECTION, Claimed, EventStore
-from core.store.heads import state_from_head
+from core.store.topics import EventLog, checkpoint_id
 
 ACTIVE = "active"
+CANCELING = "canceling"
 ALL, SHARED, BULK = "all", "shared", "bulk"  # which lanes a stage reads
-IDLE_LANE_S = 0.25  # a lane found empty is not probed again for this long (the shared lane always is)
-BULK_CURSOR_SWEEP_S = 300.0  # how often a deep lane's cursor goes back to the lane's floor (a safety net)
-DEEP_SLICE_S = 0.2  # a campaign uploads a few thousand rows a second: a slice holds about a batch
 
 
 class LaneStore:
@@ -56,11 +52,12 @@ class LaneStore:
 
 @dataclass
 class LaneBook:
-    """A worker's cached view of the claimable lanes, the tenants' weights and who is suspended."""
+    """A worker's cached view of the readable lanes, the tenants' weights and who is suspended."""
 
     db: AsyncDatabase
     TTL_S: float = 1.0
     lanes: list[Lane] = field(default_factory=list)
+    canceling: frozenset[str] = frozenset()
     suspended: frozenset[str] = frozenset()
     _loaded_at: float = float("-inf")
 
@@ -69,144 +66,130 @@ class LaneBook:
             return
         tenants = {d["_id"]: d async for d in self.db["tenants"].find({}, {"status": 1, "priority": 1})}
         self.suspended = frozenset(t for t, d in tenants.items() if d.get("status", ACTIVE) != ACTIVE)
-        lanes = []
-        async for d in self.db["lanes"].find({"state": ACTIVE}):
+        lanes, canceling = [], set()
+        async for d in self.db["lanes"].find({"state": {"$in": [ACTIVE, CANCELING]}}):
             tenant = d.get("tenant_id")
-            if tenant in self.suspended:
+            if d["state"] == CANCELING:
+                canceling.add(d["_id"])
+            elif tenant in self.suspended:
                 continue
             weight = int((tenants.get(tenant) or {}).get("priority") or DEFAULT_WEIGHT)
-            lanes.append(Lane(d["_id"], tenant, bool(d.get("transactional")), weight,
-                              since=d.get("since") or d.get("created_at")))
+            lanes.append(Lane(d["_id"], tenant, bool(d.get("transactional")), weight))
         self.lanes = lanes
+        self.canceling = frozenset(canceling)
         self._loaded_at = time.monotonic()
 
 
-class LaneClaimer:
-    """Fetches one batch for a stage across its lanes, fairly (see core/domain/fairness.py).
+@dataclass
+class Batch:
+    """One read of a stage: the entries (event documents with `topic`/`pos`) in the order to work
+    them, and the checkpoint moves that commit them (`checkpoint id -> (from, to)`)."""
 
-    Each lane has its own cursor. A lane is asked for a little more than its quota, so that what one
-    lane leaves unused can go to another without a second round trip; heads fetched but not used are
-    left alone (the lane's cursor is moved back to the last one used, so none is skipped)."""
+    entries: list[dict[str, Any]]
+    moves: dict[str, tuple[int, int]]
+    ranges: dict[str, tuple[int, int]]  # topic -> [from, to)
 
-    def __init__(self, store: EventStore, stage: str, book: LaneBook, bulk_limit: int | None = None) -> None:
-        self.store = store
+    def __bool__(self) -> bool:
+        return bool(self.entries)
+
+
+class TopicReader:
+    """Reads fair batches for one consumer from the topics of its stage's lanes.
+
+    `position` is where the next read starts in each topic: the checkpoint, or further on while
+    batches read earlier are still being committed (a pipelining consumer commits them in order).
+    """
+
+    def __init__(self, log: EventLog, consumer: str, stage: str, book: LaneBook,
+                 bulk_limit: int | None = None) -> None:
+        self.log = log
+        self.consumer = consumer
         self.stage = stage
         self.book = book
-        # At most this many campaign/marketing heads per batch: a batch is committed as a whole, so a
-        # smaller bulk share bounds how long a one-time password arriving meanwhile waits for it.
         self.bulk_limit = bulk_limit
         self.share = FairShare()
-        self.cursors: dict[str, QueueCursor] = {SHARED_LANE: QueueCursor()}
-        self._idle_until: dict[str, float] = {}
+        self.position: dict[str, int] = {}
         self.skip: set[str] = set()  # lanes the stage leaves alone for now (e.g. the router's backpressure)
+        self.backlog: dict[str, int] = {}  # topic -> counter - position, as of the last read
 
-    async def due(self, now: datetime, limit: int, scope: str = ALL) -> list[Claimed]:
-        """Due heads across the lanes, not leased (for stages guarded by the version alone). `scope`:
-        ALL, SHARED (only the shared lane) or BULK (only the other lanes)."""
-        docs = await self._gather(now, limit, projection=None, scope=scope)
-        return [Claimed(state_from_head(d)) for d in docs]
+    def topic(self, lane: str) -> str:
+        return queue_name(self.stage, lane)
 
-    async def claim(self, now: datetime, limit: int, owner: str, lease_s: float,
-                    bulk_limit: int | None = None) -> list[Claimed]:
-        """Lease up to `limit` due heads across the lanes, transactional ones first, and of the others
-        at most `bulk_limit` (default: the claimer's)."""
-        found = await self._gather(now, limit, projection=LEASE_PROJECTION, bulk_limit=bulk_limit)
-        won = {c.state.message_id: c for c in await self.store.lease(found, now, owner, lease_s)}
-        return [won[d["_id"]] for d in found if d["_id"] in won]
+    def forget_positions(self) -> None:
+        """Drop the cached positions (after CheckpointMoved): the next read reloads them."""
+        self.position.clear()
 
-    async def _gather(self, now: datetime, limit: int, projection: dict[str, int] | None, scope: str = ALL,
-                      bulk_limit: int | None = None) -> list[dict[str, Any]]:
+    async def _positions(self, topics: list[str]) -> dict[str, int]:
+        missing = [t for t in topics if t not in self.position]
+        if missing:
+            self.position.update(await self.log.load_checkpoints(self.consumer, missing))
+        return {t: self.position[t] for t in topics}
+
+    async def read(self, limit: int, scope: str = ALL, bulk_limit: int | None = None) -> Batch:
+        """Up to `limit` entries across the lanes in `scope` (ALL, SHARED or BULK), transactional
+        first, of the others at most `bulk_limit` (default: the reader's)."""
         if limit <= 0:
-            return []
+            return Batch([], {}, {})
         await self.book.refresh()
         lanes = [] if scope == BULK else [Lane(SHARED_LANE, transactional=True)]
         if scope != SHARED:
-            lanes.extend(self.book.lanes)
-        self._forget_gone(lanes)
-        out: list[dict[str, Any]] = []
+            lanes.extend(lane for lane in self.book.lanes if lane.key not in self.skip)
+        topics = [self.topic(lane.key) for lane in lanes]
+        counters = await self.log.counters(topics)
+        positions = await self._positions([t for t in topics if counters[t] > 0])
+        self.backlog = {t: counters[t] - positions.get(t, 0) for t in topics}
+        waiting = [lane for lane in lanes if self.backlog[self.topic(lane.key)] > 0]
+        if not waiting:
+            return Batch([], {}, {})
+        take = self._plan(waiting, limit, bulk_limit)
+        groups, moves, ranges = [], {}, {}
+        for lane, n in take:
+            topic = self.topic(lane.key)
+            start = positions[topic]
+            entries = await self.log.read(topic, start, start + n)
+            groups.append(entries)
+            moves[checkpoint_id(self.consumer, topic)] = (start, start + n)
+            ranges[topic] = (start, start + n)
+            self.position[topic] = start + n
+        return Batch(interleave(groups), moves, ranges)
+
+    def _plan(self, lanes: list[Lane], limit: int, bulk_limit: int | None) -> list[tuple[Lane, int]]:
         remaining = limit
-        clock = time.monotonic()
         bulk_left = bulk_limit if bulk_limit is not None else limit if self.bulk_limit is None else self.bulk_limit
+        out: list[tuple[Lane, int]] = []
         for tier in FairShare.tiers(lanes):
-            tier = [lane for lane in tier if self._idle_until.get(lane.key, 0.0) <= clock and lane.key not in self.skip]
-            room = remaining if tier and tier[0].key == SHARED_LANE else min(remaining, bulk_left)
-            if room <= 0 or not tier:
+            shared = tier[0].key == SHARED_LANE
+            room = remaining if shared else min(remaining, bulk_left)
+            if room <= 0:
                 continue
             plan = self.share.plan(tier, room)
-            found = {lane.key: await self._fetch(lane, now, min(room, 2 * quota + 10), projection)
-                     for lane, quota in plan}
-            used = _allocate(plan, found, room)
-            self.share.settle(plan, {k: len(v) for k, v in used.items()})
-            for lane, _ in plan:
-                taken, fetched = used[lane.key], found[lane.key]
-                if not fetched and lane.key != SHARED_LANE:
-                    self._idle_until[lane.key] = clock + IDLE_LANE_S
-                if len(taken) < len(fetched):
-                    self.cursors[lane.key].rewind(taken[-1]["due_at"] if taken else fetched[0]["due_at"])
-            batch = interleave([used[lane.key] for lane, _ in plan])
-            out.extend(batch)
-            remaining -= len(batch)
-            if tier[0].key != SHARED_LANE:
-                bulk_left -= len(batch)
+            have = {lane.key: self.backlog[self.topic(lane.key)] for lane, _ in plan}
+            take = _allocate(plan, have, room)
+            self.share.settle(plan, take)
+            chosen = [(lane, take[lane.key]) for lane, _ in plan if take[lane.key] > 0]
+            out.extend(chosen)
+            used = sum(n for _, n in chosen)
+            remaining -= used
+            if not shared:
+                bulk_left -= used
         return out
 
-    async def _fetch(self, lane: Lane, now: datetime, limit: int,
-                     projection: dict[str, int] | None) -> list[dict[str, Any]]:
-        cursor = self.cursors.get(lane.key)
-        if cursor is None:
-            cursor = self.cursors[lane.key] = deep_cursor(lane.since)
-        if lane.since is not None:
-            cursor.floor = lane.since
-        return await self.store.scan(queue_name(self.stage, lane.key), now, limit, cursor, projection)
-
-    def _forget_gone(self, lanes: Sequence[Lane]) -> None:
-        """Keep per-lane state only for claimable lanes. A paused lane's cursor is kept: resuming
-        starts where it stopped (and a lost cursor costs only one full scan)."""
-        if len(self.cursors) > 4 * len(lanes) + 64:
-            keep = {lane.key for lane in lanes}
-            self.cursors = {k: c for k, c in self.cursors.items() if k in keep}
-            self._idle_until = {k: v for k, v in self._idle_until.items() if k in keep}
-        self.share.forget({lane.tenant_id or "" for lane in lanes})
+    def rewind(self, ranges: dict[str, tuple[int, int]]) -> None:
+        """Forget a read that will not be committed: the next read starts at its first position."""
+        for topic, (start, _) in ranges.items():
+            if self.position.get(topic, start) > start:
+                self.position[topic] = start
 
 
-def deep_cursor(floor: datetime | None) -> QueueCursor:
-    """A cursor for a lane that may hold millions of heads: only ever read in slices from `floor`."""
-    return QueueCursor(slice_s=DEEP_SLICE_S, sweep_s=BULK_CURSOR_SWEEP_S, deep=True, floor=floor)
-
-
-async def lane_has_heads(store: EventStore, queue: str, cursor: QueueCursor, now: datetime,
-                         horizon: timedelta = timedelta(days=1), max_probes: int = 60) -> bool:
-    """Whether `queue` holds any head due up to `now + horizon` (leases and retry back-offs end well
-    within that), probing slice by slice from the cursor: on a deep queue an unbounded query would
-    cost the whole queue. The cursor stays at the first head found, so a later call starts there."""
-    end = now + horizon
-    for _ in range(max_probes):
-        lo, hi = cursor.window(end)
-        doc = await store.streams.find_one({"queue": queue, "due_at": {"$gte": lo, "$lte": hi}}, {"due_at": 1})
-        if doc is not None:
-            cursor.position = min(doc["due_at"], now)
-            cursor.width_s = cursor.slice_s
-            return True
-        cursor.advance(end, hi, False, None)
-        if hi >= end:
-            cursor.position = now  # new heads are written due now or later: never look past now
-            return False
-    cursor.position = min(cursor.position or now, now)
-    return True  # not settled within the probes: assume there is work
-
-
-def _allocate(plan: Sequence[tuple[Lane, int]], found: dict[str, list[dict[str, Any]]],
-              capacity: int) -> dict[str, list[dict[str, Any]]]:
-    """Each lane takes up to its quota; capacity left over goes to lanes that found more, in plan order."""
-    take = {lane.key: min(quota, len(found[lane.key])) for lane, quota in plan}
+def _allocate(plan: list[tuple[Lane, int]], have: dict[str, int], capacity: int) -> dict[str, int]:
+    """Each lane takes up to its quota of what it has; capacity left over goes to lanes that have
+    more, in plan order."""
+    take = {lane.key: min(quota, have[lane.key]) for lane, quota in plan}
     spare = capacity - sum(take.values())
-    while spare > 0:
-        grew = False
-        for lane, _ in plan:
-            if spare > 0 and take[lane.key] < len(found[lane.key]):
-                take[lane.key] += 1
-                spare -= 1
-                grew = True
-        if not grew:
+    for lane, _ in plan:
+        if spare <= 0:
             break
-    return {lane.key: found[lane.key][:take[lane.key]] for lane, _ in plan}
+        extra = min(spare, have[lane.key] - take[lane.key])
+        take[lane.key] += extra
+        spare -= extra
+    return take

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pymongo.errors import ConnectionFailure, OperationFailure
 
 from core.aio import sleep_or_stop
+from core.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ async def run_until_stopped(name: str, step: Callable[[], Awaitable[int]], stop:
         try:
             done = await step()
             backoff = idle_s
-        except (ConnectionFailure, OperationFailure) as e:
+        except (ConnectionFailure, OperationFailure, StoreUnavailable) as e:
             log.warning("%s: store error, retrying in %.1fs: %s", name, backoff, e)
             done = 0
             backoff = min(max_backoff_s, backoff * 2)

@@ -1,9 +1,15 @@
-"""Router: takes accepted (and retrying) messages, picks a route, appends `routed`.
+"""Router: reads the `route` topics by position, picks a route, appends `routed` into the route's
+`send` topic of the message's lane.
 
-No lease: the commit is guarded by version, so two routers racing for one message change it once.
-The router reads its queue lane by lane (core/store/lanes.py): transactional traffic first, campaigns
-and marketing shared fairly between tenants. A suspended tenant's messages are held: their heads are
-pushed `HOLD_S` into the future unchanged (no event), and routed once the tenant is active again.
+One batch = one transaction: the batch's `routed` (or `failed`, `expired`, `dead_lettered`,
+`canceled`) events with their positions in the send topics, and the router's checkpoints moved past
+the positions it read. Two routers on the same topics race on the checkpoint: one commits, the other
+gets CheckpointMoved and reads again from the new checkpoint; no message is routed twice.
+
+Lanes: transactional traffic first, campaigns and marketing shared fairly between tenants
+(core/store/lanes.py). A canceling campaign's lane is read too: its messages end `canceled` here,
+never routed. A suspended tenant's message found in the shared lane waits on a timer (no event) and
+comes back to this topic once the tenant is active (core/store/timers.py).
 """
 
 from __future__ import annotations
@@ -13,27 +19,38 @@ import random
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
 from core.domain.errors import NoRoute
-from core.domain.events import Event, EventType
-from core.domain.message import MessageState, evolve, next_event, queue_name
+from core.domain.events import EventType
+from core.domain.message import (
+    MessageState,
+    event_doc,
+    lane_of,
+    lane_of_topic,
+    routed_message,
+    send_topic,
+    state_of_accepted,
+)
 from core.domain.routing import Route, RouteStatus, choose_route
-from core.store.eventstore import EventStore, Transition
-from core.store.lanes import ALL, SHARED, LaneBook, LaneClaimer
+from core.store.errors import CheckpointMoved
+from core.store.eventstore import EventStore
+from core.store.lanes import ALL, SHARED, LaneBook, TopicReader
 from core.store.routes import RouteStore
+from core.store.timers import HOLD_S, timer_doc
+from core.store.topics import Write
 
 log = logging.getLogger(__name__)
 
+CONSUMER = "router"
 ROUTES_TTL_S = 1.0
-HOLD_S = 5.0
 BULK_PER_BATCH = 200
-# Backpressure: a bulk lane is not routed further while a message it routed between BACKLOG_SINCE_S and
-# BACKLOG_AFTER_S ago still waits for its connector. Routing far ahead of what the SMSCs take would
-# spend the store's capacity on work a pause or a cancel then leaves unused, and commit route choices
-# long before sending.
-BACKLOG_AFTER_S = 5.0
-BACKLOG_SINCE_S = 60.0
+# Backpressure: a bulk lane is not routed further while this many of its messages wait in the send
+# topics (counter - connector checkpoint: exact, two small reads). Routing far ahead of what the SMSCs
+# take would commit route choices long before sending, for work a pause or a cancel then leaves unused.
+BACKLOG_MAX = 2000
 BACKLOG_CHECK_S = 0.5
+ROUTABLE = ("accepted", "retry")
 
 
 class Router:
@@ -41,13 +58,15 @@ class Router:
                  batch_size: int = 500, max_attempts: int = 5, rng: random.Random | None = None,
                  scope: str = ALL) -> None:
         self.store = store
+        self.log = store.log
         self.routes = routes
         self.clock = clock
         self.batch_size = batch_size
         # `msgcore router` runs two: one for the shared (transactional) lane, one for the others, so a
         # one-time password never waits for a batch of campaign messages to commit.
         self.scope = scope
-        self.lanes = LaneClaimer(store, "route", LaneBook(store.db), bulk_limit=min(batch_size, BULK_PER_BATCH))
+        self.reader = TopicReader(self.log, CONSUMER, "route", LaneBook(store.db),
+                                  bulk_limit=min(batch_size, BULK_PER_BATCH))
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self._routes: list[Route] = []
@@ -55,6 +74,8 @@ class Router:
         self._loaded_at = float("-inf")
         self._backlog_checked = float("-inf")
         self.routed = 0
+        self.canceled = 0
+        self.held = 0
 
     async def _refresh(self, now: datetime) -> None:
         # Routes change at run time through the admin API; a short cache keeps reads off the hot path.
@@ -67,54 +88,102 @@ class Router:
         now = self.clock()
         if self.scope != SHARED:
             await self._refresh(now)
-            await self._backpressure(now)
-        claims = await self.lanes.due(now, self.batch_size, self.scope)
-        if not claims:
+            await self._backpressure()
+        batch = await self.reader.read(self.batch_size, self.scope)
+        if not batch:
             return 0
         await self._refresh(now)
-        suspended = self.lanes.book.suspended
-        transitions = [self._hold(c.state, now) if c.state.tenant_id in suspended else self._decide(c.state, now)
-                       for c in claims]
-        result = await self.store.commit(transitions, now)
-        self.routed += len(result.committed)
-        log.debug("router: committed %d, conflicts %d", len(result.committed), len(result.conflicts))
-        return len(claims)
+        states = await self._states(batch.entries)
+        writes = [w for e in batch.entries if (w := self._decide(e, states.get(e["message_id"]), now)) is not None]
+        try:
+            result = await self.log.commit(writes, moves=batch.moves,
+                                           redecide=self._dropped)
+        except CheckpointMoved as e:
+            log.info("router: another router moved %s; reading again", e.checkpoints[:3])
+            self.reader.forget_positions()
+            return len(batch.entries)
+        self.routed += sum(1 for w in writes if w.events and w.events[0]["type"] == "routed")
+        log.debug("router: %d entries, committed %d", len(batch.entries), len(result.committed))
+        return len(batch.entries)
 
-    async def _backpressure(self, now: datetime) -> None:
-        if time.monotonic() - self._backlog_checked < BACKLOG_CHECK_S:
-            return
-        self._backlog_checked = time.monotonic()
-        waiting = {"$gte": now - timedelta(seconds=BACKLOG_SINCE_S), "$lte": now - timedelta(seconds=BACKLOG_AFTER_S)}
-        skip = set()
-        for lane in self.lanes.book.lanes:
-            queues = [queue_name(f"send:{r.id}", lane.key) for r in self._routes]
-            if queues and await self.store.streams.find_one({"queue": {"$in": queues}, "due_at": waiting}, {"_id": 1}):
-                skip.add(lane.key)
-        if skip != self.lanes.skip:
-            log.debug("router: backpressure on lanes %s", sorted(skip))
-        self.lanes.skip = skip
+    async def _states(self, entries: list[dict[str, Any]]) -> dict[str, MessageState]:
+        """The state of each entry's message: an `accepted` entry carries it; the others (a timer's
+        `released`, an operator's `requeued`) are folded from the log, one query for all."""
+        states = {e["message_id"]: state_of_accepted(e) for e in entries if e["type"] == "accepted"}
+        others = [e["message_id"] for e in entries if e["type"] != "accepted"]
+        if others:
+            states.update(await self.store.states(others))
+        return states
 
     @staticmethod
-    def _hold(state: MessageState, now: datetime) -> Transition:
-        return Transition(state.version, [], state, due_at=now + timedelta(seconds=HOLD_S))
+    async def _dropped(ids: list[str]) -> list[Write]:
+        """Messages whose next seq was taken meanwhile: whoever appended it moved the message on and
+        owns what comes next; routing it too could send it twice. Dropped from the batch."""
+        log.warning("router: %d messages moved on while being routed, left alone (e.g. message=%s)",
+                    len(ids), ids[0])
+        return []
 
-    def _decide(self, state: MessageState, now: datetime) -> Transition:
-        event = self._route_event(state, now)
-        return Transition(state.version, [event], evolve(state, event))
+    def _decide(self, entry: dict[str, Any], state: MessageState | None, now: datetime) -> Write | None:
+        """What routing makes of one entry of a route topic (None: nothing to write)."""
+        mid = entry["message_id"]
+        if state is None or state.state not in ROUTABLE:
+            # Moved on since this entry was written (e.g. requeued twice, canceled): nothing to do.
+            log.info("router: message=%s is %s, not routable; entry %s@%d skipped", mid,
+                     state.state if state else "missing", entry["topic"], entry["pos"])
+            return None
+        if state.version != entry["seq"]:
+            log.info("router: message=%s moved on after entry %s@%d; skipped", mid, entry["topic"], entry["pos"])
+            return None
+        lane = lane_of_topic(entry["topic"])
+        if lane in self.reader.book.canceling:
+            self.canceled += 1
+            return Write(mid, [event_doc(state, EventType.CANCELED, now, {
+                "reason": f"campaign {state.campaign_id} canceled" if state.campaign_id else "lane canceled",
+                "attempted": False})])
+        if state.tenant_id in self.reader.book.suspended:
+            self.held += 1
+            log.info("router: message=%s tenant=%s suspended: held", mid, state.tenant_id)
+            return Write(mid, [], timer=timer_doc(
+                message_id=mid, tenant_id=state.tenant_id, topic=entry["topic"], seq=state.version,
+                due_at=now + timedelta(seconds=HOLD_S), reason="tenant_suspended", lane=lane,
+                campaign_id=state.campaign_id, channel=state.channel))
+        doc, topic = self._route_event(state, now)
+        return Write(mid, [doc], [topic])
 
-    def _route_event(self, state: MessageState, now: datetime) -> Event:
+    def _route_event(self, state: MessageState, now: datetime) -> tuple[dict[str, Any], str | None]:
         if state.expires_at is not None and now >= state.expires_at:
-            return next_event(state, EventType.EXPIRED, now, {"reason": "validity passed before routing"})
+            return event_doc(state, EventType.EXPIRED, now, {"reason": "validity passed before routing"}), None
         if state.attempts >= self.max_attempts:
-            return next_event(state, EventType.DEAD_LETTERED, now,
-                              {"reason": f"{state.attempts} attempts failed", "attempts": state.attempts})
+            return event_doc(state, EventType.DEAD_LETTERED, now,
+                             {"reason": f"{state.attempts} attempts failed", "attempts": state.attempts}), None
         try:
             route = choose_route(self._routes, state.to, self._status, state.excluded_routes, self.rng)
         except NoRoute as e:
             log.info("router: message=%s tenant=%s no route for %s", state.message_id, state.tenant_id, state.to)
-            return next_event(state, EventType.FAILED, now,
-                              {"route_id": None, "attempt": state.attempts, "error_code": None,
-                               "error_name": "NO_ROUTE", "reason": str(e)}, route_id=None)
-        return next_event(state, EventType.ROUTED, now,
-                          {"route_id": route.id, "price_per_part": route.price_per_part, "currency": route.currency,
-                           "strategy": route.strategy.value}, route_id=route.id)
+            return event_doc(state, EventType.FAILED, now,
+                             {"route_id": None, "attempt": state.attempts, "error_code": None,
+                              "error_name": "NO_ROUTE", "reason": str(e)}, route_id=None), None
+        doc = event_doc(state, EventType.ROUTED, now,
+                        {"route_id": route.id, "price_per_part": route.price_per_part, "currency": route.currency,
+                         "strategy": route.strategy.value, "message": routed_message(state)}, route_id=route.id)
+        return doc, send_topic(route.id, lane_of(state))
+
+    async def _backpressure(self) -> None:
+        if time.monotonic() - self._backlog_checked < BACKLOG_CHECK_S:
+            return
+        self._backlog_checked = time.monotonic()
+        lanes = [lane.key for lane in self.reader.book.lanes]
+        topics = {send_topic(r.id, lane): lane for r in self._routes for lane in lanes}
+        if not topics:
+            self.reader.skip = set()
+            return
+        counters = await self.log.counters(topics)
+        sent = await self.log.load_checkpoints("connector", topics)
+        waiting: dict[str, int] = {}
+        for topic, lane in topics.items():
+            waiting[lane] = waiting.get(lane, 0) + counters[topic] - sent[topic]
+        skip = {lane for lane, n in waiting.items() if n >= BACKLOG_MAX}
+        if skip != self.reader.skip:
+            log.debug("router: backpressure on lanes %s", sorted(skip))
+        self.reader.skip = skip
+

@@ -61,12 +61,14 @@ def auth(keys: dict[str, str]) -> dict[str, str]:
 
 
 async def counts(db: AsyncDatabase) -> tuple[int, int]:
-    return await db["events"].count_documents({}), await db["streams"].count_documents({})
+    """(events, messages handed on): every accepted message is in the router's topic or on a timer."""
+    handed = await db["events"].count_documents({"topic": {"$exists": True}}) + await db["timers"].count_documents({})
+    return await db["events"].count_documents({}), handed
 
 
 # ---- accept -----------------------------------------------------------------------------------------
 
-async def test_single_message_is_accepted_with_event_and_head(client: httpx.AsyncClient, auth: dict[str, str],
+async def test_single_message_is_accepted_into_the_route_topic(client: httpx.AsyncClient, auth: dict[str, str],
                                                                mongo_db: AsyncDatabase) -> None:
     r = await client.post("/v1/messages", json=msg(client_ref="order-17"), headers=auth)
 
@@ -83,10 +85,8 @@ async def test_single_message_is_accepted_with_event_and_head(client: httpx.Asyn
     assert event["data"] == {"to": "+4915112345678", "sender": "Acme", "text": "Your code is 1234",
                              "encoding": "gsm7", "parts": 1, "priority": 10, "validity_s": 86400,
                              "send_at": None, "campaign_id": None, "client_ref": "order-17"}
-    head = await mongo_db["streams"].find_one({"_id": body["id"]})
-    assert head is not None
-    assert (head["state"], head["version"], head["queue"], head["tenant_id"], head["priority"]) == (
-        "accepted", 1, "route", "acme", 10)
+    assert (event["topic"], event["pos"]) == ("route", 0)
+    assert await mongo_db["topics"].find_one({"_id": "route"}) == {"_id": "route", "pos": 1}
     assert await counts(mongo_db) == (1, 1)
 
 
@@ -112,8 +112,12 @@ async def test_batch_is_accepted_in_request_order(client: httpx.AsyncClient, aut
     assert (unicode_msg["encoding"], unicode_msg["priority"], unicode_msg["validity_s"]) == ("ucs2", 0, 600)
     assert scheduled["send_at"] == datetime(2031, 5, 1, 10, 0, tzinfo=UTC)
     assert scheduled["sender"] == "+491700000"
-    head = await mongo_db["streams"].find_one({"_id": out[2]["id"]})
-    assert head is not None and head["due_at"] == datetime(2031, 5, 1, 10, 0, tzinfo=UTC)
+    # Transactional into the shared lane, marketing into the tenant's lane, the scheduled one waits.
+    assert ev[out[0]["id"]]["topic"] == "route" and ev[out[1]["id"]]["topic"] == "route~t:acme"
+    assert "topic" not in ev[out[2]["id"]]
+    timer = await mongo_db["timers"].find_one({"_id": out[2]["id"]})
+    assert timer is not None and timer["due_at"] == datetime(2031, 5, 1, 10, 0, tzinfo=UTC)
+    assert (timer["topic"], timer["seq"], timer["reason"]) == ("route", 1, "send_at")
 
 
 # ---- read -------------------------------------------------------------------------------------------
@@ -291,7 +295,7 @@ async def test_concurrent_identical_posts_create_one_message_set(client: httpx.A
     assert sum(r.headers.get("idempotent-replayed") == "true" for r in responses) == 9
     assert await counts(mongo_db) == (5, 5)
     ids = {m["id"] for m in responses[0].json()["messages"]}
-    assert {d["_id"] async for d in mongo_db["streams"].find({}, {"_id": 1})} == ids
+    assert {d["message_id"] async for d in mongo_db["events"].find({"seq": 1}, {"message_id": 1})} == ids
 
 
 async def test_same_key_with_other_body_is_refused(client: httpx.AsyncClient, keys: dict[str, str],
