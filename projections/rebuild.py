@@ -7,7 +7,7 @@ Steps (traffic keeps flowing throughout; BI readers keep reading the live schema
 2. Replay the log into a new schema `<schema>_rebuild_<ts>` (migrated first). The replay notes the
    cluster time and wall-clock time before it scans, and stores them as the shadow's checkpoint.
 3. Run a Projector on the shadow: it opens the change stream at that cluster time and runs its
-   catch-up scan (projections/projector.py), so it ends up following the live log. Wait until it
+   catch-up scan (projections/catchup.py), so it ends up following the live log. Wait until it
    has caught up: the newest event in the log (by `_id`) is in the shadow.
 4. Stop the live projector by taking its advisory lock (`lock_key("projection", <schema>, name)`):
    the session holding it is terminated (`pg_terminate_backend`; needs superuser, the same role, or
@@ -45,9 +45,11 @@ from psycopg import sql
 from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 
-from projections.projector import BatchWriter, Projector, ProjectorStats, replay_log
+from projections.replay import replay_log
+from projections.runner import Projector
 from projections.schema import lock_key, migrate
 from projections.status import lock_holder
+from projections.writer import BatchWriter, ProjectorStats
 
 log = logging.getLogger(__name__)
 

@@ -1,21 +1,88 @@
 """A fresh replay of the whole event log into a (new) reporting schema.
 
-Used as the reference result in tests, and by `msgcore projections rebuild`: replay into a new
-schema, then start a Projector on it (it follows on from the cluster time noted before the scan),
-then swap schemas.
+`replay_log` scans `events` in (message_id, seq) order through the batch writer; the projector
+runs it when its schema has no checkpoint yet. `replay_into` is the stand-alone form, used as the
+reference result in tests and by `msgcore projections rebuild`: replay into a new schema, then start
+a Projector on it (it follows on from the cluster time noted before the scan), then swap schemas.
 """
 
 from __future__ import annotations
 
 import logging
+from datetime import datetime
+from typing import Any
 
 import psycopg
+from bson import Timestamp
 from pymongo.asynchronous.collection import AsyncCollection
 
-from projections.projector import BatchWriter, ProjectorStats, replay_log
+from projections.catchup import wall_now
+from projections.rows import event_row
 from projections.schema import lock_key, migrate
+from projections.writer import BatchWriter, ProjectorStats
 
 log = logging.getLogger(__name__)
+
+
+async def cluster_time_now(events: AsyncCollection) -> Timestamp:
+    """The server's current cluster time (a change stream started here misses nothing after it)."""
+    reply = await events.database.command("hello")
+    ts = reply.get("operationTime") or reply.get("$clusterTime", {}).get("clusterTime")
+    if not isinstance(ts, Timestamp):
+        raise RuntimeError("MongoDB did not report a cluster time: is it a replica set?")
+    return ts
+
+
+async def replay_log(
+    events: AsyncCollection,
+    conn: psycopg.AsyncConnection,
+    writer: BatchWriter,
+    *,
+    batch_size: int = 1000,
+    stats: ProjectorStats | None = None,
+    start: Timestamp | None = None,
+    started_at: datetime | None = None,
+) -> Timestamp:
+    """Scan the whole log into the writer's schema; return the cluster time noted before the scan.
+
+    `start`, if given, is a cluster time the caller noted before anything else it did (e.g.
+    before opening its change stream); otherwise it is noted here. The checkpoint then holds that
+    cluster time (and no token), so a change stream opened at it sees everything inserted during
+    or after the scan; the overlap is absorbed by the idempotent inserts. Until the last batch
+    commits the checkpoint says "replay in progress", so a crash in the middle restarts the replay
+    (harmlessly) instead of following from a half-built state. `started_at` is the wall-clock
+    time noted together with `start` (by the caller, or here): it becomes the checkpoint's
+    `scan_from`, since every event the scan may have missed was committed after it.
+    """
+    if start is None:
+        started_at = wall_now()
+        start = await cluster_time_now(events)
+    elif started_at is None:
+        raise ValueError("replay_log: `started_at` must come with `start`")
+    log.info("projection %s schema %s: replaying the log (cluster time %s)", writer.name, writer.schema, start)
+    stats = stats if stats is not None else ProjectorStats()
+    rows: list[tuple[Any, ...]] = []
+    cursor = events.find({}, sort=[("message_id", 1), ("seq", 1)], batch_size=batch_size)
+    async for doc in cursor:
+        rows.append(event_row(doc))
+        if len(rows) >= batch_size:
+            await _write_replay_batch(conn, writer, rows, stats)
+            rows = []
+    await _write_replay_batch(conn, writer, rows, stats)
+    await writer.save_checkpoint(conn, None, start, scan_from=started_at)
+    log.info("projection %s schema %s: replay done, %d events applied", writer.name, writer.schema, stats.applied)
+    return start
+
+
+async def _write_replay_batch(
+    conn: psycopg.AsyncConnection, writer: BatchWriter, rows: list[tuple[Any, ...]], stats: ProjectorStats
+) -> None:
+    applied = await writer.write(conn, rows)
+    stats.received += len(rows)
+    stats.applied += applied
+    if rows:
+        stats.batches += 1
+        stats.saw(max(r[3] for r in rows))
 
 
 class ReplayRefused(RuntimeError):

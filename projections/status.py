@@ -4,7 +4,7 @@ Reads the projection's checkpoint row in PostgreSQL and compares it with the log
 - the checkpoint's position (decoded from its resume token, else its cluster time),
 - the newest event of the log (by `_id`: the one sort the `_id` index answers cheaply on every server),
 - how many events were written after the checkpoint's `scan_from` (a bounded count: an estimate of
-  the events behind, see projections/projector.py "Catch-up scan"),
+  the events behind, see projections/catchup.py),
 - whether that position is still inside the oplog (oldest entry of `local.oplog.rs`): if not, the
   change stream cannot resume there and only `msgcore projections rebuild` helps,
 - which PostgreSQL session holds the projection's advisory lock (the active projector), if any.
@@ -26,8 +26,10 @@ from pymongo import DESCENDING
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.errors import OperationFailure, PyMongoError
 
-from projections.projector import REBUILD_HINT, cluster_time_now, int_to_ts
+from projections.replay import cluster_time_now
+from projections.runner import REBUILD_HINT
 from projections.schema import lock_key
+from projections.writer import int_to_ts
 
 log = logging.getLogger(__name__)
 

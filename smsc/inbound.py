@@ -5,8 +5,9 @@ For a batch of MO deliver_sm (one flush of the connector) this costs:
 - one aggregation on `events` for the reply targets: the newest `accepted` event of each tenant to
   each sender, through the partial index `accepted_to` (`data.to`, `tenant_id`, `at`; only
   `accepted` events are in it, so each entry is written once per message, on an insert-only
-  collection; an index on `streams` would be rewritten on every head write);
-- one transaction appending every `inbound` event as the first event of a new stream, with its head.
+  collection);
+- one transaction appending every `inbound` event as the first event of a new stream (a fact only:
+  no topic, no head; its state is the fold of that one event).
 
 MO to a number no tenant owns is kept in `orphan_receipts` (kind `mo_unassigned`), counted and logged.
 The caller acknowledges each deliver_sm only after this returns, i.e. after its event is committed:
@@ -15,6 +16,12 @@ deduplicate on, so a resent MO may appear twice).
 
 A concatenated MO (UDH) is recorded part by part, each with its `udh` (ref, total, index) in the data;
 reassembly is left to the reader.
+
+data_coding 0 means "the SMSC's default alphabet": GSM 03.38 for most SMSCs, Latin-1 or ASCII for
+some. It is the route's `mo_alphabet`, read from the `routes` collection once per batch (so a change
+through the admin API applies to the next MO). Bytes that are not valid in the alphabet used are not
+mapped silently: the text keeps U+FFFD in their place, the event's data gets `undecodable` (the raw
+payload in hex) and a warning names the route and the message.
 """
 
 from __future__ import annotations
@@ -25,13 +32,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from core.domain.encoding import decode_short_message, split_udh
+from core.domain.encoding import DecodedMo, MoAlphabet, decode_mo, split_udh
 from core.domain.events import Event, EventType
-from core.domain.message import evolve
 from core.ids import new_message_id
 from core.store.eventstore import EventStore
-from core.store.heads import head_doc
 from core.store.numbers import NumberStore, ensure_inbound_indexes
+from core.store.routes import RouteStore
+from core.store.topics import Write
 from smsc.session import DeliverSm
 
 log = logging.getLogger(__name__)
@@ -46,15 +53,16 @@ def e164(address: str) -> str:
     return f"+{digits}" if digits.isdigit() and len(digits) >= 7 else address
 
 
-def mo_text(pdu: DeliverSm) -> tuple[str, dict[str, int] | None]:
-    """(text, concatenation info or None) of an MO deliver_sm; message_payload wins over an empty
-    short_message. Never raises: undecodable bytes become replacement characters."""
+def mo_text(pdu: DeliverSm, alphabet: MoAlphabet = MoAlphabet.GSM) -> tuple[DecodedMo, dict[str, int] | None]:
+    """(decoded text, concatenation info or None) of an MO deliver_sm; message_payload wins over an
+    empty short_message. `alphabet` is what data_coding 0 means on this route. Never raises: bytes
+    not valid in the alphabet become replacement characters and are reported in `undecodable`."""
     payload = pdu.short_message or pdu.message_payload or b""
     udh, body = split_udh(payload, pdu.esm_class)
     concat = None
     if udh is not None and len(udh) >= 6 and udh[1] == 0x00:  # IEI 0: 8-bit reference concatenation
         concat = {"ref": udh[3], "total": udh[4], "index": udh[5]}
-    return decode_short_message(body, pdu.data_coding), concat
+    return decode_mo(body, pdu.data_coding, alphabet), concat
 
 
 @dataclass
@@ -66,10 +74,20 @@ class InboundResult:
 class InboundRecorder:
     """Turns MO deliver_sm into `inbound` streams of the tenant owning the destination number."""
 
-    def __init__(self, store: EventStore, route_id: str) -> None:
+    def __init__(self, store: EventStore, route_id: str, *, mo_alphabet: MoAlphabet | None = None) -> None:
+        """`mo_alphabet` fixes what data_coding 0 means; None reads the route's setting per batch."""
         self.store = store
         self.numbers = NumberStore(store.db)
+        self.routes = RouteStore(store.db)
         self.route_id = route_id
+        self.mo_alphabet = mo_alphabet
+
+    async def alphabet(self) -> MoAlphabet:
+        """The route's `mo_alphabet` (GSM when the route is gone: the SMPP default)."""
+        if self.mo_alphabet is not None:
+            return self.mo_alphabet
+        route = await self.routes.get(self.route_id)
+        return route.mo_alphabet if route is not None else MoAlphabet.GSM
 
     async def record(self, pdus: Sequence[DeliverSm], now: datetime) -> InboundResult:
         """Commit an `inbound` event per MO whose destination has a tenant, keep the rest as orphans.
@@ -81,33 +99,40 @@ class InboundRecorder:
         if not pdus:
             return result
         owners = await self.numbers.tenants_for(p.destination for p in pdus)
+        alphabet = await self.alphabet()
         assigned = [(p, owners[p.destination]) for p in pdus if p.destination in owners]
         unassigned = [p for p in pdus if p.destination not in owners]
         replies = await self._reply_targets({(t, e164(p.source)) for p, t in assigned})
         if unassigned:  # first: a failure after the commit below must not record the MO twice on retry
-            await self.store.db["orphan_receipts"].insert_many([self._orphan(p, now) for p in unassigned])
+            await self.store.db["orphan_receipts"].insert_many([self._orphan(p, now, alphabet) for p in unassigned])
             result.unassigned = len(unassigned)
             log.warning("route=%s: %d MO messages to numbers no tenant owns (e.g. to=%s from=%s); kept in "
                         "orphan_receipts", self.route_id, len(unassigned), unassigned[0].destination,
                         unassigned[0].source)
-        items = []
+        events: list[Event] = []
         # Ids of one millisecond differ only in random bits: sorted, they keep the order of arrival,
         # which `GET /v1/inbound` pages by.
         ids = sorted(new_message_id() for _ in assigned)
         for message_id, (p, tenant) in zip(ids, assigned, strict=True):
-            event = self._event(message_id, p, tenant, now, replies.get((tenant, e164(p.source))))
-            items.append((event, head_doc(evolve(None, event), now=now)))
-        if items:
-            await self.store.accept(items)
-            result.committed = [e.message_id for e, _ in items]
-            for e, _ in items:
+            event = self._event(message_id, p, tenant, now, replies.get((tenant, e164(p.source))), alphabet)
+            events.append(event)
+        if events:
+            await self.store.accept([Write(message_id=e.message_id, events=[e.to_doc()]) for e in events])
+            result.committed = [e.message_id for e in events]
+            for e in events:
                 log.info("inbound message=%s tenant=%s route=%s from=%s to=%s reply_to=%s", e.message_id,
                          e.tenant_id, self.route_id, e.data["from"], e.data["to"], e.data.get("reply_to"))
         return result
 
-    def _event(self, message_id: str, p: DeliverSm, tenant: str, now: datetime, reply_to: str | None) -> Event:
-        text, concat = mo_text(p)
-        data: dict[str, Any] = {"from": e164(p.source), "to": e164(p.destination), "text": text}
+    def _event(self, message_id: str, p: DeliverSm, tenant: str, now: datetime, reply_to: str | None,
+               alphabet: MoAlphabet) -> Event:
+        decoded, concat = mo_text(p, alphabet)
+        data: dict[str, Any] = {"from": e164(p.source), "to": e164(p.destination), "text": decoded.text}
+        if decoded.undecodable is not None:
+            data["undecodable"] = decoded.undecodable.hex()
+            log.warning("route=%s message=%s tenant=%s: MO from=%s data_coding=%d (mo_alphabet %s) has bytes "
+                        "not valid in its alphabet; text keeps U+FFFD, raw payload in data.undecodable",
+                        self.route_id, message_id, tenant, e164(p.source), p.data_coding, alphabet.value)
         if p.receipted_message_id:
             data["smsc_message_id"] = p.receipted_message_id
         if reply_to is not None:
@@ -136,9 +161,10 @@ class InboundRecorder:
                 found[key] = d["message_id"]
         return found
 
-    def _orphan(self, p: DeliverSm, now: datetime) -> dict[str, Any]:
-        text, _ = mo_text(p)
+    def _orphan(self, p: DeliverSm, now: datetime, alphabet: MoAlphabet) -> dict[str, Any]:
+        decoded, _ = mo_text(p, alphabet)
         return {"at": now, "kind": "mo_unassigned", "route_id": self.route_id,
                 "smsc_message_id": p.receipted_message_id, "source": p.source, "destination": p.destination,
                 "esm_class": p.esm_class,
-                "data_coding": p.data_coding, "short_message": p.short_message, "text": text, "stat": None}
+                "data_coding": p.data_coding, "short_message": p.short_message, "text": decoded.text,
+                "undecodable": None if decoded.undecodable is None else decoded.undecodable.hex(), "stat": None}

@@ -17,6 +17,7 @@ Conventions (SMPP, data_coding 0 / 8):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 Encoding = Literal["gsm7", "ucs2"]
@@ -219,3 +220,86 @@ def decode_short_message(payload: bytes, data_coding: int) -> str:
     if data_coding == 1:
         return payload.decode("ascii", errors="replace")
     return payload.decode("latin-1")
+
+
+# --- MO (deliver_sm) decoding with the route's default alphabet ------------------------------------
+
+REPLACEMENT = "\ufffd"
+
+
+class MoAlphabet(StrEnum):
+    """What an SMSC means by data_coding 0 (the "SMSC default alphabet") in the MO it delivers.
+
+    SMPP 3.4 leaves it to the SMSC: most send GSM 03.38 unpacked septets, some send Latin-1 or ASCII
+    bytes. Decoding Latin-1 as GSM silently changes characters (0xFC `ü` masked to 0x7C reads `ö`).
+    """
+
+    GSM = "gsm"
+    LATIN1 = "latin1"
+    ASCII = "ascii"
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedMo:
+    """An MO text and, when some bytes were not valid in the alphabet used, the raw payload.
+
+    `text` has U+FFFD where such bytes were; `undecodable` is then the whole payload (without UDH)
+    so that nobody has to guess from the replacement characters what was received.
+    """
+
+    text: str
+    undecodable: bytes | None = None
+
+
+def _decode_gsm7_strict(payload: bytes) -> tuple[str, bool]:
+    """GSM 03.38 unpacked septets; (text, whether some byte was invalid).
+
+    Invalid: a byte with the high bit set (a septet never has it) and an escape with nothing after
+    it. An unknown extension code shows the default-table character, as 03.38 prescribes.
+    """
+    out: list[str] = []
+    bad = escaped = False
+    for byte in payload:
+        if byte > 0x7F:
+            out.append(REPLACEMENT)
+            bad, escaped = True, False
+        elif escaped:
+            escaped = False
+            out.append(_DECODE_EXTENSION.get(byte, _GSM7_BASIC[byte]))
+        elif byte == ESC:
+            escaped = True
+        else:
+            out.append(_GSM7_BASIC[byte])
+    if escaped:
+        out.append(REPLACEMENT)
+        bad = True
+    return "".join(out), bad
+
+
+def _decode_codec(payload: bytes, codec: str) -> tuple[str, bool]:
+    try:
+        return payload.decode(codec), False
+    except UnicodeDecodeError:
+        return payload.decode(codec, errors="replace"), True
+
+
+def decode_mo(payload: bytes, data_coding: int, default_alphabet: MoAlphabet = MoAlphabet.GSM) -> DecodedMo:
+    """The text of an MO short_message payload (without UDH); never raises.
+
+    data_coding 0 is decoded with `default_alphabet` (the route's `mo_alphabet`); 1 is ASCII, 3
+    Latin-1, 8 UCS-2 (UTF-16-BE); any other coding is read as Latin-1 so that no byte is lost.
+    Bytes that are not valid in the alphabet used (a byte >= 0x80 in GSM-7 or ASCII, a trailing
+    escape, an odd byte or lone surrogate in UCS-2) become U+FFFD and set `undecodable`.
+    """
+    if data_coding == DATA_CODING_GSM7:
+        if default_alphabet == MoAlphabet.GSM:
+            text, bad = _decode_gsm7_strict(payload)
+        else:
+            text, bad = _decode_codec(payload, "latin-1" if default_alphabet == MoAlphabet.LATIN1 else "ascii")
+    elif data_coding == DATA_CODING_UCS2:
+        text, bad = _decode_codec(payload, "utf-16-be")
+    elif data_coding == 1:
+        text, bad = _decode_codec(payload, "ascii")
+    else:
+        text, bad = payload.decode("latin-1"), False
+    return DecodedMo(text, payload if bad else None)

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.domain.encoding import MoAlphabet
 from core.domain.errors import NoRoute
 
 
@@ -68,6 +69,8 @@ class Route(BaseModel):
     group: str = "default"
     strategy: Strategy = Strategy.FAILOVER
     on_unknown_outcome: UnknownOutcomePolicy = UnknownOutcomePolicy.RESEND
+    # How this SMSC's MO with data_coding 0 is to be read: GSM 03.38 (most), Latin-1 or ASCII.
+    mo_alphabet: MoAlphabet = MoAlphabet.GSM
     enabled: bool = True
 
     def match_length(self, destination: str) -> int:
