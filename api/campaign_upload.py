@@ -27,7 +27,6 @@ from itertools import islice
 from typing import IO, Any
 
 from fastapi import Request
-from pymongo.errors import ConnectionFailure, OperationFailure
 
 from api.campaign_schemas import RowProblemOut, UploadReport
 from api.deps import ApiError
@@ -42,6 +41,7 @@ from core.domain.recipients import (
 )
 from core.domain.templates import parse_template
 from core.store.campaigns import CampaignStore
+from core.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ async def _accept_rows(campaigns: CampaignStore, campaign: dict[str, Any],
         problems = [p for p in batch if isinstance(p, RowProblem)]
         try:
             result = await campaigns.accept_batch(campaign, recipients, problems, utcnow())
-        except (ConnectionFailure, OperationFailure) as e:
+        except StoreUnavailable as e:
             log.warning("campaign=%s tenant=%s: upload stopped at row %d, store unavailable: %s", campaign["_id"],
                         campaign["tenant_id"], batch[0].row, e)
             raise ApiError(503, "unavailable", "the store became unavailable during the upload; the rows before "

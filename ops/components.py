@@ -21,14 +21,17 @@ from pymongo.asynchronous.database import AsyncDatabase
 from core.config import Settings
 from core.domain.events import utcnow
 from core.store.campaigns import CampaignStore
+from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
+from core.store.lanes import LaneBook
 from core.store.mongo import connect
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
-from core.workers.biller import Biller
+from core.store.timers import Timers
 from core.workers.campaigns import CampaignSweeper
 from core.workers.expiry import Expirer
 from core.workers.loop import run_until_stopped
+from core.workers.timers import TimerReleaser
 from ops.embedded import read_endpoints
 
 log = logging.getLogger(__name__)
@@ -105,23 +108,26 @@ async def router_main(settings: Settings) -> None:
         log.info("router stopped")
 
 
-async def biller_main(settings: Settings) -> None:
-    await _run_stage(settings, "biller", lambda db: Biller(EventStore(db), utcnow, batch_size=settings.batch_size))
-
-
 async def scheduler_main(settings: Settings) -> None:
-    """Timed jobs: expire messages whose receipt never came; release scheduled campaigns at their
-    send_at (a date job each, plus a sweep every second), cancel and complete campaigns."""
+    """Timed jobs: expire sent messages whose receipt never came (the `expirer` consumer of the
+    `await:<route>` topics, billing them in the same commit); release due timers (retry back-off,
+    `send_at`, suspended tenants) into their topics; release scheduled campaigns at their send_at (a
+    date job each, plus a sweep every second), and mark canceling and finished campaigns."""
     stop = stop_on_signals()
     async with database(settings, "scheduler") as db:
         await prepare(db)
-        expirer = Expirer(EventStore(db), utcnow, batch_size=settings.batch_size)
+        expirer = Expirer(EventStore(db), RouteStore(db), utcnow, batch_size=settings.batch_size,
+                          default_validity_s=settings.default_validity_s)
+        releaser = TimerReleaser(Timers(db), LaneBook(db), utcnow, batch_size=settings.batch_size)
         campaigns = CampaignSweeper(CampaignStore(db), utcnow)
         scheduler = AsyncIOScheduler(timezone="UTC")
 
         async def expire_due() -> None:
-            while await expirer.step():
-                pass
+            try:
+                while await expirer.step():
+                    pass
+            except StoreUnavailable as e:
+                log.warning("scheduler: expiry stopped, store unavailable (next run in a second): %s", e)
 
         async def campaign_jobs() -> None:
             await campaigns.sweep()
@@ -131,13 +137,15 @@ async def scheduler_main(settings: Settings) -> None:
                     scheduler.add_job(campaigns.release, "date", run_date=doc["send_at"], id=job_id,
                                       misfire_grace_time=None)
 
+        # Each job is one instance at a time and coalesced: a slow run is never stacked behind itself.
         scheduler.add_job(expire_due, "interval", seconds=1, max_instances=1, coalesce=True, id="expire")
+        scheduler.add_job(releaser.run_due, "interval", seconds=0.5, max_instances=1, coalesce=True, id="timers")
         scheduler.add_job(campaign_jobs, "interval", seconds=1, max_instances=1, coalesce=True, id="campaigns")
         scheduler.start()
         log.info("scheduler started (%s)", worker_id("scheduler"))
         await stop.wait()
         scheduler.shutdown(wait=False)
-        log.info("scheduler stopped; expired %d", expirer.expired)
+        log.info("scheduler stopped; expired %d, timers released %d", expirer.expired, releaser.released)
 
 
 async def connector_main(settings: Settings, route_ids: list[str]) -> None:

@@ -29,7 +29,7 @@ from ops.embedded import EmbeddedMongo, EmbeddedPostgres, die_with_parent, free_
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("smsc-sim", "api", "router", "connector", "biller", "scheduler", "projector")
+COMPONENTS = ("smsc-sim", "api", "router", "connector", "scheduler", "projector")
 DEMO_TENANT = "demo"
 STOP_GRACE_S = 20.0
 

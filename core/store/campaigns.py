@@ -1,18 +1,27 @@
 """Campaigns in MongoDB: the campaign documents, their recipients accepted as messages, and the
-sweeps the scheduler runs (release when due, cancel what was not sent, notice completion).
+jobs the scheduler runs (release when due, notice when a canceling campaign is over, notice
+completion).
 
 - `campaigns`: one document per campaign: definition, status, and exact upload counters (rows,
   accepted, duplicates, invalid, parts; problems by code), updated in the same transaction as the
   messages they count. State counts of the messages themselves come from the reporting tables.
 - `campaign_problems`: one document per CSV row that was not accepted (row number, code, reason):
   nothing is dropped silently.
-- A recipient becomes an `accepted` message in the campaign's lane (`c:<campaign id>`), with an id
-  derived from (campaign, number): a number appears once per campaign, even across uploads, and an
-  upload repeated after a lost answer accepts nothing twice.
+- A recipient becomes an `accepted` message in the campaign's lane (`c:<campaign id>`, topic
+  `route~c:<id>`), built by core/store/submission.accepted_write, with an id derived from (campaign,
+  number): a number appears once per campaign, even across uploads, and an upload repeated after a
+  lost answer accepts nothing twice.
+- Start, pause and resume are one write to the campaign's lane (which the stages read only while it
+  is `active`). Cancel puts the lane in `canceling`: the lane's consumers (router, connector) append
+  `canceled` for every entry they read there, so no sweep races a sender. The campaign is `canceled`
+  (or `completed`) once its lane is idle: every topic of the lane read up to its counter by its
+  consumer, no timer of the lane left, and no upload writing. Backlogs are exact (counter -
+  checkpoint): no scan of the messages.
 """
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,8 +29,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pymongo import ASCENDING, DESCENDING, InsertOne, UpdateOne
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from core.domain.campaign import (
     LANE_STATE,
@@ -31,19 +41,21 @@ from core.domain.campaign import (
     apply_action,
 )
 from core.domain.events import Event, EventType
-from core.domain.message import TRANSACTIONAL_PRIORITY, campaign_lane, evolve, next_event, queue_name
+from core.domain.message import TRANSACTIONAL_PRIORITY, campaign_lane, route_topic, send_topic
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
 from core.ids import campaign_message_id, new_campaign_id
-from core.store.cursor import QueueCursor
-from core.store.eventstore import EventStore, Transition
-from core.store.heads import head_doc, state_from_head
-from core.store.lanes import LaneStore, deep_cursor, lane_has_heads
+from core.store.errors import StoreUnavailable
+from core.store.eventstore import EventStore
+from core.store.lanes import LaneStore
+from core.store.submission import accepted_write
+from core.store.timers import Timers
+from core.store.topics import Write
 
 log = logging.getLogger(__name__)
 
 UPLOAD_QUIET_S = 15.0  # a campaign is complete only once no upload has written for this long
-CANCEL_BATCH = 500
+ROUTER, CONNECTOR = "router", "connector"  # the consumers of a lane's topics (core/workers/router.py, smsc/)
 
 
 class CampaignNotFound(Exception):
@@ -73,7 +85,7 @@ class CampaignStore:
         self.problem_rows = db["campaign_problems"]
         self.events = EventStore(db)
         self.lanes = LaneStore(db)
-        self._cursors: dict[str, QueueCursor] = {}  # the scheduler's sweeps (see _cursor)
+        self.timers = Timers(db)
 
     async def ensure_indexes(self) -> None:
         await self.campaigns.create_index([("tenant_id", ASCENDING), ("created_at", DESCENDING)], name="tenant_created")
@@ -135,7 +147,7 @@ class CampaignStore:
         if stamp and not (stamp == "started_at" and doc.get("started_at")):
             update[stamp] = now
 
-        async def body(session: Any) -> bool:
+        async def body(session: AsyncClientSession) -> bool:
             res = await self.campaigns.update_one({"_id": doc["_id"], "status": doc["status"]}, {"$set": update},
                                                   session=session)
             if res.matched_count == 0:
@@ -143,7 +155,7 @@ class CampaignStore:
             await self.lanes.set_state(doc["lane"], LANE_STATE[status], now, session=session)
             return True
 
-        moved = bool(await self.events._in_transaction(body))
+        moved = bool(await self.events.log.transaction(body))
         if moved:
             log.info("campaign=%s tenant=%s %s: %s -> %s", doc["_id"], doc["tenant_id"], action, doc["status"],
                      status.value)
@@ -176,8 +188,7 @@ class CampaignStore:
             else:
                 first_row[mid] = r.row
                 fresh.append((r, mid))
-        existing = {d["_id"] async for d in self.events.streams.find({"_id": {"$in": [m for _, m in fresh]}},
-                                                                     {"_id": 1})}
+        existing = await self.events.exists(m for _, m in fresh)
         items = []
         parts = {"gsm7": 0, "ucs2": 0}
         total_parts = 0
@@ -198,29 +209,25 @@ class CampaignStore:
                "recipients.duplicates": result.duplicates, "recipients.invalid": result.invalid,
                "recipients.parts": total_parts, **{f"encodings.{k}": v for k, v in parts.items()},
                **{f"problems_by_code.{k}": v for k, v in by_code.items()}}
-        side = [("campaigns", [UpdateOne({"_id": cid}, {"$inc": inc, "$set": {"upload_heartbeat_at": now,
-                                                                               "updated_at": now}})]),
-                # The lane's floor: no head of it is due before its first upload (core/store/cursor.py).
-                ("lanes", [UpdateOne({"_id": campaign["lane"], "since": {"$exists": False}},
-                                     {"$set": {"since": now}})]),
-                ("campaign_problems", [InsertOne({"campaign_id": cid, "tenant_id": campaign["tenant_id"], "row": p.row,
-                                                  "code": p.code, "reason": p.reason, "phone": p.phone, "at": now})
-                                       for p in result.problems])]
+        counters = UpdateOne({"_id": cid}, {"$inc": inc, "$set": {"upload_heartbeat_at": now, "updated_at": now}})
+        problem_rows = [InsertOne({"campaign_id": cid, "tenant_id": campaign["tenant_id"], "row": p.row, "code": p.code,
+                                   "reason": p.reason, "phone": p.phone, "at": now}) for p in result.problems]
+        side: list[tuple[str, list[Any]]] = [("campaigns", [counters]), ("campaign_problems", problem_rows)]
         await self.events.accept(items, side_writes=side)
         return result
 
     @staticmethod
-    def _accepted(campaign: dict[str, Any], r: Recipient, message_id: str, now: datetime) -> tuple[Event, dict]:
+    def _accepted(campaign: dict[str, Any], r: Recipient, message_id: str, now: datetime) -> Write:
         transactional = campaign["priority"] == "transactional"
         event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=campaign["tenant_id"],
                       channel=campaign.get("channel", "sms"),
                       data={"to": r.phone, "sender": campaign["sender"], "text": r.text, "encoding": r.encoding,
                             "parts": r.parts, "priority": TRANSACTIONAL_PRIORITY if transactional else 0,
                             # No send_at or validity per message: the campaign's lane holds them until it
-                            # runs, and a message's due time stays its acceptance (spread over the upload).
+                            # runs.
                             "validity_s": 0, "send_at": None, "campaign_id": campaign["_id"],
                             "client_ref": None, "campaign_row": r.row})
-        return event, head_doc(evolve(None, event), now=now)
+        return accepted_write(event, now)
 
     async def start_upload(self, campaign_id: str, rows: int, now: datetime) -> None:
         """Note an upload of `rows` data rows starting (for progress bars, and so that the campaign is
@@ -240,19 +247,19 @@ class CampaignStore:
         return doc
 
     async def problems(self, tenant_id: str, campaign_id: str, *, after_row: int = 0,
-                       limit: int = 100) -> list[dict[str, Any]]:
+                       limit: int = 100) -> builtins.list[dict[str, Any]]:
         await self.get(tenant_id, campaign_id)
         cursor = self.problem_rows.find({"campaign_id": campaign_id, "row": {"$gt": after_row}},
                                         {"_id": 0, "row": 1, "code": 1, "reason": 1}).sort("row", ASCENDING)
         return [d async for d in cursor.limit(limit)]
 
-    # ---- the scheduler's sweeps -----------------------------------------------------------------
+    # ---- the scheduler's jobs -------------------------------------------------------------------
 
-    async def scheduled(self) -> list[dict[str, Any]]:
+    async def scheduled(self) -> builtins.list[dict[str, Any]]:
         return [d async for d in self.campaigns.find({"status": CampaignStatus.SCHEDULED.value},
                                                      {"send_at": 1, "tenant_id": 1})]
 
-    async def release_due(self, now: datetime) -> list[str]:
+    async def release_due(self, now: datetime) -> builtins.list[str]:
         """Start every scheduled campaign whose send_at has come."""
         released = []
         async for doc in self.campaigns.find({"status": CampaignStatus.SCHEDULED.value, "send_at": {"$lte": now}}):
@@ -260,73 +267,63 @@ class CampaignStore:
                 released.append(doc["_id"])
         return released
 
-    async def _lane_queues(self, lane: str) -> list[str]:
-        routes = await self.db["routes"].distinct("_id")
-        return [queue_name(stage, lane) for stage in ["route", *(f"send:{r}" for r in routes)]]
+    async def lane_topics(self, lane: str) -> dict[str, builtins.list[str]]:
+        """The topics of `lane`, by consumer: the router's `route~<lane>` and each route's connector
+        `send:<route>~<lane>` (every route, disabled ones too: their topics may still hold work)."""
+        try:
+            routes = await self.db["routes"].distinct("_id")
+        except PyMongoError as e:
+            raise StoreUnavailable(str(e)) from e
+        return {ROUTER: [route_topic(lane)], CONNECTOR: [send_topic(r, lane) for r in sorted(routes)]}
 
-    async def _cursor(self, queue: str, lane: str, kind: str) -> QueueCursor:
-        """A deep cursor per (job, queue), kept across sweeps: a campaign's lane may hold millions of
-        heads, and an unbounded query would cost all of them on some servers (core/store/cursor.py)."""
-        key = f"{kind}:{queue}"
-        cursor = self._cursors.get(key)
-        if cursor is None:
-            doc = await self.db["lanes"].find_one({"_id": lane}, {"since": 1, "created_at": 1}) or {}
-            cursor = self._cursors[key] = deep_cursor(doc.get("since") or doc.get("created_at"))
-        return cursor
+    async def lane_backlog(self, lane: str) -> dict[str, int]:
+        """Entries of each topic of `lane` not yet read by its consumer (counter - checkpoint): exact."""
+        by_consumer = await self.lane_topics(lane)
+        counters = await self.events.log.counters(t for ts in by_consumer.values() for t in ts)
+        out = {}
+        for consumer, topics in by_consumer.items():
+            checkpoints = await self.events.log.load_checkpoints(consumer, topics)
+            out.update({t: max(0, counters[t] - checkpoints[t]) for t in topics})
+        return out
 
-    async def _lane_empty(self, lane: str, now: datetime) -> bool:
-        for queue in await self._lane_queues(lane):
-            if await lane_has_heads(self.events, queue, await self._cursor(queue, lane, "probe"), now):
+    async def lane_idle(self, lane: str) -> bool:
+        """True when nothing of `lane` waits anywhere: every topic read up to its counter, no timer.
+
+        Work moves in a cycle (route topic -> send topic -> timer -> route topic), so one pass of
+        reads could miss a message moving against the order of the reads. Hence: counters first,
+        then checkpoints (each at least its counter), then timers, then the counters again,
+        unchanged: a message that moved meanwhile either sits in a timer or took a new position."""
+        by_consumer = await self.lane_topics(lane)
+        topics = [t for ts in by_consumer.values() for t in ts]
+        counters = await self.events.log.counters(topics)
+        for consumer, ts in by_consumer.items():
+            checkpoints = await self.events.log.load_checkpoints(consumer, ts)
+            if any(checkpoints[t] < counters[t] for t in ts):
                 return False
-        return True
+        if await self.timers.any_for_lane(lane):
+            return False
+        return await self.events.log.counters(topics) == counters
 
     def _upload_quiet(self, doc: dict[str, Any], now: datetime) -> bool:
         beat = doc.get("upload_heartbeat_at")
         return beat is None or now - beat >= timedelta(seconds=UPLOAD_QUIET_S)
 
-    async def complete_finished(self, now: datetime) -> list[str]:
-        """Running campaigns with recipients, nothing left in their lane and no upload going on."""
+    async def complete_finished(self, now: datetime) -> builtins.list[str]:
+        """Running campaigns with recipients, their lane idle and no upload going on: `completed`."""
         done = []
         async for doc in self.campaigns.find({"status": CampaignStatus.RUNNING.value}):
-            finished = (doc["recipients"]["accepted"] and self._upload_quiet(doc, now)
-                        and await self._lane_empty(doc["lane"], now))
+            finished = (doc["recipients"]["accepted"] > 0 and self._upload_quiet(doc, now)
+                        and await self.lane_idle(doc["lane"]))
             if finished and await self._move(doc, CampaignStatus.COMPLETED, now, action="complete"):
                 done.append(doc["_id"])
         return done
 
-    async def cancel_sweep(self, now: datetime, budget: int = 8 * CANCEL_BATCH) -> int:
-        """End up to `budget` not-yet-sent messages of canceling campaigns as `canceled`; a campaign
-        whose lane is empty (and no upload is writing to it) becomes `canceled`."""
-        canceled = 0
+    async def finish_canceled(self, now: datetime) -> builtins.list[str]:
+        """Canceling campaigns whose lane is idle (its consumers canceled everything they read, no
+        timer left) and no upload writing: `canceled`."""
+        done = []
         async for doc in self.campaigns.find({"status": CampaignStatus.CANCELING.value}):
-            for queue in await self._lane_queues(doc["lane"]):
-                canceled += await self._cancel_queue(queue, doc, now, budget - canceled)
-                if canceled >= budget:
-                    return canceled
-            if self._upload_quiet(doc, now) and await self._lane_empty(doc["lane"], now):
-                await self._move(doc, CampaignStatus.CANCELED, now, action="canceled")
-        return canceled
-
-    async def _cancel_queue(self, queue: str, campaign: dict[str, Any], now: datetime, budget: int) -> int:
-        """Cancel the heads due in one queue of the lane, slice by slice; a head leased by a connector
-        right now is left to it (its outcome is recorded; if it comes back, a later sweep cancels it).
-        Heads due later (a retry's back-off) are canceled once due."""
-        cursor = await self._cursor(queue, campaign["lane"], "cancel")
-        done = 0
-        for _ in range(4 * max(1, budget // CANCEL_BATCH)):  # a slice may hold fewer than a batch
-            if done >= budget:
-                break
-            docs = await self.events.scan(queue, now, CANCEL_BATCH, cursor, projection=None)
-            todo = [d for d in docs if d["lease_until"] <= now]  # the commit guard would refuse the others
-            if todo:
-                transitions = []
-                for d in todo:
-                    state = state_from_head(d)
-                    event = next_event(state, EventType.CANCELED, now,
-                                       {"reason": f"campaign {campaign['_id']} canceled",
-                                        "attempted": bool(d.get("lease_token"))})
-                    transitions.append(Transition(state.version, [event], evolve(state, event), unleased=True))
-                done += len((await self.events.commit(transitions, now)).committed)
-            if not docs:  # `scan` crossed empty slices up to now
-                break
+            if (self._upload_quiet(doc, now) and await self.lane_idle(doc["lane"])
+                    and await self._move(doc, CampaignStatus.CANCELED, now, action="canceled")):
+                done.append(doc["_id"])
         return done

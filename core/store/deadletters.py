@@ -1,16 +1,18 @@
 """Dead letters: messages the pipeline gave up on, listed for operators and requeued by appending events.
 
 Contract:
-- A dead letter is a head in `streams` whose `state` is `dead_lettered` (the router appends
-  `dead_lettered` once a message's attempts reach `max_attempts`). Operators may also retry `failed`
-  messages: both functions take the state to work on (`REQUEUABLE_STATES`).
-- Listing reads heads (keyset pagination on `_id`, so pages stay stable while messages leave the
-  list) and, for each page, the last event of each message (one query on the `(message_id, seq)`
-  index) for the reason and time. `streams` keeps a single secondary index on purpose (every head
-  write pays for each index), so the state filter walks the `_id` index: fine for an admin tool.
-- Requeueing never edits the log: it appends one `requeued` event per message through
-  `EventStore.commit`, all in one transaction, each head guarded by the version read. The head then
-  says state `retry`, queue `route`, attempts 0, so the router takes the message again.
+- A dead letter is a message whose CURRENT state (the fold of its events) is `dead_lettered` (the
+  router appends it once a message's attempts reach `max_attempts`). Operators may also retry
+  `failed` and `unknown` messages: both functions take the state to work on (`REQUEUABLE_STATES`).
+- Listing finds the candidates among the events of that type (a message requeued since still has
+  one), ordered by message id through the (message_id, seq) index, folds each candidate's events
+  (one query per page) and keeps those still in the state. Keyset pagination on the message id, so
+  pages stay stable while messages leave the list. No per-message head is kept anywhere: this reads
+  the log, which is fine for an admin tool (the events of other types are skipped by the filter).
+- Requeueing never edits the log: it appends one `requeued` event per message (seq = the fold's
+  version + 1), handed to the router's topic of the message's lane (`route_topic(lane_of(state))`),
+  all in one commit. A message whose next seq was taken meanwhile (another writer, another operator)
+  loses on the unique (message_id, seq) index: it is reported in `conflicts`, nothing appended for it.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING
 from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import PyMongoError
 
-from core.domain.events import EventType
-from core.domain.message import evolve, next_event
-from core.store.eventstore import EventStore, Transition
+from core.domain.events import Event, EventType
+from core.domain.message import MessageState, event_doc, fold, lane_of, route_topic
+from core.store.errors import StoreUnavailable
+from core.store.eventstore import EventStore
+from core.store.topics import Write
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +39,7 @@ DEAD_LETTERED = "dead_lettered"
 REQUEUABLE_STATES: frozenset[str] = frozenset({DEAD_LETTERED, "failed", "unknown"})
 MAX_PAGE = 1000
 MAX_REQUEUE = 1000
+CANDIDATE_ROUND = 2000  # candidate events read per round while filling a page
 
 
 @dataclass
@@ -41,8 +47,8 @@ class RequeueResult:
     """What `requeue` did with each id it was given (every id lands in exactly one list).
 
     `requeued`: a `requeued` event was appended; `not_found`: no such message; `not_dead`: the message
-    is not in the state asked for (its current state is in `states`); `conflicts`: the head moved on
-    between read and commit (another writer), nothing was appended for it.
+    is not in the state asked for (its current state is in `states`); `conflicts`: the message moved
+    on between read and commit (another writer), nothing was appended for it.
     """
 
     requeued: list[str] = field(default_factory=list)
@@ -64,7 +70,7 @@ def _check_state(state: str) -> None:
 
 async def list_dead_letters(db: AsyncDatabase[Any], tenant_id: str | None, limit: int, after: str | None,
                             *, state: str = DEAD_LETTERED) -> list[dict[str, Any]]:
-    """Up to `limit` (1..1000) messages in `state`, ordered by id, starting after id `after`.
+    """Up to `limit` (1..1000) messages currently in `state`, ordered by id, starting after id `after`.
 
     Each item: `id`, `tenant_id`, `to`, `state`, `attempts`, `route_id`, `version`, and from the
     message's last event (the one that put it in `state`): `reason` (its `data.reason`, or None) and
@@ -72,45 +78,71 @@ async def list_dead_letters(db: AsyncDatabase[Any], tenant_id: str | None, limit
     """
     _check_state(state)
     limit = max(1, min(limit, MAX_PAGE))
-    query: dict[str, Any] = {"state": state}
+    store = EventStore(db)
+    out: list[dict[str, Any]] = []
+    cursor_after = after
+    while len(out) < limit:
+        candidates = await _candidates(db, state, tenant_id, cursor_after, CANDIDATE_ROUND)
+        if not candidates:
+            break
+        cursor_after = candidates[-1]
+        for mid, docs in (await store.log.load_many(candidates)).items():
+            item = _item(mid, docs, state)
+            if item is not None:
+                out.append(item)
+                if len(out) == limit:
+                    break
+        if len(candidates) < CANDIDATE_ROUND:
+            break
+    return out
+
+
+async def _candidates(db: AsyncDatabase[Any], state: str, tenant_id: str | None, after: str | None,
+                      limit: int) -> list[str]:
+    """Ids of messages with an event of type `state` (now or earlier), in id order, after `after`."""
+    query: dict[str, Any] = {"type": state}
     if tenant_id is not None:
         query["tenant_id"] = tenant_id
     if after is not None:
-        query["_id"] = {"$gt": after}
-    projection = {"tenant_id": 1, "state": 1, "version": 1, "attempts": 1, "route_id": 1, "msg.to": 1}
-    heads = [h async for h in db["streams"].find(query, projection).sort("_id", ASCENDING).limit(limit)]
-    if not heads:
-        return []
-    last_events = {
-        e["message_id"]: e
-        async for e in db["events"].find({"$or": [{"message_id": h["_id"], "seq": h["version"]} for h in heads]},
-                                         {"message_id": 1, "at": 1, "data.reason": 1})
-    }
-    out = []
-    for h in heads:
-        last = last_events.get(h["_id"], {})
-        out.append({
-            "id": h["_id"],
-            "tenant_id": h["tenant_id"],
-            "to": h.get("msg", {}).get("to", ""),
-            "state": h["state"],
-            "attempts": h.get("attempts", 0),
-            "route_id": h.get("route_id"),
-            "version": h["version"],
-            "reason": last.get("data", {}).get("reason"),
-            "at": last.get("at"),
-        })
-    return out
+        query["message_id"] = {"$gt": after}
+    try:
+        docs = [d async for d in db["events"].find(query, {"message_id": 1, "_id": 0})
+                .sort([("message_id", ASCENDING), ("seq", ASCENDING)]).limit(limit)]
+    except PyMongoError as e:
+        raise StoreUnavailable(str(e)) from e
+    return list(dict.fromkeys(d["message_id"] for d in docs))
+
+
+def _item(message_id: str, docs: list[dict[str, Any]], state: str) -> dict[str, Any] | None:
+    """The listing of one message if its fold is in `state` (None otherwise)."""
+    current = fold([Event.from_doc(d) for d in docs])
+    if current is None or current.state != state:
+        return None
+    last = docs[-1]
+    at = last.get("at")
+    if at is not None and at.tzinfo is None:  # a client that is not tz-aware
+        at = at.replace(tzinfo=UTC)
+    return {"id": message_id, "tenant_id": current.tenant_id, "to": current.to, "state": current.state,
+            "attempts": current.attempts, "route_id": current.route_id, "version": current.version,
+            "reason": (last.get("data") or {}).get("reason"), "at": at}
+
+
+def _requeued(state: MessageState, actor: str, reason: str, now: datetime) -> Write:
+    """The `requeued` event of `state` (seq = version + 1), into the router's topic of its lane."""
+    doc = event_doc(state, EventType.REQUEUED, now, {"reason": reason, "actor": actor,
+                                                     "previous_state": state.state})
+    return Write(state.message_id, [doc], [route_topic(lane_of(state))])
 
 
 async def requeue(store: EventStore, message_ids: Sequence[str], actor: str, reason: str, now: datetime,
                   *, state: str | Sequence[str] = DEAD_LETTERED) -> RequeueResult:
     """Append `requeued` (data: reason, actor, previous_state) to each message of `message_ids` that
-    is in `state` (one state or several of `REQUEUABLE_STATES`), in one `EventStore.commit`.
+    is in `state` (one state or several of `REQUEUABLE_STATES`), in one commit.
 
     At most 1,000 distinct ids per call (ValueError beyond: page through bigger sets). Duplicate ids
-    count once. Nothing is ever updated in `events`; a head that moved on since it was read is
-    reported in `conflicts` and left alone.
+    count once. Nothing is ever updated in `events`; a message that moved on since it was folded is
+    reported in `conflicts` and left alone. Raises StoreUnavailable if the store cannot be reached
+    (nothing appended then).
     """
     states = {state} if isinstance(state, str) else set(state)
     for s in states:
@@ -121,26 +153,24 @@ async def requeue(store: EventStore, message_ids: Sequence[str], actor: str, rea
     result = RequeueResult()
     if not ids:
         return result
-    heads = await store.heads_by_ids(ids)
-    transitions: list[Transition] = []
+    folds = await store.states(ids)
+    writes: list[Write] = []
     for mid in ids:
-        head = heads.get(mid)
-        if head is None:
+        current = folds.get(mid)
+        if current is None:
             result.not_found.append(mid)
-        elif head.state not in states:
+        elif current.state not in states:
             result.not_dead.append(mid)
-            result.states[mid] = head.state
+            result.states[mid] = current.state
         else:
-            event = next_event(head, EventType.REQUEUED, now,
-                               {"reason": reason, "actor": actor, "previous_state": head.state})
-            transitions.append(Transition(head.version, [event], evolve(head, event)))
-    if transitions:
-        committed = await store.commit(transitions, now)
+            writes.append(_requeued(current, actor, reason, now))
+    if writes:
+        committed = await store.log.commit(writes)
         result.requeued.extend(committed.committed)
         result.conflicts.extend(committed.conflicts)
     for mid in result.requeued:
-        log.info("requeued message=%s tenant=%s from=%s actor=%s reason=%r", mid, heads[mid].tenant_id,
-                 heads[mid].state, actor, reason)
+        log.info("requeued message=%s tenant=%s from=%s actor=%s reason=%r", mid, folds[mid].tenant_id,
+                 folds[mid].state, actor, reason)
     if result.not_found or result.not_dead or result.conflicts:
         log.warning("requeue by %s: not found %s, not in %s %s, conflicts %s", actor, result.not_found[:20],
                     sorted(states), result.not_dead[:20], result.conflicts[:20])

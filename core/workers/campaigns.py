@@ -1,5 +1,9 @@
-"""The scheduler's campaign jobs: release scheduled campaigns when due, cancel what a canceled
-campaign had not sent yet, and mark campaigns completed.
+"""The scheduler's campaign jobs: release scheduled campaigns when due, mark canceling campaigns
+`canceled` and running ones `completed` once their lane is idle.
+
+Canceling the messages themselves is not a job here: the lane's consumers (router, connector)
+append `canceled` for every entry they read in a canceling lane; this job only notices when nothing
+of the lane is left (core/store/campaigns.py `lane_idle`).
 
 `msgcore scheduler` runs `sweep` every second and, for each scheduled campaign it sees, an APScheduler
 date job at its exact `send_at`; the periodic sweep is the safety net (a scheduler restarted after
@@ -22,9 +26,9 @@ class CampaignSweeper:
         self.campaigns = campaigns
         self.clock = clock
         self.released = 0
-        self.canceled_messages = 0
 
     async def release(self) -> list[str]:
+        """Start every scheduled campaign whose send_at has come; their ids."""
         released = await self.campaigns.release_due(self.clock())
         for campaign_id in released:
             log.info("campaign=%s released: send_at reached", campaign_id)
@@ -32,14 +36,13 @@ class CampaignSweeper:
         return released
 
     async def sweep(self) -> int:
-        """One pass of every campaign job; returns how much it did."""
+        """One pass of every campaign job; returns how many campaigns changed status."""
         now = self.clock()
         released = await self.release()
-        canceled = await self.campaigns.cancel_sweep(now)
-        if canceled:
-            log.info("campaigns: %d messages canceled", canceled)
-        self.canceled_messages += canceled
+        canceled = await self.campaigns.finish_canceled(now)
+        for campaign_id in canceled:
+            log.info("campaign=%s canceled: nothing of its lane is left", campaign_id)
         completed = await self.campaigns.complete_finished(now)
         for campaign_id in completed:
             log.info("campaign=%s completed: nothing left to send", campaign_id)
-        return len(released) + canceled + len(completed)
+        return len(released) + len(canceled) + len(completed)

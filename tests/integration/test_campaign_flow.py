@@ -1,6 +1,8 @@
-"""Campaigns flowing through router, connector and simulator (one process, real MongoDB, real SMPP
-over loopback): a one-time password does not wait behind a campaign, two tenants' campaigns share
-the route, pause stops claiming and resume carries on, cancel ends the rest as `canceled`.
+"""Campaigns flowing through router, connector, timer releaser and simulator (one process, real
+MongoDB, real SMPP over loopback): a one-time password does not wait behind a campaign, two tenants'
+campaigns share the route, pause stops reading the lane and resume carries on from the checkpoints,
+cancel ends the rest as `canceled` (appended by the lane's consumers), a suspended tenant's messages
+wait on timers and go once the tenant is active again.
 
 Fairness is checked by the order in which the simulator received the messages (its journal), never
 by how long something took.
@@ -21,17 +23,20 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.domain.campaign import CampaignAction
 from core.domain.events import utcnow
+from core.domain.message import MessageState
 from core.domain.recipients import Recipient
 from core.domain.routing import Route, RouteStatus
 from core.domain.templates import parse_template
 from core.store.campaigns import CampaignStore
 from core.store.eventstore import EventStore
+from core.store.lanes import LaneBook
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
-from core.workers.biller import Biller
+from core.store.timers import Timers
 from core.workers.campaigns import CampaignSweeper
 from core.workers.loop import run_until_stopped
 from core.workers.router import Router
+from core.workers.timers import TimerReleaser
 from smsc.connector import Connector
 from smsc.simulator import Simulator
 from tests.support.factories import accepted
@@ -47,6 +52,11 @@ class Flow:
     campaigns: CampaignStore
     journal: Path
     stop: asyncio.Event
+
+    async def states(self, query: dict[str, Any]) -> dict[str, MessageState]:
+        """The fold of every message whose `accepted` event matches `query`."""
+        ids = [d["message_id"] async for d in self.db["events"].find({"type": "accepted", **query}, {"message_id": 1})]
+        return await self.store.states(ids)
 
     def arrivals(self) -> list[dict[str, Any]]:
         if not self.journal.exists():
@@ -82,7 +92,8 @@ async def flow(mongo_db: AsyncDatabase, simulator: Simulator, tmp_path: Path) ->
     stop = asyncio.Event()
     tasks = [asyncio.create_task(run_until_stopped("router", Router(store, routes, utcnow, batch_size=200).step,
                                                    stop, 0.02)),
-             asyncio.create_task(run_until_stopped("biller", Biller(store, utcnow).step, stop, 0.02)),
+             asyncio.create_task(run_until_stopped("timers", TimerReleaser(Timers(mongo_db), LaneBook(mongo_db),
+                                                                          utcnow).step, stop, 0.05)),
              asyncio.create_task(Connector(store, routes, route, utcnow, owner="test").run(stop))]
     try:
         yield Flow(mongo_db, store, campaigns, tmp_path / "journal.jsonl", stop)
@@ -104,7 +115,7 @@ async def test_a_one_time_password_does_not_wait_behind_a_campaign(flow: Flow) -
 
     otp = [accepted("bravo", utcnow(), to=f"+4917{i:09d}", text=f"code {i}") for i in range(2)]
     posted_after = len(flow.arrivals())
-    await flow.store.accept(otp)
+    await flow.store.accept([w for _, w in otp])
     otp_numbers = {e.data["to"].lstrip("+") for e, _ in otp}
 
     async def otp_arrived() -> bool:
@@ -160,15 +171,18 @@ async def test_pause_stops_claiming_resume_carries_on_cancel_ends_the_rest(flow:
         return (await flow.campaigns.get("acme", cid))["status"] == "canceled"
     await wait_for(canceled, timeout_s=60)
 
-    heads = [h async for h in flow.db["streams"].find({"campaign_id": cid}, {"state": 1, "msg.to": 1})]
-    states = Counter(h["state"] for h in heads)
+    folds = await flow.states({"data.campaign_id": cid})
+    states = Counter(s.state for s in folds.values())
     await asyncio.sleep(0.5)  # the journal's last flush
     sent = [a["destination"] for a in flow.arrivals()]
+    assert len(folds) == size
     assert len(sent) == len(set(sent))  # nothing twice
     assert states["canceled"] > 0 and states["canceled"] + len(sent) == size, states
-    canceled_numbers = {h["msg"]["to"].lstrip("+") for h in heads if h["state"] == "canceled"}
+    canceled_numbers = {s.to.lstrip("+") for s in folds.values() if s.state == "canceled"}
     assert not canceled_numbers & set(sent)  # a canceled message never reached the SMSC
     assert sum(states[s] for s in ("accepted", "routed", "retry")) == 0
+    lane = await flow.campaigns.lane_backlog(f"c:{cid}")
+    assert set(lane.values()) == {0} and not await Timers(flow.db).any_for_lane(f"c:{cid}")
 
 
 async def test_a_suspended_tenants_messages_are_held_not_lost(flow: Flow) -> None:
@@ -176,13 +190,15 @@ async def test_a_suspended_tenants_messages_are_held_not_lost(flow: Flow) -> Non
     await tenants.suspend("bravo", "unpaid invoice", utcnow())
     await asyncio.sleep(1.5)  # the stages reread tenants every second
     singles = [accepted("bravo", utcnow(), to=f"+4916{i:09d}", text=f"alert {i}") for i in range(5)]
-    await flow.store.accept(singles)
+    await flow.store.accept([w for _, w in singles])
     campaign = await flow.campaign("bravo", 20, first=9000)
     await flow.campaigns.act("bravo", campaign["_id"], CampaignAction.START, utcnow())
     await asyncio.sleep(3.0)
     assert flow.arrivals() == []  # held: nothing sent
-    states = Counter([h["state"] async for h in flow.db["streams"].find({"tenant_id": "bravo"}, {"state": 1})])
+    states = Counter(s.state for s in (await flow.states({"tenant_id": "bravo"})).values())
     assert states == {"accepted": 25}  # and nothing failed or expired meanwhile
+    held = await Timers(flow.db).count({"tenant_id": "bravo", "reason": "tenant_suspended"})
+    assert held == 5  # the transactional ones wait on timers; the campaign's lane is simply not read
 
     await tenants.resume("bravo", utcnow())
     await _arrived(flow, 25)

@@ -4,7 +4,7 @@ resume/cancel, scheduling, tenant isolation."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -13,10 +13,19 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from api.app import create_app
 from core.config import Settings
-from core.domain.events import utcnow
+from core.domain.events import EventType, utcnow
+from core.domain.message import await_topic, event_doc, state_of_routed
+from core.domain.routing import Route, RouteStatus
 from core.store.campaigns import CampaignStore
+from core.store.eventstore import EventStore
+from core.store.lanes import LaneBook
+from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
+from core.store.timers import Timers, timer_doc
+from core.store.topics import Write, checkpoint_id
 from core.workers.campaigns import CampaignSweeper
+from core.workers.router import Router
+from core.workers.timers import TimerReleaser
 from tests.support.api import app_client
 from tests.support.waiting import wait_for
 
@@ -57,6 +66,11 @@ async def _upload(api: dict[str, Any], cid: str, text: str | bytes, tenant: str 
                                     headers={**api["auth"][tenant], "Content-Type": "text/csv"})
 
 
+async def campaign_messages(db: AsyncDatabase, campaign_id: str) -> dict[str, dict[str, Any]]:
+    """The `accepted` events of a campaign's messages, by phone number."""
+    return {d["data"]["to"]: d async for d in db["events"].find({"type": "accepted", "data.campaign_id": campaign_id})}
+
+
 async def test_upload_reports_every_row_and_accepts_the_valid_ones(api: dict[str, Any]) -> None:
     campaign = await _create(api)
     assert campaign["status"] == "draft" and campaign["tags"] == ["first_name", "store_name"]
@@ -68,17 +82,19 @@ async def test_upload_reports_every_row_and_accepts_the_valid_ones(api: dict[str
         (4, "invalid_phone"), (5, "missing_tag"), (6, "duplicate"), (9, "field_count")]
     assert "first_name" in report["problems"][1]["reason"] and "row 2" in report["problems"][2]["reason"]
 
-    heads = {h["msg"]["to"]: h async for h in api["db"]["streams"].find({"campaign_id": campaign["id"]})}
-    assert set(heads) == {"+4915100000001", "+4915100000002", "+4915100000005"}
-    assert heads["+4915100000001"]["msg"]["text"] == "Hi Anna! Stop by Köln, Hbf today."
-    assert heads["+4915100000002"]["msg"]["encoding"] == "ucs2"
-    assert heads["+4915100000005"]["msg"]["text"] == "Hi Zoë 😀! Stop by Main\nStreet today."
-    assert {h["queue"] for h in heads.values()} == {f"route~c:{campaign['id']}"}
-    assert all(h["tenant_id"] == "acme" and h["priority"] == 0 for h in heads.values())
+    messages = await campaign_messages(api["db"], campaign["id"])
+    assert set(messages) == {"+4915100000001", "+4915100000002", "+4915100000005"}
+    assert messages["+4915100000001"]["data"]["text"] == "Hi Anna! Stop by Köln, Hbf today."
+    assert messages["+4915100000002"]["data"]["encoding"] == "ucs2"
+    assert messages["+4915100000005"]["data"]["text"] == "Hi Zoë 😀! Stop by Main\nStreet today."
+    # Handed to the router's topic of the campaign's lane, at dense positions.
+    assert {m["topic"] for m in messages.values()} == {f"route~c:{campaign['id']}"}
+    assert sorted(m["pos"] for m in messages.values()) == [0, 1, 2]
+    assert all(m["tenant_id"] == "acme" and m["data"]["priority"] == 0 and m["seq"] == 1 for m in messages.values())
 
     got = (await api["client"].get(f"/v1/campaigns/{campaign['id']}", headers=api["auth"]["acme"])).json()
     assert got["recipients"] == {"rows": 7, "accepted": 3, "duplicates": 1, "invalid": 3,
-                                 "parts": sum(h["msg"]["parts"] for h in heads.values())}
+                                 "parts": sum(m["data"]["parts"] for m in messages.values())}
     assert got["encodings"] == {"gsm7": 1, "ucs2": 2}
     assert got["problems_by_code"] == {"invalid_phone": 1, "missing_tag": 1, "duplicate": 1, "field_count": 1}
     page = (await api["client"].get(f"/v1/campaigns/{campaign['id']}/problems?limit=2",
@@ -88,7 +104,8 @@ async def test_upload_reports_every_row_and_accepts_the_valid_ones(api: dict[str
     # The same file again: nothing new, every row reported.
     again = (await _upload(api, campaign["id"], CSV)).json()
     assert (again["accepted"], again["duplicates"], again["invalid"]) == (0, 4, 3)
-    assert await api["db"]["streams"].count_documents({"campaign_id": campaign["id"]}) == 3
+    assert len(await campaign_messages(api["db"], campaign["id"])) == 3
+    assert (await api["db"]["topics"].find_one({"_id": f"route~c:{campaign['id']}"}))["pos"] == 3
 
 
 async def test_unusable_files_are_refused_whole(api: dict[str, Any]) -> None:
@@ -105,7 +122,7 @@ async def test_unusable_files_are_refused_whole(api: dict[str, Any]) -> None:
     r = await api["client"].post(f"/v1/campaigns/{campaign['id']}/recipients", json={"phone": "+49"},
                                  headers=api["auth"]["acme"])
     assert (r.status_code, r.json()["error"]["code"]) == (415, "unsupported_media_type")
-    assert await api["db"]["streams"].count_documents({"campaign_id": campaign["id"]}) == 0
+    assert await campaign_messages(api["db"], campaign["id"]) == {}
     got = (await api["client"].get(f"/v1/campaigns/{campaign['id']}", headers=api["auth"]["acme"])).json()
     assert got["recipients"]["rows"] == 0
 
@@ -147,12 +164,17 @@ async def test_status_actions_follow_the_campaign_state_machine(api: dict[str, A
     assert (await act("resume")).status_code == 409
 
     sweeper = CampaignSweeper(CampaignStore(db), utcnow)
+    await sweeper.sweep()  # the router has not read the lane yet: the message still waits there
+    assert (await client.get(f"/v1/campaigns/{cid}", headers=auth)).json()["status"] == "canceling"
+    router = Router(EventStore(db), RouteStore(db), utcnow)
+    assert await router.step() == 1  # the lane's consumer cancels what it reads
     await sweeper.sweep()
     assert (await client.get(f"/v1/campaigns/{cid}", headers=auth)).json()["status"] == "canceled"
-    head = await db["streams"].find_one({"campaign_id": cid})
-    assert (head["state"], head["queue"]) == ("canceled", None)
-    events = (await client.get(f"/v1/messages/{head['_id']}/events", headers=auth)).json()["events"]
+    [message] = (await campaign_messages(db, cid)).values()
+    events = (await client.get(f"/v1/messages/{message['message_id']}/events", headers=auth)).json()["events"]
     assert [e["type"] for e in events] == ["accepted", "canceled"]
+    assert events[1]["data"] == {"reason": f"campaign {cid} canceled", "attempted": False}
+    assert (await db["lanes"].find_one({"_id": f"c:{cid}"}))["state"] == "canceled"
 
 
 async def test_a_campaign_scheduled_two_seconds_ahead_is_released_when_due(api: dict[str, Any]) -> None:
@@ -201,3 +223,78 @@ async def test_list_filters_by_status_and_refuses_an_unknown_one(api: dict[str, 
     assert running["id"] in {c["id"] for c in listed} and draft["id"] not in {c["id"] for c in listed}
     r = await client.get("/v1/campaigns?status=bogus", headers=auth)
     assert (r.status_code, r.json()["error"]["code"]) == (422, "validation_error")
+
+
+async def _connector_commit(db: AsyncDatabase, lane: str, decide: dict[str, str], now: datetime) -> None:
+    """What the connector commits for the entries of `send:r1~<lane>`: `sent` (into `await:r1`) or a
+    temporary failure (`retry` with a timer back to the router's topic, due in 10 s), per message id,
+    with its checkpoint moved past them."""
+    store = EventStore(db)
+    topic = f"send:r1~{lane}"
+    count = await store.log.counters([topic])
+    entries = await store.log.read(topic, 0, count[topic])
+    writes = []
+    for entry in entries:
+        state = state_of_routed(entry)
+        if decide[entry["message_id"]] == "sent":
+            doc = event_doc(state, EventType.SENT, now, {"route_id": "r1", "smsc_message_ids": ["x"], "attempt": 1,
+                                                         "parts": 1, "price_per_part": 1, "currency": "EUR",
+                                                         "expires_at": now + timedelta(hours=1)})
+            writes.append(Write(state.message_id, [doc], [await_topic("r1")]))
+        else:
+            doc = event_doc(state, EventType.RETRY, now, {"route_id": "r1", "attempt": 1, "error_code": 8,
+                                                          "error_name": "ESME_RSYSERR",
+                                                          "next_at": now + timedelta(seconds=10)})
+            writes.append(Write(state.message_id, [doc], timer=timer_doc(
+                message_id=state.message_id, tenant_id=state.tenant_id, topic=f"route~{lane}", seq=doc["seq"],
+                due_at=now + timedelta(seconds=10), reason="retry", lane=lane, campaign_id=state.campaign_id)))
+    await store.log.commit(writes, moves={checkpoint_id("connector", topic): (0, len(entries))})
+
+
+async def test_cancel_and_completion_wait_until_the_lane_is_idle(api: dict[str, Any]) -> None:
+    client, auth, db = api["client"], api["auth"]["acme"], api["db"]
+    now = utcnow()
+    routes = RouteStore(db)
+    await routes.upsert(Route(id="r1", port=1), actor="test", now=now)
+    await routes.set_status("r1", RouteStatus.UP, now)
+    csv = "phone,first_name,store_name\n+4915100000001,A,B\n+4915100000002,C,D\n"
+    sweeper = CampaignSweeper(CampaignStore(db), utcnow)
+    router = Router(EventStore(db), routes, utcnow)
+
+    async def route() -> int:
+        await router.reader.book.refresh(force=True)  # lanes just started or canceled: no cache lag
+        return await router.step()
+
+    async def status(cid: str) -> str:
+        await sweeper.sweep()
+        return (await client.get(f"/v1/campaigns/{cid}", headers=auth)).json()["status"]  # type: ignore[no-any-return]
+
+    # Completion: running, and every message of the lane handed on.
+    done = await _create(api)
+    assert (await _upload(api, done["id"], csv)).json()["accepted"] == 2
+    await client.post(f"/v1/campaigns/{done['id']}/start", headers=auth)
+    assert await status(done["id"]) == "running"
+    assert await route() == 2
+    assert await status(done["id"]) == "running"  # the connector has not read its topic yet
+    ids = {m["message_id"] for m in (await campaign_messages(db, done["id"])).values()}
+    await _connector_commit(db, f"c:{done['id']}", dict.fromkeys(ids, "sent"), utcnow())
+    assert await status(done["id"]) == "completed"
+
+    # Cancel: a message waiting on a retry timer keeps the campaign canceling until the router has
+    # canceled it after the timer's release.
+    cid = (await _create(api))["id"]
+    assert (await _upload(api, cid, csv)).json()["accepted"] == 2
+    await client.post(f"/v1/campaigns/{cid}/start", headers=auth)
+    assert await route() == 2
+    sent_id, retried_id = sorted(m["message_id"] for m in (await campaign_messages(db, cid)).values())
+    await _connector_commit(db, f"c:{cid}", {sent_id: "sent", retried_id: "retry"}, utcnow())
+    assert (await client.post(f"/v1/campaigns/{cid}/cancel", headers=auth)).json()["status"] == "canceling"
+    assert await status(cid) == "canceling"  # a timer of the lane is left
+    clock = utcnow() + timedelta(seconds=11)
+    assert await TimerReleaser(Timers(db), LaneBook(db), lambda: clock).run_due() == 1
+    assert await status(cid) == "canceling"  # released into the router's topic, not read yet
+    assert await route() == 1
+    assert await status(cid) == "canceled"
+    assert [e.type.value for e in await EventStore(db).load_events(retried_id)] == [
+        "accepted", "routed", "retry", "released", "canceled"]
+    assert [e.type.value for e in await EventStore(db).load_events(sent_id)] == ["accepted", "routed", "sent"]

@@ -21,8 +21,11 @@ from typer.testing import CliRunner
 
 from core.domain.events import utcnow
 from core.store.campaigns import CampaignStore
+from core.store.eventstore import EventStore
+from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
 from core.workers.campaigns import CampaignSweeper
+from core.workers.router import Router
 from ops.cli import app
 from ops.embedded import free_port
 from projections.schema import migrate
@@ -133,7 +136,10 @@ async def test_create_upload_start_status_pause_resume_cancel(api: dict[str, Any
     for action, status in [("pause", "paused"), ("resume", "running"), ("cancel", "canceling")]:
         code, out, err = run(api, action, cid)
         assert (code, out.strip()) == (0, f"campaign {cid}: {status}"), err
-    await CampaignSweeper(CampaignStore(mongo_db), utcnow).sweep()  # the scheduler's job: canceling -> canceled
+    # The router (the lane's consumer) cancels what waits in the lane; the scheduler's job then sees
+    # the lane idle: canceling -> canceled.
+    assert await Router(EventStore(mongo_db), RouteStore(mongo_db), utcnow).step() == 2
+    await CampaignSweeper(CampaignStore(mongo_db), utcnow).sweep()
     code, out, err = run(api, "status", cid, "--watch", "--interval", "0.2")  # returns: canceled is final
     assert code == 0 and "canceled" in out, err
 

@@ -22,12 +22,14 @@ from core.domain.events import Event, EventType, utcnow
 from core.domain.message import MessageState, evolve, next_event
 from core.domain.routing import Route, RouteStatus
 from core.store.deadletters import list_dead_letters, requeue
-from core.store.eventstore import EventStore, Transition
-from core.store.heads import state_from_head
-from core.store.rebuild import rebuild_heads
+from core.store.eventstore import EventStore
+from core.store.lanes import LaneBook
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
+from core.store.timers import Timers, timer_doc
+from core.store.topics import Write
 from core.workers.router import Router
+from core.workers.timers import TimerReleaser
 from tests.support.api import app_client, assert_error
 from tests.support.factories import accepted
 
@@ -45,7 +47,7 @@ async def store(mongo_db: AsyncDatabase) -> EventStore:
 
 async def accept(store: EventStore, tenant_id: str, n: int, now: datetime) -> list[str]:
     items = [accepted(tenant_id, now, to=f"+49151{i:07d}") for i in range(n)]
-    await store.accept(items)
+    await store.accept([w for _, w in items])
     return [e.message_id for e, _ in items]
 
 
@@ -61,15 +63,20 @@ def _cycle(state: MessageState, attempt: int, now: datetime) -> tuple[list[Event
 
 
 async def exhaust_attempts(store: EventStore, ids: list[str], now: datetime) -> None:
-    """Commit MAX_ATTEMPTS failed attempts per message, each batch through EventStore.commit."""
+    """Commit MAX_ATTEMPTS failed attempts per message, as the router and connector would (the last
+    retry waits on a timer back to the router's topic), then release that timer."""
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        heads = await store.heads_by_ids(ids)
-        transitions = []
+        states = await store.states(ids)
+        writes = []
         for mid in ids:
-            events, after = _cycle(heads[mid], attempt, now)
-            transitions.append(Transition(heads[mid].version, events, after))
-        result = await store.commit(transitions, now)
+            events, after = _cycle(states[mid], attempt, now)
+            timer = timer_doc(message_id=mid, tenant_id=after.tenant_id, topic="route", seq=after.version,
+                              due_at=now, reason="retry") if attempt == MAX_ATTEMPTS else None
+            writes.append(Write(mid, [e.to_doc() for e in events], timer=timer))
+        result = await store.log.commit(writes)
         assert sorted(result.committed) == sorted(ids) and not result.conflicts
+    releaser = TimerReleaser(Timers(store.db), LaneBook(store.db), utcnow)
+    assert await releaser.run_due() == len(ids)
 
 
 async def run_router(store: EventStore, db: AsyncDatabase) -> int:
@@ -82,8 +89,8 @@ async def dead_letter(store: EventStore, db: AsyncDatabase, tenant_id: str, n: i
     ids = await accept(store, tenant_id, n, now)
     await exhaust_attempts(store, ids, now)
     await run_router(store, db)
-    heads = await store.heads_by_ids(ids)
-    assert {h.state for h in heads.values()} == {"dead_lettered"}
+    states = await store.states(ids)
+    assert {s.state for s in states.values()} == {"dead_lettered"}
     return ids
 
 
@@ -134,11 +141,10 @@ async def test_requeue_appends_events_and_sends_messages_back_to_the_router(
         assert [d["type"] for d in docs[-2:]] == ["dead_lettered", "requeued"]
         assert docs[-1]["seq"] == len(docs) and docs[-1]["at"] == now
         assert docs[-1]["data"] == {"reason": "SMSC fixed", "actor": "test:ops", "previous_state": "dead_lettered"}
-        head = await store.head(mid)
-        assert head is not None
-        assert (head["state"], head["queue"], head["attempts"], head["excluded_routes"], head["version"]) == (
-            "retry", "route", 0, [], len(docs))
-        assert head["due_at"] <= utcnow()
+        assert docs[-1]["topic"] == "route"  # handed to the router's topic of its lane
+        state = await store.state(mid)
+        assert state is not None
+        assert (state.state, state.attempts, state.excluded_routes, state.version) == ("retry", 0, (), len(docs))
     assert await event_docs(mongo_db, ids[2]) == before[ids[2]]
     assert [i["id"] for i in await list_dead_letters(mongo_db, None, 10, None)] == [ids[2]]
 
@@ -148,15 +154,15 @@ async def test_requeue_appends_events_and_sends_messages_back_to_the_router(
     await routes.set_status("r1", RouteStatus.UP, now)
     assert await run_router(store, mongo_db) == 3  # the two requeued and the live one
     for mid in ids[:2]:
-        head = await store.head(mid)
-        assert head is not None and (head["state"], head["queue"]) == ("routed", "send:r1")
-    assert (await store.head(ids[2]) or {})["state"] == "dead_lettered"
+        last = (await event_docs(mongo_db, mid))[-1]
+        assert (last["type"], last["topic"]) == ("routed", "send:r1")
+    assert (await store.state(ids[2]) or MessageState("", "", "", 0)).state == "dead_lettered"
 
 
 async def test_failed_messages_are_requeued_only_when_asked_for(store: EventStore, mongo_db: AsyncDatabase) -> None:
     ids = await accept(store, "acme", 2, utcnow())
     await run_router(store, mongo_db)  # no route at all: failed
-    assert {h.state for h in (await store.heads_by_ids(ids)).values()} == {"failed"}
+    assert {s.state for s in (await store.states(ids)).values()} == {"failed"}
     assert await list_dead_letters(mongo_db, None, 10, None) == []
     listed = await list_dead_letters(mongo_db, None, 10, None, state="failed")
     assert [i["id"] for i in listed] == sorted(ids) and listed[0]["reason"].startswith("no route")
@@ -166,35 +172,33 @@ async def test_failed_messages_are_requeued_only_when_asked_for(store: EventStor
     result = await requeue(store, ids, "test", "route added", utcnow(), state="failed")
     assert result.requeued == ids and result.ok
     assert (await event_docs(mongo_db, ids[0]))[-1]["data"]["previous_state"] == "failed"
-    assert {h.state for h in (await store.heads_by_ids(ids)).values()} == {"retry"}
+    states = await store.states(ids)
+    assert {(s.state, s.attempts, s.version) for s in states.values()} == {("retry", 0, 3)}
+    assert await list_dead_letters(mongo_db, None, 10, None, state="failed") == []  # no longer failed
     with pytest.raises(ValueError):
         await requeue(store, ids, "test", "x", utcnow(), state="delivered")
 
-    # Heads are derived data: rebuilding them from the log gives the same requeued state.
-    await rebuild_heads(mongo_db, utcnow())
-    for mid in ids:
-        head = await store.head(mid)
-        assert head is not None
-        assert (head["state"], head["queue"], head["attempts"], head["version"]) == ("retry", "route", 0, 3)
 
-
-async def test_requeue_reports_a_head_that_moved_on_and_appends_nothing_for_it(
+async def test_requeue_reports_a_message_that_moved_on_and_appends_nothing_for_it(
         store: EventStore, mongo_db: AsyncDatabase, monkeypatch: pytest.MonkeyPatch) -> None:
     ids = await dead_letter(store, mongo_db, "acme", 2)
-    stale = await store.heads_by_ids(ids)
+    stale = await store.states(ids)
     # Another operator requeues the first one between our read and our commit.
     assert (await requeue(store, [ids[0]], "someone-else", "first", utcnow())).requeued == [ids[0]]
 
-    async def stale_heads(_: object) -> dict[str, MessageState]:
+    async def stale_folds(_: object) -> dict[str, MessageState]:
         return stale
 
-    monkeypatch.setattr(store, "heads_by_ids", stale_heads)
+    monkeypatch.setattr(store, "states", stale_folds)
     result = await requeue(store, ids, "test", "second", utcnow())
 
     assert (result.requeued, result.conflicts) == ([ids[1]], [ids[0]])
     types = [d["type"] for d in await event_docs(mongo_db, ids[0])]
     assert types.count("requeued") == 1 and types[-1] == "requeued"
-    assert state_from_head(await store.head(ids[0]) or {}).attempts == 0
+    monkeypatch.undo()
+    assert (await store.state(ids[0]) or MessageState("", "", "", 0)).attempts == 0
+    # Nothing of the loser reached a topic: the router's topic holds one entry per requeue committed.
+    assert await mongo_db["events"].count_documents({"type": "requeued", "topic": "route"}) == 2
 
 
 # ---- admin API -------------------------------------------------------------------------------------
@@ -243,8 +247,9 @@ async def test_admin_api_lists_and_requeues(client: httpx.AsyncClient, store: Ev
     docs = await event_docs(mongo_db, ids[0])
     assert [d["type"] for d in docs[-2:]] == ["dead_lettered", "requeued"]
     assert docs[-1]["data"] == {"reason": "SMSC is back", "actor": "admin-api", "previous_state": "dead_lettered"}
-    head = await store.head(ids[0])
-    assert head is not None and (head["state"], head["queue"], head["attempts"]) == ("retry", "route", 0)
+    assert docs[-1]["topic"] == "route"
+    state = await store.state(ids[0])
+    assert state is not None and (state.state, state.attempts) == ("retry", 0)
 
     r = await client.post("/v1/admin/dead-letters/requeue", headers=ADMIN,
                           json={"message_ids": [ids[0]], "reason": "again"})

@@ -8,7 +8,17 @@ import pytest
 
 from core.domain.errors import InvalidTransition
 from core.domain.events import Event, EventType
-from core.domain.message import ALLOWED_FROM, MessageState, evolve, fold, next_event, queue_for
+from core.domain.message import (
+    ALLOWED_FROM,
+    TERMINAL_STATES,
+    MessageState,
+    evolve,
+    fold,
+    lane_of,
+    next_event,
+    route_topic,
+    send_topic,
+)
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 REQUEUE_DATA = {"reason": "SMSC fixed", "actor": "cli:ops", "previous_state": "dead_lettered"}
@@ -51,14 +61,14 @@ def test_requeued_is_allowed_from_operator_states_only() -> None:
 @pytest.mark.parametrize("build", [dead_lettered, failed], ids=["dead_lettered", "failed"])
 def test_requeue_moves_back_to_the_router_with_a_fresh_budget(build: object) -> None:
     before = build()  # type: ignore[operator]
-    assert queue_for(before) is None
+    assert before.state in TERMINAL_STATES  # no stage acts on it until an operator does
     event = next_event(before, EventType.REQUEUED, T0 + timedelta(hours=1), {**REQUEUE_DATA,
                                                                             "previous_state": before.state})
     after = evolve(before, event)
 
     assert event.seq == before.version + 1
     assert (after.state, after.version, after.attempts, after.excluded_routes) == ("retry", event.seq, 0, ())
-    assert queue_for(after) == "route"
+    assert route_topic(lane_of(after)) == "route"  # where requeue hands it: the router's topic of its lane
     # What the message is stays as it was: only the delivery bookkeeping is reset.
     assert (after.to, after.text, after.tenant_id, after.parts) == (before.to, before.text, before.tenant_id,
                                                                     before.parts)
@@ -75,9 +85,9 @@ def test_dead_lettered_message_had_spent_its_budget_and_requeue_resets_it() -> N
 def test_requeued_message_routes_again_and_can_be_dead_lettered_again() -> None:
     s = step(dead_lettered(), EventType.REQUEUED, **REQUEUE_DATA)
     s = step(s, EventType.ROUTED, route_id="r1", price_per_part=1, currency="EUR", strategy="failover")
-    assert (s.state, s.route_id, queue_for(s)) == ("routed", "r1", "send:r1")
+    assert (s.state, s.route_id, send_topic("r1", lane_of(s))) == ("routed", "r1", "send:r1")
     s = step(s, EventType.SENT, route_id="r1", smsc_message_ids=["x"], attempt=1, parts=1)
-    assert (s.state, s.attempts, queue_for(s)) == ("sent", 1, "receipt")
+    assert (s.state, s.attempts) == ("sent", 1)
     # A second round of failures ends in a second dead letter, then a second requeue.
     s2 = step(retried(1), EventType.DEAD_LETTERED, reason="gave up", attempts=1)
     s2 = step(s2, EventType.REQUEUED, **REQUEUE_DATA)
