@@ -8,12 +8,14 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
         forbidden               tenant not active for another reason
         admin_disabled          /v1/admin called while no admin key is configured
     404 not_found               no such route, or no such message for this tenant
-        not_found               also: no such campaign for this tenant
+        not_found               also: no such campaign for this tenant, no such number assignment
+        tenant_not_found, key_not_found  (admin: tenants and their keys)
     405 method_not_allowed      (with `Allow`)
     409 invalid_campaign_transition  e.g. pausing a campaign that is not running
         campaign_closed         recipients uploaded to a canceled or completed campaign
+        tenant_exists, route_exists  (admin: creating what exists)
     413 payload_too_large       body over `max_body_bytes`
-    415 unsupported_media_type  body sent with a non-JSON content type
+    415 unsupported_media_type  body sent with a non-JSON content type (a recipient upload: not CSV)
     422 validation_error        details: [{field, loc, type, message}]
         too_many_parts          details: {field, parts, limit}
         batch_too_large         details: {limit, count}
@@ -32,7 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -47,13 +49,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.deps import ApiError, TenantCache, reporting_pool
 from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
 from core.config import Settings
+from core.domain.campaign import CampaignTransitionError
 from core.domain.errors import DomainError
 from core.domain.ratelimit import SubmissionLimiter
-from core.store.campaigns import CampaignStore
+from core.store.campaigns import CampaignClosed, CampaignNotFound, CampaignStore
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
-from core.store.tenants import TenantStore
+from core.store.tenants import InvalidTenantSetting, KeyNotFound, TenantExists, TenantNotFound, TenantStore
 
 log = logging.getLogger(__name__)
 
@@ -161,10 +164,17 @@ def _install_error_handlers(app: FastAPI) -> None:
             return error_response(400, "invalid_json", "request body is not valid JSON")
         return error_response(422, "validation_error", "the request is invalid", _field_errors(errors))
 
-    async def http_error(_: Request, e: Exception) -> Response:
+    async def http_error(request: Request, e: Exception) -> Response:
         assert isinstance(e, StarletteHTTPException)
+        if isinstance(e.__cause__, ApiError):  # raised while FastAPI read the body (BodyLimitMiddleware)
+            return await api_error(request, e.__cause__)
+        if e.status_code == 400:  # FastAPI could not read the body (not UTF-8, ...): the JSON is unusable
+            return error_response(400, "invalid_json", "request body is not valid JSON (or not UTF-8)")
+        headers = dict(e.headers or {})
+        if e.status_code == 405:  # Starlette names only the first route's methods of a path
+            headers["Allow"] = ", ".join(_allowed_methods(request))
         code = HTTP_CODES.get(e.status_code, "internal_error" if e.status_code >= 500 else "http_error")
-        return error_response(e.status_code, code, str(e.detail), None, dict(e.headers or {}))
+        return error_response(e.status_code, code, str(e.detail), None, headers)
 
     async def domain_error(_: Request, e: Exception) -> Response:
         assert isinstance(e, DomainError)
@@ -181,6 +191,40 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(DomainError, domain_error)
     app.add_exception_handler(ConnectionFailure, store_unavailable)
     app.add_exception_handler(StoreUnavailable, store_unavailable)
+    for error_type in TYPED_ERRORS:
+        app.add_exception_handler(error_type, typed_error)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """The methods the OpenAPI document gives the request's path (the `Allow` of a 405)."""
+    methods: set[str] = set()
+    for path, item in request.app.openapi()["paths"].items():
+        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)), request.url.path):
+            methods |= {m.upper() for m in item if m.upper() in HTTP_METHODS}
+    return sorted(methods)
+
+
+HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
+
+
+# The stores' and the domain's typed errors, and their answers: the routes raise and let them come here.
+TYPED_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
+    CampaignNotFound: lambda e: ApiError(404, "not_found", f"no campaign {e}", {"campaign_id": str(e)}),
+    CampaignClosed: lambda e: ApiError(409, "campaign_closed", str(e), {"status": e.status}),
+    CampaignTransitionError: lambda e: ApiError(409, "invalid_campaign_transition", str(e),
+                                                {"status": e.status, "action": e.action}),
+    TenantNotFound: lambda e: ApiError(404, "tenant_not_found", str(e), {"tenant_id": e.tenant_id}),
+    KeyNotFound: lambda e: ApiError(404, "key_not_found", str(e), {"tenant_id": e.tenant_id, "key_id": e.key_id}),
+    TenantExists: lambda e: ApiError(409, "tenant_exists", f"tenant {e.tenant_id} exists: change it with PATCH "
+                                     f"/v1/admin/tenants/{e.tenant_id}", {"tenant_id": e.tenant_id}),
+    InvalidTenantSetting: lambda e: ApiError(422, "validation_error", str(e), [
+        {"field": f"body.{e.field}", "loc": ["body", e.field], "type": "value_error", "message": str(e)}]),
+}
+
+
+async def typed_error(request: Request, e: Exception) -> Response:
+    api_error = next(to_api(e) for error_type, to_api in TYPED_ERRORS.items() if isinstance(e, error_type))
+    return error_response(api_error.status, api_error.code, api_error.message, api_error.details, api_error.headers)
 
 
 # ---- middleware (pure ASGI: no buffering of bodies or responses) -----------------------------------

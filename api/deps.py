@@ -198,3 +198,20 @@ def charge_submission(request: Request, tenant: Tenant, cost: int) -> None:
                    f"retry after {retry_after} s",
                    {"limit_tps": tenant.submit_tps, "burst": burst, "retry_after_s": round(wait, 3)},
                    headers={"Retry-After": str(retry_after)})
+
+
+def require_json_body(request: Request) -> None:
+    """415 `unsupported_media_type` when a body is sent with a content type other than JSON (FastAPI
+    would otherwise read it as bytes and answer a puzzling `validation_error`). A request without a
+    Content-Type is left to FastAPI."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.split(";")[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and
+                                                 media_type.endswith("+json")):
+        raise ApiError(415, "unsupported_media_type", f"send the body as application/json, not {media_type!r}")
+
+
+# For the `dependencies=` of every operation that takes a JSON body (declared with JSON_BODY_ERRORS).
+JsonBody = Depends(require_json_body)

@@ -6,12 +6,14 @@ accept Arabic-Indic or full-width digits that no SMSC takes.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_BATCH = 1000
+MAX_TEXT_CHARS = 255 * 153  # GSM-7 characters in the most parts any server allows (Settings.max_parts <= 255)
 MIN_VALIDITY_S = 60
 MAX_VALIDITY_S = int(timedelta(days=7).total_seconds())
 PRIORITY_VALUES: dict[str, int] = {"transactional": 10, "marketing": 0}
@@ -19,6 +21,7 @@ PRIORITY_VALUES: dict[str, int] = {"transactional": 10, "marketing": 0}
 E164 = r"^\+[1-9][0-9]{6,14}$"
 # Numeric sender (optionally with +) of up to 16 digits, or an alphanumeric sender id of up to 11.
 SENDER_ID = r"^(?:\+?[0-9]{1,16}|[A-Za-z0-9]{1,11})$"
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
 def _encodable(value: str) -> str:
@@ -36,6 +39,16 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _iso_only(value: Any) -> Any:
+    """Only ISO 8601 text (or a datetime, from code): pydantic would also read a number, or a string of
+    digits, as Unix time, which the documented `date-time` format does not allow."""
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or _NUMBER.fullmatch(value.strip()):
+        raise ValueError("expected an ISO 8601 date-time with a UTC offset, e.g. 2026-05-04T10:00:00Z")
+    return value
+
+
 def _to_utc(value: datetime) -> datetime:
     try:
         return value.astimezone(UTC)
@@ -44,7 +57,7 @@ def _to_utc(value: datetime) -> datetime:
 
 
 MessageText = Annotated[str, Field(min_length=1), AfterValidator(_encodable), AfterValidator(_not_blank)]
-UtcDatetime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
+UtcDatetime = Annotated[AwareDatetime, BeforeValidator(_iso_only), AfterValidator(_to_utc)]
 
 
 class MessageCreate(BaseModel):
@@ -55,7 +68,10 @@ class MessageCreate(BaseModel):
     to: Annotated[str, Field(pattern=E164, description="Destination in E.164, e.g. +4915112345678")]
     sender: Annotated[str, Field(alias="from", pattern=SENDER_ID,
                                  description="Sender id: up to 11 letters/digits, or up to 16 digits with optional +")]
-    text: Annotated[MessageText, Field(description="Message text; GSM-7 if it fits the GSM 03.38 alphabet, else UCS-2")]
+    # The bound in the document is what no server's `max_parts` can exceed (255 parts of 153); longer
+    # texts are refused as `too_many_parts` (not `validation_error`), like any text over `max_parts`.
+    text: Annotated[MessageText, Field(description="Message text; GSM-7 if it fits the GSM 03.38 alphabet, else UCS-2",
+                                       json_schema_extra={"maxLength": MAX_TEXT_CHARS})]
     send_at: Annotated[UtcDatetime | None,
                        Field(description="Send at this time (with a UTC offset); default now")] = None
     validity: Annotated[int | None, Field(ge=MIN_VALIDITY_S, le=MAX_VALIDITY_S,
@@ -172,10 +188,57 @@ class MessageSearchPage(BaseModel):
     next: str | None = Field(default=None, description="Pass as `after` for the next page; null on the last page")
 
 
-# OpenAPI documentation of the errors every tenant-authenticated route can answer. Declaring 422
-# keeps FastAPI from documenting its default validation shape, which this API never sends.
-TENANT_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or invalid API key (`unauthorized`)"},
-    403: {"model": ErrorResponse, "description": "The tenant is suspended (`tenant_suspended`)"},
-    422: {"model": ErrorResponse, "description": "`validation_error`"},
+# ---- documented error answers (OpenAPI `responses=`) ---------------------------------------------------
+
+# What each status means in this API: the codes `api/app.py` renders. An operation declares the statuses
+# it can answer with `error_responses(...)`; declaring 422 also keeps FastAPI from documenting its
+# default validation shape, which this API never sends.
+ERROR_DESCRIPTIONS: dict[int, str] = {
+    400: "Body is not valid JSON or not UTF-8 (`invalid_json`)",
+    401: "Missing or invalid API key (`unauthorized`, with `WWW-Authenticate`)",
+    403: "The tenant is suspended or not active (`tenant_suspended`, `forbidden`)",
+    404: "No such resource (`not_found`)",
+    409: "Conflicts with the resource's current state",
+    413: "Body too large (`payload_too_large`)",
+    415: "Body sent with a content type this operation does not take (`unsupported_media_type`)",
+    422: "`validation_error` (details: `[{field, loc, type, message}]`)",
+    429: "Over the tenant's submission rate (`rate_limited`, with `Retry-After`)",
+    503: "MongoDB unreachable (`unavailable`, with `Retry-After`): retry later",
 }
+
+ErrorResponses = dict[int | str, dict[str, Any]]
+
+
+def error_responses(*statuses: int, described: dict[int, str] | None = None) -> ErrorResponses:
+    """OpenAPI `responses=` for these error statuses, each with the ErrorResponse schema; `described`
+    overrides the generic descriptions (and adds its statuses)."""
+    texts = {s: ERROR_DESCRIPTIONS[s] for s in statuses} | (described or {})
+    return {s: {"model": ErrorResponse, "description": texts[s]} for s in sorted(texts)}
+
+
+# Every operation that reads or writes MongoDB can answer 503; every authenticated one 401/403/422.
+TENANT_ERRORS = error_responses(401, 403, 422, 503)
+ADMIN_ERRORS = error_responses(401, 422, 503, described={
+    401: "Missing or wrong admin key (`unauthorized`)", 403: "No admin key configured (`admin_disabled`)"})
+# Every operation with a JSON body: refused before its fields are looked at.
+JSON_BODY_ERRORS = error_responses(400, 413, 415)
+NOT_FOUND = error_responses(404)
+
+
+def inline_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its `$defs` inlined, for a request body the route parses itself (an
+    `openapi_extra` schema cannot point into `$defs`)."""
+    schema = model.model_json_schema(by_alias=True)
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    return resolve(schema)  # type: ignore[no-any-return]

@@ -14,14 +14,14 @@ from __future__ import annotations
 import hmac
 import logging
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ApiError, DbDep, EventStoreDep, SettingsDep
-from api.schemas import ErrorResponse
+from api.deps import ApiError, DbDep, EventStoreDep, JsonBody, SettingsDep
+from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS
 from core.domain.events import utcnow
 from core.store.deadletters import MAX_PAGE, MAX_REQUEUE, list_dead_letters, requeue
 
@@ -30,13 +30,6 @@ log = logging.getLogger(__name__)
 ADMIN_ACTOR = "admin-api"
 
 admin_bearer = HTTPBearer(auto_error=False, scheme_name="AdminKey", description="The admin key (MSGCORE_ADMIN_KEY)")
-
-ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorResponse, "description": "Missing or wrong admin key (`unauthorized`)"},
-    403: {"model": ErrorResponse, "description": "No admin key configured (`admin_disabled`)"},
-    422: {"model": ErrorResponse, "description": "`validation_error`"},
-}
-
 
 async def require_admin(
     settings: SettingsDep,
@@ -102,7 +95,7 @@ class RequeueResponse(BaseModel):
 async def get_dead_letters(
     _: AdminDep,
     db: DbDep,
-    tenant_id: Annotated[str | None, Query(max_length=64)] = None,
+    tenant_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
     state: RequeueState = "dead_lettered",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=64, description="Id of the last item of the previous page")] = None,
@@ -112,8 +105,8 @@ async def get_dead_letters(
                           next_after=items[-1]["id"] if len(items) == limit else None)
 
 
-@router.post("/dead-letters/requeue", response_model=RequeueResponse,
-             summary="Requeue messages: appends `requeued`, sends them back to the router")
+@router.post("/dead-letters/requeue", response_model=RequeueResponse, responses=JSON_BODY_ERRORS,
+             dependencies=[JsonBody], summary="Requeue messages: appends `requeued`, sends them back to the router")
 async def post_requeue(body: RequeueRequest, actor: AdminDep, store: EventStoreDep) -> RequeueResponse:
     result = await requeue(store, body.message_ids, actor, body.reason, utcnow(), state=body.state)
     log.info("admin requeue: %d requeued (first %s), %d not found, %d not %s, %d conflicts",

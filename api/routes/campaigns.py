@@ -7,7 +7,7 @@ The campaign document and its upload counters are read from MongoDB (exact); the
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 import psycopg
@@ -27,12 +27,12 @@ from api.campaign_schemas import (
     UploadReport,
 )
 from api.campaign_upload import accept_upload, spool_body
-from api.deps import ApiError, DbDep, SettingsDep, TenantDep
-from api.schemas import TENANT_ERRORS, ErrorResponse
-from core.domain.campaign import CampaignAction, CampaignTransitionError
+from api.deps import ApiError, DbDep, JsonBody, SettingsDep, TenantDep
+from api.schemas import JSON_BODY_ERRORS, TENANT_ERRORS, UtcDatetime, error_responses
+from core.domain.campaign import CampaignAction
 from core.domain.events import utcnow
 from core.domain.templates import TemplateError, parse_template
-from core.store.campaigns import CampaignClosed, CampaignNotFound, CampaignStore
+from core.store.campaigns import CampaignStore
 
 log = logging.getLogger(__name__)
 
@@ -40,24 +40,22 @@ router = APIRouter(prefix="/v1/campaigns", tags=["campaigns"])
 
 MAX_SCHEDULE_AHEAD = timedelta(days=90)
 MAX_UPLOAD_BYTES = 2 * 1024 ** 3
+MAX_ROW = 2 ** 53  # a CSV row number; far beyond any upload (MAX_UPLOAD_BYTES), within MongoDB's 64-bit ints
 WAITING_STATES = ("accepted", "routed", "retry")
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    **TENANT_ERRORS,
-    404: {"model": ErrorResponse, "description": "No such campaign for this tenant (`not_found`)"},
-}
-ACTION_ERRORS = {**ERRORS, 409: {"model": ErrorResponse,
-                                 "description": "The action does not apply in the campaign's status "
-                                                "(`invalid_campaign_transition`)"}}
-UPLOAD_ERRORS = {**ERRORS,
-                 409: {"model": ErrorResponse, "description": "The campaign takes no more recipients "
-                                                              "(`campaign_closed`)"},
-                 413: {"model": ErrorResponse, "description": "Upload too large (`payload_too_large`)"},
-                 415: {"model": ErrorResponse, "description": "Not CSV (`unsupported_media_type`)"},
-                 422: {"model": ErrorResponse, "description": "`invalid_csv`, `invalid_csv_header` (no phone "
-                                                              "column, a tag without a column, ...), "
-                                                              "`invalid_encoding` (not UTF-8); nothing written"}}
-CampaignId = Annotated[str, Path(max_length=64)]
+ERRORS = TENANT_ERRORS | error_responses(404, described={404: "No such campaign for this tenant (`not_found`)"})
+ACTION_ERRORS = ERRORS | error_responses(409, described={
+    409: "The action does not apply in the campaign's status (`invalid_campaign_transition`)"})
+# The upload is streamed, not JSON: no 400; 413 is this route's own limit (MAX_UPLOAD_BYTES).
+UPLOAD_ERRORS = ERRORS | error_responses(413, 415, 503, described={
+    409: "The campaign takes no more recipients (`campaign_closed`)",
+    413: "Upload too large (`payload_too_large`)",
+    415: "Not CSV (`unsupported_media_type`)",
+    422: "`invalid_csv`, `invalid_csv_header` (no phone column, a tag without a column, ...), "
+         "`invalid_encoding` (not UTF-8); nothing written",
+    503: "The store became unavailable (`unavailable`); the rows before `details.stopped_at_row` are "
+         "accepted: upload the same file again"})
+CampaignId = Annotated[str, Path(min_length=1, max_length=64)]
 CampaignStatusName = Literal["draft", "scheduled", "running", "paused", "canceling", "canceled", "completed"]
 
 
@@ -65,16 +63,10 @@ def _store(db: DbDep) -> CampaignStore:
     return CampaignStore(db)
 
 
-async def _get(campaigns: CampaignStore, tenant_id: str, campaign_id: str) -> dict[str, Any]:
-    try:
-        return await campaigns.get(tenant_id, campaign_id)
-    except CampaignNotFound as e:
-        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
-
-
-@router.post("", status_code=201, response_model=Campaign, responses={
-    **ERRORS, 422: {"model": ErrorResponse, "description": "`validation_error`, `invalid_template`"}},
-    summary="Create a campaign (draft)")
+@router.post("", status_code=201, response_model=Campaign, dependencies=[JsonBody],
+             responses=TENANT_ERRORS | JSON_BODY_ERRORS | error_responses(
+                 422, described={422: "`validation_error`, `invalid_template`"}),
+             summary="Create a campaign (draft)")
 async def create_campaign(body: CampaignCreate, tenant: TenantDep, db: DbDep) -> Campaign:
     try:
         template = parse_template(body.template)
@@ -91,11 +83,14 @@ async def create_campaign(body: CampaignCreate, tenant: TenantDep, db: DbDep) ->
     return _campaign(doc)
 
 
-@router.get("", response_model=CampaignList, responses=ERRORS, summary="List campaigns, newest first")
+@router.get("", response_model=CampaignList, responses=TENANT_ERRORS, summary="List campaigns, newest first")
 async def list_campaigns(tenant: TenantDep, db: DbDep,
                          status: Annotated[CampaignStatusName | None, Query()] = None,
                          limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                         before: Annotated[datetime | None, Query()] = None) -> CampaignList:
+                         before: Annotated[UtcDatetime | None, Query(description="Created before (ISO 8601 "
+                                                                                 "with a zone): the `next` of the "
+                                                                                 "previous page")] = None,
+                         ) -> CampaignList:
     docs = await _store(db).list(tenant.id, status=status, limit=limit, before=before)
     return CampaignList(campaigns=[_campaign(d) for d in docs],
                         next=docs[-1]["created_at"] if len(docs) == limit else None)
@@ -104,7 +99,7 @@ async def list_campaigns(tenant: TenantDep, db: DbDep,
 @router.get("/{campaign_id}", response_model=Campaign, responses=ERRORS,
             summary="A campaign: status, upload counters, messages by state, progress and ETA")
 async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep, request: Request) -> Campaign:
-    doc = await _get(_store(db), tenant.id, campaign_id)
+    doc = await _store(db).get(tenant.id, campaign_id)
     campaign = _campaign(doc)
     states = await _reported_states(request, tenant.id, campaign_id)
     if states is not None:
@@ -133,12 +128,7 @@ async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep, re
 async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: TenantDep, db: DbDep,
                             settings: SettingsDep) -> UploadReport:
     campaigns = _store(db)
-    try:
-        campaign = await campaigns.check_uploadable(tenant.id, campaign_id)
-    except CampaignNotFound as e:
-        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
-    except CampaignClosed as e:
-        raise ApiError(409, "campaign_closed", str(e), {"status": e.status}) from e
+    campaign = await campaigns.check_uploadable(tenant.id, campaign_id)
     upload = await spool_body(request, MAX_UPLOAD_BYTES)
     with upload.file:
         return await accept_upload(campaigns, campaign, upload, settings.max_parts)
@@ -147,24 +137,17 @@ async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: T
 @router.get("/{campaign_id}/problems", response_model=ProblemPage, responses=ERRORS,
             summary="Rows that were not accepted, by row number")
 async def list_problems(campaign_id: CampaignId, tenant: TenantDep, db: DbDep,
-                        after_row: Annotated[int, Query(ge=0)] = 0,
+                        after_row: Annotated[int, Query(ge=0, le=MAX_ROW)] = 0,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ProblemPage:
-    try:
-        rows = await _store(db).problems(tenant.id, campaign_id, after_row=after_row, limit=limit)
-    except CampaignNotFound as e:
-        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
+    rows = await _store(db).problems(tenant.id, campaign_id, after_row=after_row, limit=limit)
     return ProblemPage(problems=[RowProblemOut(**r) for r in rows],
                        next_after_row=rows[-1]["row"] if len(rows) == limit else None)
 
 
 async def _act(action: CampaignAction, campaign_id: str, tenant_id: str, db: Any) -> Campaign:
-    try:
-        doc = await _store(db).act(tenant_id, campaign_id, action, utcnow())
-    except CampaignNotFound as e:
-        raise ApiError(404, "not_found", f"no campaign {campaign_id}") from e
-    except CampaignTransitionError as e:
-        raise ApiError(409, "invalid_campaign_transition", str(e), {"status": e.status, "action": e.action}) from e
-    return _campaign(doc)
+    """The campaign after `action`; the store's CampaignNotFound (404) and the domain's
+    CampaignTransitionError (409) are answered by api/app.py."""
+    return _campaign(await _store(db).act(tenant_id, campaign_id, action, utcnow()))
 
 
 @router.post("/{campaign_id}/start", response_model=Campaign, responses=ACTION_ERRORS,

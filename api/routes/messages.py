@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import psycopg
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from psycopg import sql
 from psycopg.rows import dict_row
@@ -36,7 +36,6 @@ from api.schemas import (
     MAX_SEARCH_LIMIT,
     PRIORITY_VALUES,
     TENANT_ERRORS,
-    ErrorResponse,
     MessageAccepted,
     MessageBatchAccepted,
     MessageBatchCreate,
@@ -49,6 +48,7 @@ from api.schemas import (
     Price,
     SearchState,
     UtcDatetime,
+    error_responses,
     submission_json_schema,
 )
 from core.domain.errors import TooManyParts
@@ -56,8 +56,9 @@ from core.domain.events import Event, EventType, utcnow
 from core.domain.message import MessageState, fold, tenant_lane
 from core.ids import new_message_id
 from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
-from core.store.submission import accepted_write
 from core.store.lanes import ACTIVE, LaneStore
+from core.store.submission import accepted_write
+from core.store.topics import Write
 
 log = logging.getLogger(__name__)
 
@@ -69,21 +70,14 @@ MAX_CHARS_PER_PART = 153
 SINGLE_PART_CHARS = 160
 MAX_MESSAGE_ID_LEN = 64
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    **TENANT_ERRORS,
-    404: {"model": ErrorResponse, "description": "No such message for this tenant (`not_found`)"},
-}
-SUBMIT_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "Body is not valid JSON (`invalid_json`)"},
-    401: ERRORS[401],
-    403: ERRORS[403],
-    413: {"model": ErrorResponse, "description": "Body too large (`payload_too_large`)"},
-    422: {"model": ErrorResponse, "description": "`validation_error`, `too_many_parts`, `batch_too_large`, "
-                                                 "`idempotency_key_reused`, `batch_exceeds_rate_limit`"},
-    429: {"model": ErrorResponse, "description": "Over the tenant's submission rate (`rate_limited`, with "
-                                                 "`Retry-After`); nothing was accepted"},
-}
+ERRORS = TENANT_ERRORS | error_responses(404, described={404: "No such message for this tenant (`not_found`)"})
+SUBMIT_ERRORS = TENANT_ERRORS | error_responses(400, 413, 415, 422, 429, described={
+    422: "`validation_error`, `too_many_parts`, `batch_too_large`, `idempotency_key_reused`, "
+         "`batch_exceeds_rate_limit`",
+    429: "Over the tenant's submission rate (`rate_limited`, with `Retry-After`); nothing was accepted"})
 
+# Longer ids are answered 404 like any unknown id (the code checks the length), not 422.
+MessageId = Annotated[str, Path(json_schema_extra={"maxLength": MAX_MESSAGE_ID_LEN})]
 IdempotencyKey = Annotated[
     str | None,
     Header(alias="Idempotency-Key", min_length=1, max_length=128, pattern=r"^[\x20-\x7e]+$",
@@ -243,11 +237,10 @@ def _replayed_ids(replay: IdempotencyReplay, record: IdempotencyRecord, key: str
 
 # ---- GET /v1/messages (search) -------------------------------------------------------------------
 
-SEARCH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: ERRORS[401],
-    422: {"model": ErrorResponse, "description": "`validation_error` (bad filter, limit or cursor)"},
-    503: {"model": ErrorResponse, "description": "`reporting_unavailable`: no PostgreSQL configured or reachable"},
-}
+SEARCH_ERRORS = TENANT_ERRORS | error_responses(422, 503, described={
+    422: "`validation_error` (bad filter, limit or cursor)",
+    503: "`reporting_unavailable`: no PostgreSQL configured or reachable, or no reporting tables yet; "
+         "`unavailable`: MongoDB unreachable"})
 _SEARCH_COLUMNS = ("message_id", "state", "to_number", "route_id", "parts", "accepted_at", "delivered_at",
                    "billed", "amount_minor")
 
@@ -348,7 +341,7 @@ def _as_utc(value: datetime | None) -> datetime | None:
             summary="Current status of a message",
             description="The fold of the message's events in the log (read through the unique index), "
                         "so a message is visible as soon as its submission was answered.")
-async def get_message(message_id: str, tenant: TenantDep, store: EventStoreDep) -> MessageStatus:
+async def get_message(message_id: MessageId, tenant: TenantDep, store: EventStoreDep) -> MessageStatus:
     events = await store.load_events(message_id) if len(message_id) <= MAX_MESSAGE_ID_LEN else []
     if not events or events[0].tenant_id != tenant.id:
         raise _not_found(message_id)
@@ -376,7 +369,7 @@ def _status(state: MessageState, events: Sequence[Event]) -> MessageStatus:
 
 @router.get("/{message_id}/events", response_model=MessageEvents, responses=ERRORS,
             summary="Audit trail of a message", description="Every event of the message, in order, from the log.")
-async def get_message_events(message_id: str, tenant: TenantDep, store: EventStoreDep) -> MessageEvents:
+async def get_message_events(message_id: MessageId, tenant: TenantDep, store: EventStoreDep) -> MessageEvents:
     events = await store.load_events(message_id) if len(message_id) <= MAX_MESSAGE_ID_LEN else []
     if not events or events[0].tenant_id != tenant.id:
         raise _not_found(message_id)

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ApiError, DbDep, TenantStoreDep
-from api.routes.admin import ADMIN_ERRORS, AdminDep
-from api.schemas import ErrorResponse
+from api.deps import ApiError, DbDep, JsonBody, TenantStoreDep
+from api.routes.admin import AdminDep
+from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS, error_responses
 from core.domain.events import utcnow
 from core.store.numbers import MAX_PAGE, NUMBER_RE, Assignment, NumberStore
 from core.store.tenants import TENANT_ID_RE
@@ -29,8 +29,7 @@ log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/admin/numbers", tags=["admin"], responses=ADMIN_ERRORS)
 
 NumberPath = Annotated[str, Path(pattern=NUMBER_RE.pattern, description="E.164 number or short code")]
-NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "No such tenant / number not assigned (`not_found`)"}}
+NOT_FOUND = error_responses(404, described={404: "No such tenant / number not assigned (`not_found`)"})
 
 
 class NumberAssign(BaseModel):
@@ -63,7 +62,7 @@ def _public(a: Assignment) -> NumberPublic:
 async def list_numbers(
     _: AdminDep,
     db: DbDep,
-    tenant_id: Annotated[str | None, Query(max_length=64)] = None,
+    tenant_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=32, description="Last number of the previous page")] = None,
 ) -> NumberPage:
@@ -74,7 +73,7 @@ async def list_numbers(
                       next_after=items[-1].number if len(items) == limit else None)
 
 
-@router.put("/{number}", response_model=NumberAssigned, responses=NOT_FOUND,
+@router.put("/{number}", response_model=NumberAssigned, responses=NOT_FOUND | JSON_BODY_ERRORS, dependencies=[JsonBody],
             summary="Assign a number to a tenant (moves it if another tenant had it)")
 async def assign_number(number: NumberPath, body: NumberAssign, actor: AdminDep, db: DbDep,
                         tenants: TenantStoreDep) -> NumberAssigned:

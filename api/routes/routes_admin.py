@@ -23,11 +23,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from api.deps import ApiError, DbDep
-from api.routes.admin import ADMIN_ERRORS, AdminDep
-from api.schemas import ErrorResponse
+from api.deps import ApiError, DbDep, JsonBody
+from api.routes.admin import AdminDep
+from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS, error_responses, inline_json_schema
 from core.domain.events import utcnow
 from core.domain.routing import Route
 from core.store.routes import RouteStore
@@ -38,8 +38,57 @@ MASK = "***"
 
 router = APIRouter(prefix="/v1/admin/routes", tags=["admin: routes"], responses=ADMIN_ERRORS)
 
-RouteId = Annotated[str, Path(min_length=1, max_length=63)]
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "No such route"}}
+RouteId = Annotated[str, Path(pattern=Route.model_fields["id"].metadata[0].pattern, description="Route id")]
+NOT_FOUND = error_responses(404, described={404: "No such route (`not_found`)"})
+BODY_NOT_FOUND = NOT_FOUND | JSON_BODY_ERRORS
+Count = Annotated[int, Field(strict=True)]  # a JSON integer: not "5", not 5.0, not true
+
+
+class RouteDefinition(Route):
+    """A route as the API takes it: the domain's Route with the bounds a request must keep (every
+    integer far within MongoDB's 64 bits, every string and list bounded), integers and `enabled` as
+    JSON integers and booleans, not strings. Converted to a Route (`as_route`) before it is stored."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Annotated[str, Field(min_length=1, max_length=16)] = "smpp"
+    host: Annotated[str, Field(min_length=1, max_length=253)] = "127.0.0.1"
+    port: Annotated[Count, Field(ge=1, le=65535)] = 2775
+    system_id: Annotated[str, Field(max_length=64)] = "msgcore"
+    password: Annotated[str, Field(max_length=64)] = "secret"
+    system_type: Annotated[str, Field(max_length=13)] = ""
+    priority: Annotated[Count, Field(ge=1, le=1000)] = 1
+    weight: Annotated[Count, Field(ge=1, le=1000)] = 1
+    prefixes: Annotated[tuple[Annotated[str, Field(pattern=r"^\+?[0-9]{0,15}$")], ...],
+                        Field(min_length=1, max_length=1000, description="Destination prefixes; \"\" = any")] = ("",)
+    tps: Annotated[Count, Field(ge=0, le=1_000_000, description="0 = no limit")] = 0
+    binds: Annotated[Count, Field(ge=1, le=32)] = 1
+    source_ton: Annotated[Count | None, Field(ge=0, le=6)] = None
+    source_npi: Annotated[Count | None, Field(ge=0, le=18)] = None
+    dest_ton: Annotated[Count, Field(ge=0, le=6)] = 1
+    dest_npi: Annotated[Count, Field(ge=0, le=18)] = 1
+    window: Annotated[Count, Field(ge=1, le=1000)] = 20
+    price_per_part: Annotated[Count, Field(ge=0, le=10**12, description="Minor units")] = 0
+    currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
+    group: Annotated[str, Field(min_length=1, max_length=64)] = "default"
+    enabled: StrictBool = True
+
+    def as_route(self) -> Route:
+        return Route.model_validate(self.model_dump())
+
+
+def _body_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
+    """OpenAPI schemas of the PUT body (a definition whose id may be left out) and the PATCH body (any
+    of its fields). Both routes parse their body themselves, to answer 404 before validating it."""
+    put = inline_json_schema(RouteDefinition)
+    put["required"] = [f for f in put.get("required", []) if f != "id"]
+    patch = {**put, "title": "RoutePatch", "required": []}
+    patch["properties"] = {name: {k: v for k, v in prop.items() if k != "default"}
+                           for name, prop in put["properties"].items()}
+    return put, patch
+
+
+PUT_SCHEMA, PATCH_SCHEMA = _body_schemas()
 
 
 class RouteOut(BaseModel):
@@ -84,7 +133,7 @@ def _validation_error(e: ValidationError) -> ApiError:
 
 def _validate(data: dict[str, Any]) -> Route:
     try:
-        return Route.model_validate(data)
+        return RouteDefinition.model_validate(data).as_route()
     except ValidationError as e:
         raise _validation_error(e) from e
 
@@ -122,29 +171,34 @@ async def get_route(route_id: RouteId, _: AdminDep, db: DbDep) -> RouteOut:
     return _out(await _existing(store, route_id), await store.statuses(utcnow()))
 
 
-@router.post("", response_model=RouteOut, status_code=201, summary="Create a route",
-             responses={409: {"model": ErrorResponse, "description": "`route_exists`"}})
-async def create_route(body: Route, actor: AdminDep, db: DbDep) -> RouteOut:
+@router.post("", response_model=RouteOut, status_code=201, summary="Create a route", dependencies=[JsonBody],
+             responses=JSON_BODY_ERRORS | error_responses(409, described={409: "`route_exists`"}))
+async def create_route(body: RouteDefinition, actor: AdminDep, db: DbDep) -> RouteOut:
     store = RouteStore(db)
     if await store.get(body.id) is not None:
         raise ApiError(409, "route_exists", f"route {body.id} exists: change it with PUT or PATCH "
                                             f"/v1/admin/routes/{body.id}")
-    return await _save(store, body, actor, "created")
+    return await _save(store, body.as_route(), actor, "created")
 
 
-@router.put("/{route_id}", response_model=RouteOut, responses=NOT_FOUND, summary="Replace a route's definition")
+@router.put("/{route_id}", response_model=RouteOut, responses=BODY_NOT_FOUND, dependencies=[JsonBody],
+            summary="Replace a route's definition",
+            openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PUT_SCHEMA}}}})
 async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
                         db: DbDep) -> RouteOut:
     store = RouteStore(db)
     current = await _existing(store, route_id)
     _check_id(route_id, body)
     data = {**body, "id": route_id}
-    if data.get("password") in (None, MASK):  # clients never see the password, so they cannot echo it
+    if data.get("password", MASK) == MASK:  # clients never see the password, so they cannot echo it
         data["password"] = current.password
     return await _save(store, _validate(data), actor, "replaced")
 
 
-@router.patch("/{route_id}", response_model=RouteOut, responses=NOT_FOUND, summary="Change some fields of a route")
+@router.patch("/{route_id}", response_model=RouteOut, responses=BODY_NOT_FOUND, dependencies=[JsonBody],
+              summary="Change some fields of a route",
+              openapi_extra={"requestBody": {"required": True,
+                                             "content": {"application/json": {"schema": PATCH_SCHEMA}}}})
 async def patch_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
                       db: DbDep) -> RouteOut:
     store = RouteStore(db)
@@ -176,7 +230,8 @@ async def enable_route(route_id: RouteId, actor: AdminDep, db: DbDep) -> RouteOu
     return await _set_enabled(RouteStore(db), route_id, True, actor)
 
 
-@router.get("/{route_id}/history", response_model=RouteHistory, summary="Recorded changes of a route, oldest first")
+@router.get("/{route_id}/history", response_model=RouteHistory, responses=NOT_FOUND,
+            summary="Recorded changes of a route, oldest first")
 async def route_history(route_id: RouteId, _: AdminDep, db: DbDep,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> RouteHistory:
     store = RouteStore(db)

@@ -26,11 +26,12 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Query
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic.json_schema import SkipJsonSchema
 
-from api.deps import ApiError, TenantCacheDep, TenantStoreDep
-from api.routes.admin import ADMIN_ERRORS, AdminDep
-from api.schemas import ErrorResponse
+from api.deps import JsonBody, TenantCacheDep, TenantStoreDep
+from api.routes.admin import AdminDep
+from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS, error_responses
 from core.domain.events import utcnow
 from core.domain.ratelimit import effective_burst
 from core.store.tenants import (
@@ -42,9 +43,6 @@ from core.store.tenants import (
     MAX_SUBMIT_TPS,
     MIN_PRIORITY,
     TENANT_ID_RE,
-    InvalidTenantSetting,
-    KeyNotFound,
-    TenantExists,
     TenantNotFound,
     key_prefix,
 )
@@ -55,11 +53,10 @@ router = APIRouter(prefix="/v1/admin/tenants", tags=["admin: tenants"], response
 
 TenantIdPath = Annotated[str, Path(pattern=TENANT_ID_RE.pattern, description="Tenant id")]
 KeyIdPath = Annotated[str, Path(pattern=KEY_ID_RE.pattern, description="Key id (`key_...`, or an old key's prefix)")]
-NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"model": ErrorResponse, "description": "`tenant_not_found`"}}
-KEY_NOT_FOUND: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorResponse, "description": "`tenant_not_found` or `key_not_found`"}}
+NOT_FOUND = error_responses(404, described={404: "No such tenant (`tenant_not_found`)"})
+KEY_NOT_FOUND = error_responses(404, described={404: "`tenant_not_found` or `key_not_found`"})
 
-Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN, description="Display name")]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME_LEN, pattern=r"\S", description="Display name")]
 Priority = Annotated[int, Field(ge=MIN_PRIORITY, le=MAX_PRIORITY, strict=True,
                                 description="Weight of the tenant's bulk (marketing) traffic when capacity is "
                                             "shared: 20 gets twice the share of 10. Transactional traffic "
@@ -90,10 +87,18 @@ class TenantUpdate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Name | None = None
-    priority: Priority | None = None
+    # Left out = unchanged; null is refused (there is no "no name"), so the schema does not offer it.
+    name: Name | SkipJsonSchema[None] = None
+    priority: Priority | SkipJsonSchema[None] = None
     submit_tps: SubmitTps = None
     submit_burst: SubmitBurst = None
+
+    @field_validator("name", "priority")
+    @classmethod
+    def _not_null(cls, value: object) -> object:
+        if value is None:
+            raise ValueError("may be left out, not null")
+        return value
 
 
 class SuspendRequest(BaseModel):
@@ -106,7 +111,7 @@ class SuspendRequest(BaseModel):
 class KeyCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    revoke_existing: bool = Field(default=False, description="Revoke every other key of the tenant at once "
+    revoke_existing: StrictBool = Field(default=False, description="Revoke every other key of the tenant at once "
                                                              "(otherwise they keep working until revoked)")
 
 
@@ -187,47 +192,17 @@ def _out(doc: dict[str, Any]) -> TenantPublic:
         api_keys=[_key_out(k) for k in doc["api_keys"]])
 
 
-# ---- errors ----------------------------------------------------------------------------------------
-
-def _tenant_not_found(tenant_id: str) -> ApiError:
-    return ApiError(404, "tenant_not_found", f"no tenant {tenant_id}", {"tenant_id": tenant_id})
-
-
-def _invalid(e: InvalidTenantSetting) -> ApiError:
-    return ApiError(422, "validation_error", str(e),
-                    [{"field": f"body.{e.field}", "loc": ["body", e.field], "type": "value_error", "message": str(e)}])
-
-
-def _store_error(e: Exception) -> ApiError:
-    """The API error for a store exception (raise it `from e`)."""
-    if isinstance(e, TenantNotFound):
-        return _tenant_not_found(e.tenant_id)
-    if isinstance(e, KeyNotFound):
-        return ApiError(404, "key_not_found", str(e), {"tenant_id": e.tenant_id, "key_id": e.key_id})
-    if isinstance(e, TenantExists):
-        return ApiError(409, "tenant_exists", f"tenant {e.tenant_id} exists: change it with PATCH "
-                                              f"/v1/admin/tenants/{e.tenant_id}", {"tenant_id": e.tenant_id})
-    if isinstance(e, InvalidTenantSetting):
-        return _invalid(e)
-    raise TypeError(f"not a tenant store error: {e!r}")
-
-
-STORE_ERRORS = (TenantNotFound, KeyNotFound, TenantExists, InvalidTenantSetting)
-
-
 # ---- endpoints -------------------------------------------------------------------------------------
 
 @router.post("", response_model=TenantCreated, status_code=201, summary="Create a tenant and its first API key",
-             responses={409: {"model": ErrorResponse, "description": "`tenant_exists`"}})
+             responses=JSON_BODY_ERRORS | error_responses(409, described={409: "`tenant_exists`"}),
+             dependencies=[JsonBody])
 async def create_tenant(body: TenantCreate, actor: AdminDep, tenants: TenantStoreDep) -> TenantCreated:
-    try:
-        key_id, key = await tenants.register(body.id, body.name, utcnow(), priority=body.priority,
-                                             submit_tps=body.submit_tps, submit_burst=body.submit_burst, actor=actor)
-    except STORE_ERRORS as e:
-        raise _store_error(e) from e
+    key_id, key = await tenants.register(body.id, body.name, utcnow(), priority=body.priority,
+                                         submit_tps=body.submit_tps, submit_burst=body.submit_burst, actor=actor)
     doc = await tenants.get(body.id)
     if doc is None:
-        raise _tenant_not_found(body.id)
+        raise TenantNotFound(body.id)
     log.info("admin: tenant=%s created by %s (key %s)", body.id, actor, key_id)
     return TenantCreated(tenant=_out(doc), api_key=NewApiKey(id=key_id, key=key, prefix=key_prefix(key)))
 
@@ -241,11 +216,12 @@ async def list_tenants(_: AdminDep, tenants: TenantStoreDep) -> TenantList:
 async def get_tenant(tenant_id: TenantIdPath, _: AdminDep, tenants: TenantStoreDep) -> TenantPublic:
     doc = await tenants.get(tenant_id)
     if doc is None:
-        raise _tenant_not_found(tenant_id)
+        raise TenantNotFound(tenant_id)
     return _out(doc)
 
 
-@router.patch("/{tenant_id}", response_model=TenantPublic, responses=NOT_FOUND,
+@router.patch("/{tenant_id}", response_model=TenantPublic, responses=NOT_FOUND | JSON_BODY_ERRORS,
+              dependencies=[JsonBody],
               summary="Change a tenant's name, priority or submission limits",
               description="Only the fields sent change. `submit_tps: null` removes the rate limit, "
                           "`submit_burst: null` restores the default burst. Applies at once in this API "
@@ -253,25 +229,20 @@ async def get_tenant(tenant_id: TenantIdPath, _: AdminDep, tenants: TenantStoreD
 async def patch_tenant(tenant_id: TenantIdPath, body: TenantUpdate, actor: AdminDep, tenants: TenantStoreDep,
                        cache: TenantCacheDep) -> TenantPublic:
     fields = body.model_dump(include=body.model_fields_set)
-    try:
-        doc = await tenants.update_limits(tenant_id, utcnow(), actor=actor, **fields)
-    except STORE_ERRORS as e:
-        raise _store_error(e) from e
+    doc = await tenants.update_limits(tenant_id, utcnow(), actor=actor, **fields)
     cache.drop_tenant(tenant_id)
     log.info("admin: tenant=%s updated (%s) by %s", tenant_id, ", ".join(sorted(fields)) or "nothing", actor)
     return _out(doc)
 
 
-@router.post("/{tenant_id}/suspend", response_model=TenantPublic, responses=NOT_FOUND,
+@router.post("/{tenant_id}/suspend", response_model=TenantPublic, responses=NOT_FOUND | JSON_BODY_ERRORS,
+             dependencies=[JsonBody],
              summary="Suspend a tenant",
              description="Its API calls are refused with 403 `tenant_suspended`; messages it had submitted are "
                          "held by the workers, not lost. Suspending a suspended tenant changes nothing.")
 async def suspend_tenant(tenant_id: TenantIdPath, body: SuspendRequest, actor: AdminDep, tenants: TenantStoreDep,
                          cache: TenantCacheDep) -> TenantPublic:
-    try:
-        doc = await tenants.suspend(tenant_id, body.reason, utcnow(), actor=actor)
-    except STORE_ERRORS as e:
-        raise _store_error(e) from e
+    doc = await tenants.suspend(tenant_id, body.reason, utcnow(), actor=actor)
     cache.drop_tenant(tenant_id)
     log.warning("admin: tenant=%s suspended by %s: %s", tenant_id, actor, body.reason)
     return _out(doc)
@@ -281,10 +252,7 @@ async def suspend_tenant(tenant_id: TenantIdPath, body: SuspendRequest, actor: A
              summary="Resume a suspended tenant", description="Its held messages go on; a no-op if it is active.")
 async def resume_tenant(tenant_id: TenantIdPath, actor: AdminDep, tenants: TenantStoreDep,
                         cache: TenantCacheDep) -> TenantPublic:
-    try:
-        doc = await tenants.resume(tenant_id, utcnow(), actor=actor)
-    except STORE_ERRORS as e:
-        raise _store_error(e) from e
+    doc = await tenants.resume(tenant_id, utcnow(), actor=actor)
     cache.drop_tenant(tenant_id)
     log.info("admin: tenant=%s resumed by %s", tenant_id, actor)
     return _out(doc)
@@ -294,21 +262,19 @@ async def resume_tenant(tenant_id: TenantIdPath, actor: AdminDep, tenants: Tenan
 async def list_keys(tenant_id: TenantIdPath, _: AdminDep, tenants: TenantStoreDep) -> KeyList:
     keys = await tenants.list_keys(tenant_id)
     if keys is None:
-        raise _tenant_not_found(tenant_id)
+        raise TenantNotFound(tenant_id)
     return KeyList(tenant_id=tenant_id, keys=[_key_out(k) for k in keys])
 
 
-@router.post("/{tenant_id}/keys", response_model=KeyCreated, status_code=201, responses=NOT_FOUND,
+@router.post("/{tenant_id}/keys", response_model=KeyCreated, status_code=201, responses=NOT_FOUND | JSON_BODY_ERRORS,
+             dependencies=[JsonBody],
              summary="Issue a new API key (rotation)",
              description="The key is shown once. The tenant's other keys keep working until revoked, unless "
                          "`revoke_existing` is true.")
 async def create_key(tenant_id: TenantIdPath, actor: AdminDep, tenants: TenantStoreDep, cache: TenantCacheDep,
                      body: Annotated[KeyCreate | None, Body()] = None) -> KeyCreated:
     revoke_existing = body.revoke_existing if body is not None else False
-    try:
-        key_id, key = await tenants.rotate_key(tenant_id, utcnow(), revoke_existing, actor=actor)
-    except STORE_ERRORS as e:
-        raise _store_error(e) from e
+    key_id, key = await tenants.rotate_key(tenant_id, utcnow(), revoke_existing, actor=actor)
     if revoke_existing:
         cache.drop_tenant(tenant_id)
     log.info("admin: tenant=%s new key %s by %s%s", tenant_id, key_id, actor,
@@ -323,10 +289,7 @@ async def create_key(tenant_id: TenantIdPath, actor: AdminDep, tenants: TenantSt
                            "401 at once in this API process, within 10 s in the others.")
 async def revoke_key(tenant_id: TenantIdPath, key_id: KeyIdPath, actor: AdminDep, tenants: TenantStoreDep,
                      cache: TenantCacheDep) -> ApiKeyPublic:
-    try:
-        key = await tenants.revoke_key(tenant_id, key_id, utcnow(), actor=actor)
-    except STORE_ERRORS as e:
-        raise _store_error(e) from e
+    key = await tenants.revoke_key(tenant_id, key_id, utcnow(), actor=actor)
     cache.drop_tenant(tenant_id)
     log.info("admin: tenant=%s key %s revoked by %s", tenant_id, key_id, actor)
     return _key_out(key)
@@ -338,5 +301,5 @@ async def tenant_changes(tenant_id: TenantIdPath, _: AdminDep, tenants: TenantSt
                          limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> TenantChanges:
     changes = await tenants.history(tenant_id, limit)
     if not changes and await tenants.get(tenant_id) is None:
-        raise _tenant_not_found(tenant_id)
+        raise TenantNotFound(tenant_id)
     return TenantChanges(tenant_id=tenant_id, changes=[TenantChange(**c) for c in changes])
