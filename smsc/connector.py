@@ -1,31 +1,25 @@
-"""The SMSC connector of one route: claims routed messages, sends submit_sm, records the outcome,
-turns delivery receipts into `delivered` / `undelivered` and MO messages into `inbound`.
+"""The SMSC connector of one route: reads its send topics by position, sends submit_sm, commits the
+outcomes; turns delivery receipts into `delivered|undelivered` + `billed` and MO into `inbound`
+(smsc/receipts.py). The decisions are core/domain/outcomes.py's; this module only does I/O.
 
-Ordering that keeps the guarantees:
-- The claim (lease + attempt count) is committed before any submit_sm: after a crash the log shows an
-  attempt without an outcome. Policy `resend` (the default, at-least-once): the next claim sends it
-  again and its `sent` event says `possible_duplicate`, so every possible duplicate is visible.
-- A deliver_sm is acknowledged only after its event is committed (or, for an id we do not know,
-  after it is stored in `orphan_receipts`). A receipt that overtakes our own commit of `sent` is held
-  until that commit lands, never dropped.
-- Outcomes and receipts are committed in batches: one transaction per flush, not per message.
+Ownership (core/store/owners.py): one process at a time owns `connector|send:<route>`. Only while it
+owns does it bind (smsc/binds.py) and send; it renews the lease every lease_s/3. On `Fenced`, or when
+its lease would run out locally without a renewal, it stops sending at once, drops the batches it has
+not committed (never commits them), unbinds and waits as a hot standby, like a process that could not
+acquire the key. A graceful stop commits what is in flight and releases the key.
 
-Binds: `route.binds` transceivers, or (bind_type `transmitter_receiver`) that many transmitter and
-receiver pairs; submits go over the transmitters, deliver_sm come over the receivers. Each bind is
-kept up by its own task, reconnecting with exponential back-off and jitter. The route's TPS limit is
-one token bucket shared by every bind; ESME_RTHROTTLED / ESME_RMSGQFUL pause the whole route with an
-exponential back-off that resets on the next accepted submit_sm.
+One batch, in this order (commit order = read order, even while batches are pipelined):
+1. read: `TopicReader` over the route's lanes (transactional first, bulk limited to CLAIM_AHEAD_S of
+   the route's rate, so a one-time password waits behind at most ~0.5 s of bulk);
+2. decide before sending (canceling lane, an earlier owner's open attempt, validity passed, suspended
+   tenant) and record ONE attempt document for the batch, before any submit_sm;
+3. submit through a fixed pool of send workers (one per window slot; no task per message) that keep
+   the windows full, honour the TPS bucket and wait out throttling;
+4. commit the whole batch in one transaction with the checkpoint moves, fenced by the epoch. A store
+   outage keeps the outcomes in memory and retries; nothing is dropped until committed.
 
-Receipts of long messages (one SMSC id per part): the final state is recorded once every part's
-final receipt is in (`delivered` if all say DELIVRD, else `undelivered` with the first failing
-part's stat), in ONE event whose `parts` lists each part's stat/err, so a long message costs no more
-head writes than a short one. Until then the part receipts are held in memory, unacknowledged (a
-crash makes the SMSC resend them). A part receipt held longer than `PART_HOLD_S` is written to
-`part_receipts` (`_id` = SMSC id) and acknowledged, so that an SMSC with a small deliver window is
-not blocked by receipts waiting for a sibling; the final decision then reads them back. If a part's
-receipt never comes, the scheduler expires the message after its validity; a receipt arriving after
-that still records the outcome (`expired` -> `delivered` / `undelivered` is allowed by the domain).
-Intermediate stats (ENROUTE, ACCEPTD) are acknowledged and change nothing.
+A crash between 2 and 4 leaves an open attempt: the next owner applies the route's unknown-outcome
+policy to exactly those positions (`resend`: sent again as a possible duplicate; `hold`: `unknown`).
 """
 
 from __future__ import annotations
@@ -36,262 +30,400 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-
-from pymongo import ReplaceOne
-from pymongo.errors import ConnectionFailure, OperationFailure
 
 from core.aio import sleep_or_stop, wait_and_clear
 from core.domain.encoding import encode_text, make_udh
 from core.domain.events import EventType
-from core.domain.message import MessageState, evolve, next_event
+from core.domain.message import (
+    MessageState,
+    await_topic,
+    event_doc,
+    lane_of,
+    lane_of_topic,
+    route_topic,
+    state_of_routed,
+)
+from core.domain.outcomes import (
+    Before,
+    SubmitDecision,
+    SubmitReport,
+    Verdict,
+    decide_before_send,
+    decide_submit,
+    is_throttling,
+    sent_expires_at,
+)
 from core.domain.retry import backoff_s
-from core.domain.routing import BindType, Route, RouteStatus, UnknownOutcomePolicy
-from core.store.eventstore import Claimed, EventStore, Transition
-from core.store.lanes import LaneBook, LaneClaimer
+from core.domain.routing import Route, RouteStatus
+from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
+from core.store.eventstore import EventStore
+from core.store.lanes import ALL, Batch, LaneBook, TopicReader
+from core.store.owners import Owners, Ownership
 from core.store.routes import RouteStore
+from core.store.timers import HOLD_S, timer_doc
+from core.store.topics import Write
+from smsc.binds import BindPool
 from smsc.inbound import InboundRecorder, ensure_inbound_indexes
-from smsc.pdu import ReceiptFields
+from smsc.receipts import PART_HOLD_S, RECEIPT_HOLD_S, ReceiptDesk, side
 from smsc.session import DeliverSm, SessionError, SmppSession
-from smsc.status import THROTTLING, describe, is_temporary, status_name
+from smsc.status import describe, status_name
 from smsc.throttle import TokenBucket
 
 log = logging.getLogger(__name__)
 
+__all__ = ["PART_HOLD_S", "RECEIPT_HOLD_S", "Connector"]
+
+CONSUMER = "connector"
 FLUSH_S = 0.02
+RECEIPT_BATCH = 500
+RECEIPT_WAIT_S = 0.1
 HEARTBEAT_S = 2.0
-RECEIPT_HOLD_S = 60.0
-PART_HOLD_S = 10.0  # a part receipt waits this long in memory for its siblings, then goes to `part_receipts`
-PART_FORGET_S = 3600.0  # persisted part progress is dropped from memory after this (it stays in the collection)
 THROTTLE_BASE_S = 0.5
-THROTTLE_CAP_S = 10.0  # below the lease: a claimed message waiting out a throttle must not lose its lease
-PART_THROTTLE_RETRIES = 5
-# Claim no more than the route's TPS lets out in this long: a claimed message waits for its token in
-# claim order, so a one-time password arriving during a campaign waits behind at most this much bulk.
+THROTTLE_CAP_S = 10.0
+PART_THROTTLE_RETRIES = 50  # a part throttled this often in a row is given up (retry, elsewhere if possible)
+# Read no more than the route's TPS lets out in this long: a read message waits for its token in read
+# order, so a one-time password arriving during a campaign waits behind at most this much bulk.
 CLAIM_AHEAD_S = 0.5
 MIN_CLAIM_AHEAD = 10
-# Transactional claims may exceed the claim-ahead by this much: an OTP arriving while bulk fills the
-# connector is claimed at once (it still queues behind at most CLAIM_AHEAD_S of bulk to be sent).
+# Transactional reads may exceed the claim-ahead by this much: an OTP arriving while bulk fills the
+# connector is read at once (it still queues behind at most CLAIM_AHEAD_S of bulk to be sent).
 TRANSACTIONAL_RESERVE = 20
-HOLD_S = 5.0  # a suspended tenant's claimed message is given back, due again this much later
-BIND_STABLE_S = 2.0  # a bind lost after living this long reconnects at once (after a little jitter)
-RELINK_CAP_S = 5.0  # cap of the back-off between a lost bind and its next try while it keeps flapping
-UNDELIVERED_STATS = {"UNDELIV", "EXPIRED", "REJECTD", "DELETED", "UNKNOWN"}
-FINAL_STATS = UNDELIVERED_STATS | {"DELIVRD"}
-INTERMEDIATE_STATS = {"ENROUTE", "ACCEPTD"}
-STAT_ALIASES = {"DELIVERED": "DELIVRD", "UNDELIVERABLE": "UNDELIV", "REJECTED": "REJECTD", "ACCEPTED": "ACCEPTD",
-                "DELETD": "DELETED"}
-
-Pdus = list[tuple[DeliverSm, SmppSession]]
+SMALL_READ_S = 0.05  # a read smaller than half the room waits this long after the previous read
+MAX_PENDING_BATCHES = 8  # read ahead of the commits at most this far (a store outage holds them in memory)
+LEASE_MARGIN = 0.8  # stop sending once this share of the lease has passed since the last renewal began
+REROUTE_AFTER_S = 5.0  # no bind for this long: read anyway, so queued messages go back to the router (NOT_SENT)
+COMMIT_BACKOFF_CAP_S = 5.0
+DRAIN_COMMIT_S = 3.0  # after the grace period, how long a stopping connector still tries to commit
+DEFAULT_VALIDITY_S = 48 * 3600
 
 
-def normal_stat(stat: str) -> str:
-    """The SMPP v3.4 appendix B spelling of a receipt's stat (some SMSCs spell them out)."""
-    stat = stat.strip().upper()
-    return STAT_ALIASES.get(stat, stat)
+@dataclass(eq=False, slots=True)
+class _Item:
+    """One message of a batch to send, and what came back."""
+
+    job: _Job
+    state: MessageState
+    duplicate: bool  # an earlier owner's attempt may have sent it (policy resend)
+    smsc_ids: list[str] = field(default_factory=list)
+    status: int = 0
+    nack: bool = False
+    error: str = ""
+    maybe_sent: bool = False
 
 
-@dataclass
-class Outcome:
-    claim: Claimed
-    smsc_ids: list[str]
-    status: int  # first non-zero part status, or 0
-    error: str = ""  # set when no response came (connection lost, time-out, no bind up)
-    maybe_sent: bool = False  # a submit_sm may have reached the SMSC without our seeing the answer
-    held: bool = False  # not sent: an earlier attempt's outcome is unknown and the policy is `hold`
-    too_late: bool = False  # not sent: its validity passed while it waited for this route
-    nack: bool = False  # the SMSC answered a submit_sm with generic_nack
+@dataclass(eq=False)
+class _Job:
+    """One batch: read, decided, sent, then committed in read order."""
+
+    batch: Batch
+    epoch: int
+    writes: list[Write]  # decided before sending (canceled, expired, unknown, suspended timers)
+    items: list[_Item]
+    left: int = 0
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    dropped: bool = False
+    counts: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def finish_one(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.done.set()
 
 
-@dataclass
-class PartReceipt:
-    """The final receipt of one part of a sent message, waiting for the other parts' receipts.
-    `pdu`/`session` are None once it was acknowledged (after being written to `part_receipts`)."""
-
-    receipt: ReceiptFields
-    stat: str
-    pdu: DeliverSm | None
-    session: SmppSession | None
-    since: datetime
+class _Lost(Exception):
+    """Our ownership ended (fenced, or the lease ran out locally)."""
 
 
 class Connector:
     def __init__(self, store: EventStore, routes: RouteStore, route: Route, clock: Callable[[], datetime], *,
-                 owner: str, lease_s: float = 30.0, batch_size: int = 500, max_attempts: int = 5) -> None:
+                 owner: str, lease_s: float = 30.0, batch_size: int = 500, max_attempts: int = 5,
+                 default_validity_s: float = DEFAULT_VALIDITY_S) -> None:
         self.store = store
+        self.log = store.log
         self.routes = routes
-        self.route = route
+        self.route = route  # the route manager swaps it for routing-only changes
         self.clock = clock
-        self.owner = owner
+        self.owner = owner  # the holder id of the owner key
+        self.key = f"{CONSUMER}|send:{route.id}"
         self.lease_s = lease_s
         self.batch_size = batch_size
-        self.max_attempts = max_attempts
-        self.queue = f"send:{route.id}"
-        self.lanes = LaneClaimer(store, self.queue, LaneBook(store.db))
-        self.sessions: list[SmppSession] = []
-        self.bucket = TokenBucket(route.tps)
-        self.inbound = InboundRecorder(store, route.id)
-        self.outcomes: list[Outcome] = []
-        self.receipts: Pdus = []  # deliver_sm received, not yet handled: receipts and MO
-        # Receipts whose smsc id matched no `sent` yet (they overtook its commit), by smsc id.
-        self.held: dict[str, tuple[Pdus, datetime]] = {}
-        # Final part receipts of long messages waiting for their siblings: message id -> smsc id -> part.
-        self.parts: dict[str, dict[str, PartReceipt]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.awaiting_commit: set[str] = set()  # smsc ids whose `sent` is not committed yet
-        self.in_flight = 0
-        self._done_at: collections.deque[float] = collections.deque(maxlen=100_000)  # submit completions
-        self.wake = asyncio.Event()
-        self.throttled_until = 0.0
-        self.throttle_level = 0
+        self.max_attempts = max_attempts  # the router dead-letters; kept for the components' wiring
+        self.default_validity_s = default_validity_s
+        self.owners = Owners(store.db)
+        self.reader = TopicReader(self.log, CONSUMER, f"send:{route.id}", LaneBook(store.db))
         self.stats = {"sent": 0, "failed": 0, "retried": 0, "receipts": 0, "orphan_receipts": 0,
                       "possible_duplicates": 0, "throttled": 0, "held_unknown": 0, "generic_nacks": 0,
                       "receipts_intermediate": 0, "receipts_duplicate": 0, "part_receipts_persisted": 0, "mo": 0,
-                      "mo_unassigned": 0, "malformed_pdus": 0, "reconnects": 0}
+                      "mo_unassigned": 0, "malformed_pdus": 0, "reconnects": 0, "expired": 0, "canceled": 0,
+                      "suspended_held": 0, "acquired": 0, "fenced": 0, "lease_lapsed": 0, "batches": 0,
+                      "dropped_batches": 0, "receipt_flushes": 0}
+        self.wake = asyncio.Event()
+        self.binds = BindPool(route, self._on_deliver, self.wake.set)
+        self.desk = ReceiptDesk(store, route.id, self.stats)
+        self.bucket = TokenBucket(route.tps)
+        self.own: Ownership | None = None
+        self.owning = False
+        self.jobs: collections.deque[_Job] = collections.deque()
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self.unfinished = 0  # items read and not yet answered
+        self.unresolved: dict[str, list[tuple[int, int]]] = {}  # an earlier owner's open attempts
+        self.throttled_until = 0.0
+        self.throttle_level = 0
+        self.lease_deadline = 0.0
+        self.drain_deadline: float | None = None
+        self._lost = asyncio.Event()
+        self._commit_wake = asyncio.Event()
+        self._done_at: collections.deque[float] = collections.deque(maxlen=100_000)  # submit completions
+        self._down_since: float | None = None
+        self._read_at = float("-inf")
+        self._wake_below = 0  # the send workers wake the reader once no more than this many are unanswered
 
-    # ---- lifecycle ------------------------------------------------------------------------------
+    # ---- compatibility views ------------------------------------------------------------------------
+
+    @property
+    def sessions(self) -> list[SmppSession]:
+        return self.binds.sessions
+
+    @property
+    def held(self) -> dict[str, Any]:
+        """Receipts held because they overtook the commit of their `sent`."""
+        return self.desk.held
 
     @property
     def capacity(self) -> int:
-        return sum(s.window for s in self.sessions if s.is_up and s.can_submit)
+        return self.binds.capacity
 
-    def _bind_plan(self) -> list[tuple[int, str]]:
-        kinds = ["transmitter", "receiver"] if self.route.bind_type == BindType.TRANSMITTER_RECEIVER else [
-            "transceiver"]
-        return [(i, kind) for i in range(self.route.binds) for kind in kinds]
+    @property
+    def inbound(self) -> InboundRecorder:
+        """The MO recorder (smsc/inbound.py) the receipt desk uses."""
+        return self.desk.inbound
+
+    # ---- lifecycle ------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, grace_s: float = 10.0) -> None:
+        """Own the route and send until `stop`; a standby while another process owns it."""
         try:
-            await ensure_inbound_indexes(self.store.db)
-        except (ConnectionFailure, OperationFailure) as e:  # MO still works, only slower
+            await side(ensure_inbound_indexes(self.store.db))
+        except StoreUnavailable as e:  # MO still works, only slower
             log.warning("connector route=%s: could not create the inbound indexes: %s", self.route.id, e)
-        binds = [asyncio.create_task(self._keep_bound(i, kind, stop)) for i, kind in self._bind_plan()]
-        flusher = asyncio.create_task(self._flush_loop(stop))
-        heartbeat = asyncio.create_task(self._heartbeat(stop))
+        receipts = asyncio.create_task(self._receipt_loop(stop), name=f"receipts-{self.route.id}")
         try:
-            await self._claim_loop(stop)
-        finally:
-            # Graceful shutdown: stop claiming, let in-flight submits finish, record their outcomes.
-            deadline = asyncio.get_running_loop().time() + grace_s
-            while self.in_flight and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(0.05)
-            for _ in range(20):  # the store may be briefly away; do not drop recorded outcomes lightly
-                try:
-                    await self._flush()
+            while not stop.is_set():
+                own = await self._acquire(stop)
+                if own is None:
                     break
-                except (ConnectionFailure, OperationFailure) as e:
-                    log.warning("connector route=%s: final flush failed, retrying: %s", self.route.id, e)
-                    await asyncio.sleep(0.5)
-            if self.outcomes:
-                log.error("connector route=%s: %d outcomes not recorded at shutdown; their leases will expire and "
-                          "the messages be resent as possible duplicates: %s", self.route.id, len(self.outcomes),
-                          [o.claim.state.message_id for o in self.outcomes[:10]])
-            flusher.cancel()
-            heartbeat.cancel()
-            for t in binds:
-                t.cancel()
-            await asyncio.gather(flusher, heartbeat, *binds, return_exceptions=True)
-            self.stats["malformed_pdus"] += sum(s.malformed for s in self.sessions)
-            # Unacknowledged receipts (held parts, early receipts) are resent by the SMSC on a later bind.
-            await asyncio.gather(*(s.close() for s in self.sessions), return_exceptions=True)
-            with contextlib.suppress(ConnectionFailure, OperationFailure):
-                await self.routes.set_status(self.route.id, RouteStatus.DOWN, self.clock(), "connector stopped")
+                await self._serve(own, stop, grace_s)
+        finally:
+            receipts.cancel()
+            await asyncio.gather(receipts, return_exceptions=True)
             log.info("connector route=%s stopped: %s", self.route.id, self.stats)
 
-    async def _keep_bound(self, index: int, kind: str, stop: asyncio.Event) -> None:
-        """Keep bind `index` of `kind` open: reconnect with exponential back-off and jitter. A bind that
-        drops soon after it came up (a flapping link, an SMSC sending garbage) keeps the back-off growing."""
-        loop = asyncio.get_running_loop()
-        attempt = 0
+    async def _acquire(self, stop: asyncio.Event) -> Ownership | None:
+        """Take the owner key, waiting as a hot standby while another holder's lease runs."""
+        waited = False
         while not stop.is_set():
-            holder: list[SmppSession] = []
-            session = SmppSession(self.route.host, self.route.port, system_id=self.route.system_id,
-                                  password=self.route.password, system_type=self.route.system_type,
-                                  window=self.route.window, bind=kind,
-                                  on_deliver=lambda p, h=holder: self._on_deliver(p, h[0]))
-            holder.append(session)
+            started = asyncio.get_running_loop().time()
             try:
-                await session.open()
-            except (SessionError, OSError) as e:
-                attempt += 1
-                delay = backoff_s(attempt, base_s=0.5, cap_s=30.0)
-                log.warning("connector route=%s bind=%d/%s failed (%s); retry in %.1fs", self.route.id, index, kind,
-                            e, delay)
-                await sleep_or_stop(stop, delay)
-                continue
-            up_at = loop.time()
-            self.sessions.append(session)
-            log.info("connector route=%s bind=%d/%s up %s:%d", self.route.id, index, kind, self.route.host,
-                     self.route.port)
-            self.wake.set()
-            while session.is_up and not stop.is_set():
-                await asyncio.sleep(0.2)
-            await session.close()  # still listed meanwhile: if we are cancelled here, run() closes it
-            self.sessions.remove(session)
-            self.stats["malformed_pdus"] += session.malformed
-            if stop.is_set():
+                own = await self.owners.acquire(self.key, self.owner, self.clock(), self.lease_s)
+            except StoreUnavailable as e:
+                log.warning("connector route=%s: cannot reach the store to acquire %s: %s", self.route.id, self.key, e)
+                own = None
+            if own is not None:
+                self.lease_deadline = started + self.lease_s * LEASE_MARGIN
+                self.stats["acquired"] += 1
+                return own
+            if not waited:
+                log.info("connector route=%s holder=%s: %s is owned elsewhere; standing by", self.route.id,
+                         self.owner, self.key)
+                waited = True
+            await sleep_or_stop(stop, min(1.0, self.lease_s / 4))
+        return None
+
+    async def _serve(self, own: Ownership, stop: asyncio.Event, grace_s: float) -> None:
+        """Send while we own; returns on stop (graceful) or when the ownership is lost."""
+        self.own, self.owning = own, True
+        self._lost = asyncio.Event()
+        self.drain_deadline = None
+        self.reader.forget_positions()
+        try:
+            attempts = await self.owners.open_attempts(self.key, {})
+        except StoreUnavailable as e:
+            log.warning("connector route=%s: cannot read open attempts, giving the key up: %s", self.route.id, e)
+            await self.owners.release(own, self.clock())
+            await sleep_or_stop(stop, 1.0)
+            return
+        self.unresolved = {}
+        for a in attempts:
+            self.unresolved.setdefault(a.topic, []).append((a.start, a.end))
+        if attempts:
+            log.warning("connector route=%s: %d open attempts of earlier owners (%s); policy %s", self.route.id,
+                        len(attempts), ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]),
+                        self.route.on_unknown_outcome.value)
+        self.binds.open()
+        loop = asyncio.get_running_loop()
+        self._down_since = loop.time()
+        workers = [asyncio.create_task(self._send_worker()) for _ in range(self.route.window * self.route.binds)]
+        helpers = [asyncio.create_task(self._renew_loop()), asyncio.create_task(self._heartbeat()),
+                   asyncio.create_task(self._commit_loop())]
+        try:
+            await self._read_loop(stop)
+            if self.owning:
+                await self._drain(grace_s)
+        finally:
+            lost = not self.owning or self._lost.is_set()
+            self.owning = False
+            for t in workers + helpers:
+                t.cancel()
+            await asyncio.gather(*workers, *helpers, return_exceptions=True)
+            self._drop_jobs()
+            if not lost:
+                await self._final_receipts()
+            self.stats["reconnects"] = self.binds.reconnects
+            await self.binds.close()
+            self.stats["malformed_pdus"] = self.binds.malformed
+            await self.desk.forget_unacknowledged()
+            self.desk.awaiting_commit.clear()
+            if not lost:
+                with contextlib.suppress(StoreUnavailable):
+                    await side(self.routes.set_status(self.route.id, RouteStatus.DOWN, self.clock(),
+                                                      "connector stopped"))
+                await self.owners.release(own, self.clock())
+            self.own = None
+
+    def _lose(self, why: str, key: str) -> None:
+        """Stop sending at once: in-memory batches are dropped, never committed."""
+        if self._lost.is_set():
+            return
+        self.stats[key] += 1
+        self.owning = False
+        self._lost.set()
+        self.wake.set()
+        self._commit_wake.set()
+        log.warning("connector route=%s holder=%s: ownership of %s lost (%s); dropping %d uncommitted batches and "
+                    "standing by", self.route.id, self.owner, self.key, why, len(self.jobs))
+
+    def _drop_jobs(self) -> None:
+        if self.jobs:
+            self.stats["dropped_batches"] += len(self.jobs)
+        for job in self.jobs:
+            job.dropped = True
+            job.done.set()
+        self.jobs.clear()
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.unfinished = 0
+
+    async def _drain(self, grace_s: float) -> None:
+        """Graceful stop: no more reads; the batches in flight are sent and committed within
+        grace_s. Then the binds close: a submit still waiting for its answer gets the unknown-outcome
+        policy, a message not sent yet is recorded NOT_SENT (back to the router); a few more seconds
+        for those commits, and what is still not committed is left to the next owner (open attempt)."""
+        loop = asyncio.get_running_loop()
+        self.drain_deadline = loop.time() + grace_s
+        self._commit_wake.set()
+        while self.jobs and self.owning and loop.time() < self.drain_deadline:
+            await wait_and_clear(self._commit_wake, 0.05)
+        if self.jobs and self.owning:
+            await self.binds.close()
+            end = loop.time() + DRAIN_COMMIT_S
+            while self.jobs and self.owning and loop.time() < end:
+                await wait_and_clear(self._commit_wake, 0.05)
+        if self.jobs:
+            log.error("connector route=%s: %d batches not committed at shutdown; the next owner finds their "
+                      "attempts open and applies policy %s (e.g. message=%s)", self.route.id, len(self.jobs),
+                      self.route.on_unknown_outcome.value,
+                      next((i.state.message_id for j in self.jobs for i in j.items), None))
+
+    async def _final_receipts(self) -> None:
+        for _ in range(3):
+            try:
+                if self.desk.busy:
+                    await self.desk.flush(self.clock())
                 return
-            attempt = 0 if loop.time() - up_at > BIND_STABLE_S else attempt + 1
-            delay = backoff_s(attempt, base_s=0.2, cap_s=RELINK_CAP_S) if attempt else random.uniform(0.0, 0.2)
-            self.stats["reconnects"] += 1
-            log.warning("connector route=%s bind=%d/%s lost its connection%s; reconnect in %.1fs", self.route.id,
-                        index, kind, " (malformed PDU)" if session.malformed else "", delay)
-            await sleep_or_stop(stop, delay)
+            except StoreUnavailable as e:
+                log.warning("connector route=%s: final receipt flush failed: %s", self.route.id, e)
+                await asyncio.sleep(0.2)
 
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            up = [s for s in self.sessions if s.is_up and s.can_submit]
-            status = RouteStatus.DOWN if not up else (
-                RouteStatus.BUSY if all(s.in_flight >= s.window for s in up) else RouteStatus.UP)
-            receivers = sum(1 for s in self.sessions if s.is_up and s.can_receive)
-            try:
-                await self.routes.set_status(self.route.id, status, self.clock(),
-                                             f"{len(up)} transmitting, {receivers} receiving binds up")
-            except (ConnectionFailure, OperationFailure) as e:
-                log.warning("connector route=%s: could not record route status: %s", self.route.id, e)
-            await sleep_or_stop(stop, HEARTBEAT_S)
+    # ---- lease and heartbeat --------------------------------------------------------------------
 
-    # ---- sending --------------------------------------------------------------------------------
-
-    async def _claim_loop(self, stop: asyncio.Event) -> None:
+    async def _renew_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while not stop.is_set():
-            room = self._claim_room() - self.in_flight
-            if room + TRANSACTIONAL_RESERVE <= 0 or loop.time() < self.throttled_until:
-                await wait_and_clear(self.wake, 0.05)
-                continue
-            now = self.clock()
+        while self.owning and self.own is not None:
+            await asyncio.sleep(min(self.lease_s / 3, max(0.05, self.lease_deadline - loop.time() - 0.05)))
+            if loop.time() >= self.lease_deadline:
+                self._lose("the lease ran out without a renewal", "lease_lapsed")
+                return
+            started = loop.time()
             try:
-                claims = await self.lanes.claim(now, min(room + TRANSACTIONAL_RESERVE, self.batch_size), self.owner,
-                                                self.lease_s, bulk_limit=max(0, min(room, self.batch_size)))
-                claims = await self._hold_suspended(claims, now)
-            except (ConnectionFailure, OperationFailure) as e:
-                log.warning("connector route=%s: claim failed, store unavailable: %s", self.route.id, e)
+                self.own = await self.owners.renew(self.own, self.clock(), self.lease_s)
+                self.lease_deadline = started + self.lease_s * LEASE_MARGIN
+            except Fenced:
+                self._lose("fenced at renewal", "fenced")
+                return
+            except StoreUnavailable as e:
+                log.warning("connector route=%s: lease renewal failed: %s", self.route.id, e)
+
+    def _may_send(self) -> bool:
+        if not self.owning:
+            return False
+        if asyncio.get_running_loop().time() >= self.lease_deadline:
+            self._lose("the lease ran out without a renewal", "lease_lapsed")
+            return False
+        return True
+
+    async def _heartbeat(self) -> None:
+        while self.owning:
+            self.stats["reconnects"], self.stats["malformed_pdus"] = self.binds.reconnects, self.binds.malformed
+            status, detail = self.binds.status()
+            try:
+                await side(self.routes.set_status(self.route.id, status, self.clock(), detail))
+            except StoreUnavailable as e:
+                log.warning("connector route=%s: could not record route status: %s", self.route.id, e)
+            await sleep_or_stop(self._lost, HEARTBEAT_S)
+
+    # ---- reading --------------------------------------------------------------------------------
+
+    async def _read_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set() and self.owning:
+            if self.binds.capacity:
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = loop.time()
+            claim_room = self._claim_room()
+            room = claim_room - self.unfinished
+            down_long = self._down_since is not None and loop.time() - self._down_since >= REROUTE_AFTER_S
+            # Every batch costs a read, an attempt and a commit whatever its size: while the last read
+            # is recent, wait until half the room is free rather than read a handful at a time.
+            threshold = max(MIN_CLAIM_AHEAD, claim_room // 2)
+            small = room < threshold and loop.time() - self._read_at < SMALL_READ_S
+            if (not self.binds.capacity and not down_long) or room + TRANSACTIONAL_RESERVE <= 0 or small \
+                    or loop.time() < self.throttled_until or len(self.jobs) >= MAX_PENDING_BATCHES:
+                # Woken by the send workers only once that much room is free, not per message.
+                self._wake_below = claim_room - threshold
+                await wait_and_clear(self.wake, 0.01 if small else 0.05)
+                continue
+            self._read_at = loop.time()
+            try:
+                got = await self._read_batch(room)
+            except Fenced:
+                self._lose("fenced at attempt", "fenced")
+                return
+            except (StoreUnavailable, CheckpointMoved) as e:
+                log.warning("connector route=%s: read failed, store unavailable: %s", self.route.id, e)
                 await sleep_or_stop(stop, 1.0)
                 continue
-            if not claims:
+            if not got:
                 await wait_and_clear(self.wake, 0.05)
-                continue
-            for claim in claims:
-                expires_at = claim.state.expires_at
-                if expires_at is not None and now >= expires_at:
-                    self.outcomes.append(Outcome(claim, [], 0, too_late=True))
-                    continue
-                if claim.prior_lease and self.route.on_unknown_outcome == UnknownOutcomePolicy.HOLD:
-                    self.outcomes.append(Outcome(claim, [], 0, held=True))
-                    continue
-                self.in_flight += 1
-                task = asyncio.create_task(self._send(claim))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
 
     def _claim_room(self) -> int:
-        """How many messages may be claimed and not yet answered: two windows, and no more than the
+        """How many messages may be read and not yet answered: two windows, and no more than the
         route sends in CLAIM_AHEAD_S (at its TPS limit, or at the rate it achieved in the last two
         seconds when the store or the SMSC is slower than that)."""
-        room = self.capacity * 2
+        room = self.binds.capacity * 2
         if self.route.tps:
             room = min(room, max(1, int(self.route.tps * CLAIM_AHEAD_S)))
         horizon = asyncio.get_running_loop().time() - 2.0
@@ -299,15 +431,117 @@ class Connector:
             self._done_at.popleft()
         return min(room, max(MIN_CLAIM_AHEAD, int(len(self._done_at) / 2.0 * CLAIM_AHEAD_S)))
 
-    async def _hold_suspended(self, claims: list[Claimed], now: datetime) -> list[Claimed]:
-        """Give back, untouched, the claims of tenants suspended meanwhile: held, not lost."""
-        suspended = self.lanes.book.suspended
-        held = [c for c in claims if c.state.tenant_id in suspended]
-        if held:
-            await self.store.release(held, now + timedelta(seconds=HOLD_S))
-            log.info("connector route=%s: %d messages of suspended tenants held (e.g. message=%s tenant=%s)",
-                     self.route.id, len(held), held[0].state.message_id, held[0].state.tenant_id)
-        return [c for c in claims if c.state.tenant_id not in suspended] if held else claims
+    async def _read_batch(self, room: int) -> int:
+        """Read, decide, record the attempt, queue the sends. Returns the entries read."""
+        own = self.own
+        assert own is not None
+        batch = await self.reader.read(min(room + TRANSACTIONAL_RESERVE, self.batch_size), ALL,
+                                       bulk_limit=max(0, min(room, self.batch_size)))
+        if not batch:
+            return 0
+        try:
+            now = self.clock()
+            job = await self._prepare(batch, own, now)
+            if job.items:
+                # One attempt document per batch, BEFORE any submit_sm: a crash from here on leaves
+                # an open attempt for the next owner's policy.
+                await self.owners.record_attempt(own, batch.ranges, [i.state.message_id for i in job.items], now)
+        except BaseException:
+            self.reader.rewind(batch.ranges)
+            raise
+        if not self.owning or self.own is None or self.own.epoch != own.epoch:
+            self.reader.rewind(batch.ranges)  # lost meanwhile: this read will not be committed by us
+            return 0
+        self.stats["batches"] += 1
+        self.jobs.append(job)
+        job.left = len(job.items)
+        if not job.items:
+            job.done.set()
+        self.unfinished += len(job.items)
+        for item in job.items:
+            self.queue.put_nowait(item)
+        self._commit_wake.set()
+        return len(batch.entries)
+
+    async def _prepare(self, batch: Batch, own: Ownership, now: datetime) -> _Job:
+        """Decide every entry before sending: what to send, and the writes that need no submit."""
+        job = _Job(batch, own.epoch, [], [])
+        released = [e["message_id"] for e in batch.entries if e["type"] != "routed"]
+        folded = await self.store.states(released) if released else {}
+        book = self.reader.book
+        policy = self.route.on_unknown_outcome.value
+        seen: set[str] = set()
+        for entry in batch.entries:
+            mid = entry["message_id"]
+            state = state_of_routed(entry) if entry["type"] == "routed" else folded.get(mid)
+            if state is None or state.state != "routed" or state.version != entry["seq"] or mid in seen \
+                    or state.route_id != self.route.id:
+                log.info("connector route=%s: message=%s moved on after entry %s@%d; skipped", self.route.id, mid,
+                         entry["topic"], entry["pos"])
+                continue
+            seen.add(mid)
+            lane = lane_of_topic(entry["topic"])
+            earlier = self._attempted_before(entry["topic"], entry["pos"])
+            expires_at = state.expires_at
+            what = decide_before_send(canceling=lane in book.canceling, earlier_attempt=earlier, policy=policy,
+                                      expired=expires_at is not None and now >= expires_at,
+                                      suspended=state.tenant_id in book.suspended)
+            if what in (Before.SEND, Before.SEND_DUPLICATE):
+                job.items.append(_Item(job, state, duplicate=what == Before.SEND_DUPLICATE))
+            else:
+                job.writes.append(self._unsent_write(what, state, entry, lane, earlier, now, job))
+        return job
+
+    def _attempted_before(self, topic: str, pos: int) -> bool:
+        return bool(self.unresolved) and any(start <= pos < end for start, end in self.unresolved.get(topic, ()))
+
+    def _unsent_write(self, what: Before, state: MessageState, entry: dict[str, Any], lane: str, earlier: bool,
+                      now: datetime, job: _Job) -> Write:
+        mid, rid = state.message_id, self.route.id
+        if what == Before.CANCEL:
+            job.counts["canceled"] += 1
+            reason = f"campaign {state.campaign_id} canceled" if state.campaign_id else "lane canceled"
+            return Write(mid, [event_doc(state, EventType.CANCELED, now, {"reason": reason, "attempted": earlier})])
+        if what == Before.UNKNOWN:
+            job.counts["held_unknown"] += 1
+            log.warning("connector message=%s tenant=%s route=%s: an earlier owner's attempt (its lease expired "
+                        "without an outcome) may have sent it; held for the operator (policy hold)", mid,
+                        state.tenant_id, rid)
+            return Write(mid, [event_doc(state, EventType.UNKNOWN, now, {
+                "route_id": rid, "attempt": state.attempts + 1, "smsc_message_ids": [],
+                "reason": "an earlier attempt's lease expired without an outcome (owner taken over)"})])
+        if what == Before.EXPIRE:
+            job.counts["expired"] += 1
+            return Write(mid, [event_doc(state, EventType.EXPIRED, now,
+                                         {"reason": "validity passed before it could be sent"})])
+        job.counts["suspended_held"] += 1
+        log.info("connector message=%s tenant=%s route=%s: tenant suspended, held", mid, state.tenant_id, rid)
+        return Write(mid, [], timer=timer_doc(
+            message_id=mid, tenant_id=state.tenant_id, topic=entry["topic"], seq=state.version,
+            due_at=now + timedelta(seconds=HOLD_S), reason="tenant_suspended", lane=lane,
+            campaign_id=state.campaign_id, channel=state.channel))
+
+    # ---- sending --------------------------------------------------------------------------------
+
+    async def _send_worker(self) -> None:
+        """One window slot: sends queued messages one after the other, in read order across workers."""
+        loop = asyncio.get_running_loop()
+        while True:
+            item = await self.queue.get()
+            job = item.job
+            if job.dropped:
+                continue
+            try:
+                await self._send(item)
+            finally:
+                if not job.dropped:
+                    self.unfinished -= 1
+                    self._done_at.append(loop.time())
+                    job.finish_one()
+                    if job.done.is_set():
+                        self._commit_wake.set()
+                    if self.unfinished <= self._wake_below:
+                        self.wake.set()
 
     def _source_ton_npi(self, sender: str) -> tuple[int, int]:
         """TON/NPI of the source address: the route's when set, else derived from the sender
@@ -317,56 +551,52 @@ class Connector:
         npi = self.route.source_npi if self.route.source_npi is not None else (1 if numeric else 0)
         return ton, npi
 
-    async def _send(self, claim: Claimed) -> None:
-        state = claim.state
+    async def _send(self, item: _Item) -> None:
+        """Submit every part of one message; the result stays on `item` (nothing is raised)."""
+        state = item.state
+        job = item.job
         encoded = encode_text(state.text)
         ref = random.randrange(256)
-        smsc_ids: list[str] = []
-        status, error, maybe_sent, nack = 0, "", False, False
         source_ton, source_npi = self._source_ton_npi(state.sender)
-        # Waiting out throttles must end well inside the lease, or a peer could claim and resend it.
-        patience_until = asyncio.get_running_loop().time() + self.lease_s / 2
+        destination = state.to.lstrip("+")
         try:
             for index, payload in enumerate(encoded.parts, start=1):
                 udh = make_udh(ref, encoded.part_count, index) if encoded.part_count > 1 else b""
-                for tries in range(PART_THROTTLE_RETRIES + 1):
-                    if not smsc_ids and self._throttle_left() > 0:
-                        status = THROTTLED_BEFORE_SEND  # nothing sent yet: give the message back
-                        break
+                for _ in range(PART_THROTTLE_RETRIES + 1):
                     await self._wait_throttle()
                     await self.bucket.take()
-                    session = self._pick_session()
+                    if job.dropped or not self._may_send():
+                        return  # the batch is dropped with our ownership: nothing more is sent
+                    if self._past_drain() and not item.smsc_ids:
+                        item.error = "connector stopping"
+                        return
+                    session = self.binds.pick()
                     result = await session.submit(
-                        source=state.sender, destination=state.to.lstrip("+"), short_message=udh + payload,
+                        source=state.sender, destination=destination, short_message=udh + payload,
                         data_coding=encoded.data_coding, esm_class=0x40 if udh else 0, source_ton=source_ton,
                         source_npi=source_npi, dest_ton=self.route.dest_ton, dest_npi=self.route.dest_npi)
-                    status, nack = result.status, result.generic_nack
-                    if status in THROTTLING and not nack:
-                        self._throttled(state.message_id, status)
-                        # A later part is retried here after the pause: the earlier parts are out already.
-                        if smsc_ids and tries < PART_THROTTLE_RETRIES and \
-                                self.throttled_until < patience_until:
-                            continue
-                    break
-                if status != 0 or nack:
-                    if nack:
+                    item.status, item.nack = result.status, result.generic_nack
+                    if not is_throttling(result.status, result.generic_nack):
+                        break
+                    # Not taken: wait out the route's pause and submit the same part again.
+                    self._throttled(state.message_id, result.status)
+                if item.status != 0 or item.nack:
+                    if item.nack:
                         self.stats["generic_nacks"] += 1
                         log.warning("connector message=%s route=%s: generic_nack 0x%02x for part %d", state.message_id,
-                                    self.route.id, status, index)
-                    break
+                                    self.route.id, item.status, index)
+                    return
                 self.throttle_level = 0
                 if result.message_id:
-                    smsc_ids.append(result.message_id)
-                    self.awaiting_commit.add(result.message_id)
+                    item.smsc_ids.append(result.message_id)
+                    self.desk.awaiting_commit.add(result.message_id)
         except (SessionError, OSError) as e:
-            error, maybe_sent = f"{type(e).__name__}: {e}", True
+            item.error, item.maybe_sent = f"{type(e).__name__}: {e}", True
         except LookupError as e:  # no bind was up: nothing left this process
-            error = str(e)
-        finally:
-            self.in_flight -= 1
-            self._done_at.append(asyncio.get_running_loop().time())
-        self.outcomes.append(Outcome(claim, smsc_ids, status, error, maybe_sent, nack=nack))
-        self.wake.set()
+            item.error = str(e)
+
+    def _past_drain(self) -> bool:
+        return self.drain_deadline is not None and asyncio.get_running_loop().time() > self.drain_deadline
 
     def _throttle_left(self) -> float:
         return self.throttled_until - asyncio.get_running_loop().time()
@@ -386,311 +616,144 @@ class Connector:
             log.warning("connector route=%s: %s (message=%s); route paused %.1fs", self.route.id,
                         status_name(status), message_id, delay)
 
-    def _pick_session(self) -> SmppSession:
-        up = [s for s in self.sessions if s.is_up and s.can_submit]
-        if not up:
-            raise LookupError(f"route {self.route.id}: no transmitting bind is up")
-        return min(up, key=lambda s: s.in_flight / s.window)
+    # ---- committing -----------------------------------------------------------------------------
 
-    # ---- recording outcomes ---------------------------------------------------------------------
+    async def _commit_loop(self) -> None:
+        """Commit finished batches strictly in read order (the checkpoint moves require it)."""
+        while self.owning:
+            if not self.jobs or not self.jobs[0].done.is_set():
+                await wait_and_clear(self._commit_wake, 0.05)
+                continue
+            job = self.jobs[0]
+            now = self.clock()
+            writes = job.writes + [self._outcome_write(item, now, job) for item in job.items]
+            if not await self._commit(job, writes):
+                return
+            if self.jobs and self.jobs[0] is job:
+                self.jobs.popleft()
+            for key, n in job.counts.items():
+                self.stats[key] += n
+            for item in job.items:
+                self.desk.awaiting_commit.difference_update(item.smsc_ids)
+            self._commit_wake.set()
+            self.wake.set()
+
+    async def _commit(self, job: _Job, writes: list[Write]) -> bool:
+        """One transaction for the whole batch, fenced by our epoch; store errors are retried with
+        back-off for as long as we own (the outcomes stay in memory). False once we lost the key."""
+        assert self.own is not None
+        fence = (self.key, job.epoch)
+        delay = FLUSH_S
+        while self.owning and not job.dropped:
+            try:
+                result = await self.log.commit(writes, moves=job.batch.moves, fence=fence, redecide=self._moved_on)
+            except Fenced:
+                self._lose("fenced at commit", "fenced")
+                return False
+            except CheckpointMoved as e:
+                # Only an owner moves these checkpoints: someone else owns the topic now.
+                self._lose(f"checkpoints moved under us: {e.checkpoints[:3]}", "fenced")
+                return False
+            except StoreUnavailable as e:
+                delay = min(COMMIT_BACKOFF_CAP_S, delay * 2)
+                log.warning("connector route=%s: store unavailable, keeping %d batches (%d messages) in memory; "
+                            "retry in %.1fs: %s", self.route.id, len(self.jobs),
+                            sum(len(j.items) + len(j.writes) for j in self.jobs), delay, e)
+                await sleep_or_stop(self._lost, delay)
+                continue
+            if result.conflicts:
+                log.warning("connector route=%s: %d messages moved on meanwhile (e.g. message=%s)", self.route.id,
+                            len(result.conflicts), result.conflicts[0])
+            return True
+        return False
+
+    @staticmethod
+    async def _moved_on(ids: list[str]) -> list[Write]:
+        """Messages whose next seq was taken meanwhile (an operator): whoever appended it owns what
+        comes next; dropped from the batch."""
+        return []
+
+    def _outcome_write(self, item: _Item, now: datetime, job: _Job) -> Write:
+        s = item.state
+        rid = self.route.id
+        report = SubmitReport(tuple(item.smsc_ids), item.status, item.nack, item.error, item.maybe_sent)
+        # An earlier owner's attempt counts: this resend is the message's next attempt after it.
+        attempt = s.attempts + (2 if item.duplicate else 1)
+        d = decide_submit(report, policy=self.route.on_unknown_outcome.value, attempt=attempt, names=_names)
+        ids = f"message={s.message_id} tenant={s.tenant_id} route={rid}"
+        if d.verdict == Verdict.SENT:
+            data: dict[str, Any] = {
+                "route_id": rid, "smsc_message_ids": list(item.smsc_ids), "attempt": attempt,
+                "parts": len(item.smsc_ids), "price_per_part": s.price_per_part, "currency": s.currency,
+                "expires_at": sent_expires_at(s.expires_at, now, self.default_validity_s)}
+            if item.duplicate:
+                data["possible_duplicate"] = True
+                job.counts["possible_duplicates"] += 1
+            job.counts["sent"] += 1
+            return Write(s.message_id, [event_doc(s, EventType.SENT, now, data)], [await_topic(rid)])
+        if d.verdict == Verdict.RETRY:
+            return self._retry_write(s, d, item, attempt, now, job, ids)
+        if d.verdict == Verdict.UNKNOWN:
+            job.counts["held_unknown"] += 1
+            log.warning("connector %s: outcome unknown, held for the operator (policy hold): %s", ids, d.reason)
+            return Write(s.message_id, [event_doc(s, EventType.UNKNOWN, now, {
+                "route_id": rid, "attempt": attempt, "reason": d.reason, "smsc_message_ids": list(item.smsc_ids)})])
+        job.counts["failed"] += 1
+        log.info("connector %s: failed permanently: %s", ids, d.error_name)
+        return Write(s.message_id, [event_doc(s, EventType.FAILED, now, {
+            "route_id": rid, "attempt": attempt, "error_code": d.error_code, "error_name": d.error_name,
+            "reason": d.reason})])
+
+    def _retry_write(self, s: MessageState, d: SubmitDecision, item: _Item, attempt: int, now: datetime, job: _Job,
+                     ids: str) -> Write:
+        """`retry` and its timer back into the router's topic of the message's lane."""
+        next_at = now + timedelta(seconds=d.retry_in_s)
+        data: dict[str, Any] = {"route_id": self.route.id, "attempt": attempt, "error_code": d.error_code,
+                                "error_name": d.error_name, "reason": d.reason, "next_at": next_at,
+                                "exclude_route": d.exclude_route, "smsc_message_ids": list(item.smsc_ids)}
+        if d.possible_duplicate or item.duplicate:
+            # The submit may have reached the SMSC: whatever is sent next may be a duplicate.
+            data["possible_duplicate"] = True
+            job.counts["possible_duplicates"] += 1
+        job.counts["retried"] += 1
+        log.info("connector %s: retry at %s: %s", ids, next_at.isoformat(), d.reason)
+        doc = event_doc(s, EventType.RETRY, now, data)
+        lane = lane_of(s)
+        return Write(s.message_id, [doc], timer=timer_doc(
+            message_id=s.message_id, tenant_id=s.tenant_id, topic=route_topic(lane), seq=doc["seq"], due_at=next_at,
+            reason="retry", lane=lane, campaign_id=s.campaign_id, channel=s.channel))
+
+    # ---- receipts and MO ------------------------------------------------------------------------
 
     def _on_deliver(self, pdu: DeliverSm, session: SmppSession) -> None:
-        self.receipts.append((pdu, session))
-        self.wake.set()
+        self.desk.add(pdu, session)
 
-    async def _flush_loop(self, stop: asyncio.Event) -> None:
+    async def _receipt_loop(self, stop: asyncio.Event) -> None:
+        """Flush the receipts when they stop coming (the SMSC's deliver window may be full: it waits
+        for our acknowledgements), or when RECEIPT_BATCH of them or RECEIPT_WAIT_S have piled up. One
+        flush costs one query and one commit, whatever its size."""
+        loop = asyncio.get_running_loop()
         backoff = FLUSH_S
+        seen, since = 0, loop.time()
         while not stop.is_set():
             await asyncio.sleep(backoff)
-            if not (self.outcomes or self.receipts or self.held or self.parts):
+            if not self.desk.busy:
+                seen, since = 0, loop.time()
+                continue
+            n = len(self.desk.fresh)
+            if n > 0 and n != seen and n < RECEIPT_BATCH and loop.time() - since < RECEIPT_WAIT_S:
+                seen = n  # still coming in: let the batch grow
                 continue
             try:
-                await self._flush()
+                await self.desk.flush(self.clock())
+                self.stats["receipt_flushes"] += 1
+                seen, since = 0, loop.time()
                 backoff = FLUSH_S
-            except (ConnectionFailure, OperationFailure) as e:
-                backoff = min(5.0, backoff * 2)
-                log.warning("connector route=%s: store unavailable, keeping %d outcomes and %d receipts in memory; "
-                            "retry in %.1fs: %s", self.route.id, len(self.outcomes), len(self.receipts), backoff, e)
-
-    async def _flush(self) -> None:
-        """Record outcomes, MO messages and receipts. If the store fails, they go back in the buffers,
-        untouched, for the next try: an outcome is dropped only once it is in the log."""
-        now = self.clock()
-        outcomes, self.outcomes = self.outcomes, []
-        try:
-            if outcomes:
-                await self._record_outcomes(outcomes, now)
-        except BaseException:
-            self.outcomes = outcomes + self.outcomes
-            raise
-        fresh, self.receipts = self.receipts, []
-        mo = [r for r in fresh if r[0].receipt is None]
-        dlr = [r for r in fresh if r[0].receipt is not None]
-        try:
-            if mo:
-                await self._record_mo(mo, now)
-        except BaseException:
-            self.receipts = fresh + self.receipts
-            raise
-        try:
-            if dlr or self.held or self.parts:
-                await self._record_receipts(dlr, now)
-        except BaseException:
-            self.receipts = dlr + self.receipts
-            raise
-
-    async def _record_outcomes(self, outcomes: list[Outcome], now: datetime) -> None:
-        transitions, release = [], []
-        for o in outcomes:
-            t = self._outcome_transition(o, now)
-            if t is None:
-                release.append(o.claim)
-            else:
-                transitions.append(t)
-        if release:
-            # Throttled before anything was sent: give the message back untouched, after the pause.
-            pause = max(1.0, self._throttle_left())
-            await self.store.release(release, now + timedelta(seconds=pause))
-        if transitions:
-            result = await self.store.commit(transitions, now)
-            if result.conflicts:
-                log.warning("connector route=%s lost the lease of %d messages (e.g. %s): another connector owns them",
-                            self.route.id, len(result.conflicts), result.conflicts[:3])
-        for o in outcomes:
-            self.awaiting_commit.difference_update(o.smsc_ids)
-
-    def _outcome_transition(self, o: Outcome, now: datetime) -> Transition | None:
-        s = o.claim.state
-        ids = {"message": s.message_id, "tenant": s.tenant_id, "route": self.route.id}
-        hold = self.route.on_unknown_outcome == UnknownOutcomePolicy.HOLD
-        if o.too_late:
-            event = next_event(s, EventType.EXPIRED, now, {"reason": "validity passed before it could be sent"})
-        elif o.held or (o.maybe_sent and hold):
-            reason = ("an earlier attempt's lease expired without an outcome" if o.held
-                      else f"no answer to submit_sm: {o.error}")
-            event = next_event(s, EventType.UNKNOWN, now, {"route_id": self.route.id, "attempt": s.attempts,
-                                                            "reason": reason, "smsc_message_ids": o.smsc_ids})
-            self.stats["held_unknown"] += 1
-            log.warning("connector %s: outcome unknown, held for the operator (policy hold): %s", ids, reason)
-        elif o.status == 0 and not o.error and not o.nack:
-            data: dict[str, Any] = {"route_id": self.route.id, "smsc_message_ids": o.smsc_ids, "attempt": s.attempts,
-                                    "parts": len(o.smsc_ids)}
-            if o.claim.prior_lease:
-                data["possible_duplicate"] = True
-                self.stats["possible_duplicates"] += 1
-            event = next_event(s, EventType.SENT, now, data)
-            self.stats["sent"] += 1
-        elif o.status in (*THROTTLING, THROTTLED_BEFORE_SEND) and not o.smsc_ids and not o.nack:
-            return None
-        elif o.error or o.nack or is_temporary(o.status):
-            return self._retry_transition(o, now, ids)
-        else:
-            event = next_event(s, EventType.FAILED, now, {
-                "route_id": self.route.id, "attempt": s.attempts, "error_code": o.status,
-                "error_name": status_name(o.status), "reason": describe(o.status)})
-            self.stats["failed"] += 1
-            log.info("connector %s: failed permanently: %s", ids, status_name(o.status))
-        return Transition(s.version, [event], evolve(s, event), lease_token=o.claim.token)
-
-    def _retry_transition(self, o: Outcome, now: datetime, ids: dict[str, str]) -> Transition:
-        s = o.claim.state
-        retry_at = now + timedelta(seconds=backoff_s(s.attempts))
-        if o.nack:
-            name, reason = "GENERIC_NACK", f"generic_nack for submit_sm ({status_name(o.status)})"
-        elif o.status:
-            name, reason = status_name(o.status), describe(o.status)
-        else:
-            name, reason = ("OUTCOME_UNKNOWN" if o.maybe_sent else "NOT_SENT"), o.error
-        event = next_event(s, EventType.RETRY, now, {
-            "route_id": self.route.id, "attempt": s.attempts, "error_code": o.status or None, "error_name": name,
-            "reason": o.error or reason, "next_at": retry_at, "exclude_route": bool(o.status or o.nack),
-            "smsc_message_ids": o.smsc_ids})
-        self.stats["retried"] += 1
-        log.info("connector %s: retry at %s: %s", ids, retry_at.isoformat(), event.data["reason"])
-        return Transition(s.version, [event], evolve(s, event), due_at=retry_at, lease_token=o.claim.token)
-
-    # ---- MO -------------------------------------------------------------------------------------
-
-    async def _record_mo(self, mo: Pdus, now: datetime) -> None:
-        result = await self.inbound.record([p for p, _ in mo], now)
-        self.stats["mo"] += len(result.committed)
-        self.stats["mo_unassigned"] += result.unassigned
-        for p, session in mo:
-            _ack(session, p)
-
-    # ---- receipts -------------------------------------------------------------------------------
-
-    async def _record_receipts(self, fresh: Pdus, now: datetime) -> None:
-        pending: dict[str, Pdus] = {k: list(v) for k, (v, _) in self.held.items()}
-        for p, session in fresh:
-            assert p.receipt is not None
-            pending.setdefault(p.receipt.id, []).append((p, session))
-        if pending:
-            heads = await self.store.heads_by_smsc_ids(self.route.id, list(pending))
-            matched, lost = await self._apply_receipts(heads, pending, now)
-            await self._settle_unmatched(pending, matched, now)
-            for smsc_id, pdus in lost.items():  # decided again on the next flush, against the new head
-                self.held[smsc_id] = (pdus, now)
-        await self._persist_waiting_parts(now)
-
-    async def _apply_receipts(self, heads: list[MessageState], pending: dict[str, Pdus],
-                              now: datetime) -> tuple[set[str], dict[str, Pdus]]:
-        """Fold the receipts into each message's part progress; commit the messages now complete.
-        Returns the smsc ids that matched a message (held early receipts among them), and the
-        unacknowledged part receipts of messages whose commit lost a race, by smsc id."""
-        matched: set[str] = set()
-        acks: Pdus = []
-        open_heads: list[MessageState] = []
-        for s in heads:
-            hits = [i for i in s.smsc_message_ids if i in pending]
-            matched.update(hits)
-            live = s.state in ("sent", "expired")
-            for i in hits:
-                for p, session in pending[i]:
-                    assert p.receipt is not None
-                    stat = normal_stat(p.receipt.stat)
-                    if stat in FINAL_STATS and live:
-                        self._add_part(s.message_id, i, p, session, stat, now, acks)
-                        continue
-                    if stat not in FINAL_STATS and stat not in INTERMEDIATE_STATS:
-                        log.warning("connector message=%s route=%s: receipt with unknown stat %r for smsc id %s "
-                                    "taken as intermediate", s.message_id, self.route.id, p.receipt.stat, i)
-                    key = "receipts_intermediate" if stat not in FINAL_STATS else "receipts_duplicate"
-                    self.stats[key] += 1
-                    acks.append((p, session))
-            if live and hits:
-                open_heads.append(s)
-            elif not live:
-                self.parts.pop(s.message_id, None)
-        await self._load_persisted_parts([s for s in open_heads if len(s.smsc_message_ids) > 1])
-        complete = [s for s in open_heads if set(s.smsc_message_ids) <= set(self.parts.get(s.message_id, ()))]
-        lost = await self._commit_final(complete, now, acks) if complete else {}
-        for p, session in acks:
-            _ack(session, p)
-        return matched, lost
-
-    def _add_part(self, message_id: str, smsc_id: str, p: DeliverSm, session: SmppSession, stat: str,
-                  now: datetime, acks: Pdus) -> None:
-        progress = self.parts.setdefault(message_id, {})
-        previous = progress.get(smsc_id)
-        if previous is not None and previous.pdu is p:
-            return  # the same deliver_sm again (a flush that failed is being retried)
-        if previous is not None and previous.pdu is not None:
-            acks.append((previous.pdu, previous.session))  # type: ignore[arg-type]  # superseded by a resend
-        progress[smsc_id] = PartReceipt(p.receipt, stat, p, session, previous.since if previous else now)  # type: ignore[arg-type]
-
-    async def _commit_final(self, complete: list[MessageState], now: datetime, acks: Pdus) -> dict[str, Pdus]:
-        """Commit the final event of each complete message; queue its receipts for acknowledgement.
-        Returns the receipts of the messages whose head moved on meanwhile (the expirer, a peer)."""
-        transitions = [self._final_transition(s, now) for s in complete]
-        result = await self.store.commit(transitions, now)
-        conflicts = set(result.conflicts)
-        lost: dict[str, Pdus] = {}
-        persisted: list[str] = []
-        for s in complete:
-            progress = self.parts.pop(s.message_id, {})
-            if s.message_id in conflicts:
-                for smsc_id, part in progress.items():
-                    if part.pdu is not None and part.session is not None:
-                        lost[smsc_id] = [(part.pdu, part.session)]
-                continue
-            self.stats["receipts"] += len(progress)
-            acks.extend((part.pdu, part.session) for part in progress.values()
-                        if part.pdu is not None and part.session is not None)
-            if any(part.pdu is None for part in progress.values()):
-                persisted.append(s.message_id)
-        if persisted:  # housekeeping only: a leftover is ignored once the message has its outcome
-            with contextlib.suppress(ConnectionFailure, OperationFailure):
-                await self.store.db["part_receipts"].delete_many({"message_id": {"$in": persisted}})
-        return lost
-
-    def _final_transition(self, s: MessageState, now: datetime) -> Transition:
-        progress = self.parts[s.message_id]
-        results = [progress[i] for i in s.smsc_message_ids]
-        failing = next((r for r in results if r.stat != "DELIVRD"), None)
-        chosen = failing or results[-1]
-        kind = EventType.DELIVERED if failing is None else EventType.UNDELIVERED
-        data: dict[str, Any] = {"route_id": self.route.id, "smsc_message_id": chosen.receipt.id, "stat": chosen.stat,
-                                "err": chosen.receipt.err, "done_at": chosen.receipt.done_date}
-        if len(results) > 1:
-            data["parts"] = [{"smsc_message_id": r.receipt.id, "stat": r.stat, "err": r.receipt.err,
-                              "done_at": r.receipt.done_date} for r in results]
-        event = next_event(s, kind, now, data)
-        log.debug("connector message=%s route=%s: %s (%s)", s.message_id, self.route.id, kind.value, chosen.stat)
-        return Transition(s.version, [event], evolve(s, event))
-
-    async def _persist_waiting_parts(self, now: datetime) -> None:
-        """Part receipts that waited `PART_HOLD_S` for their siblings go to `part_receipts`, then are
-        acknowledged: the SMSC's deliver window must not fill with receipts we are sitting on."""
-        waiting = [(mid, sid, part) for mid, progress in self.parts.items() for sid, part in progress.items()
-                   if part.pdu is not None and (now - part.since).total_seconds() >= PART_HOLD_S]
-        if waiting:
-            docs = [{"_id": sid, "message_id": mid, "route_id": self.route.id, "stat": part.stat,
-                     "err": part.receipt.err, "done_at": part.receipt.done_date, "at": now}
-                    for mid, sid, part in waiting]
-            writes = [ReplaceOne({"_id": d["_id"]}, d, upsert=True) for d in docs]
-            await self.store.db["part_receipts"].bulk_write(writes, ordered=False)
-            for mid, _, part in waiting:
-                if part.session is not None and part.pdu is not None:
-                    _ack(part.session, part.pdu)
-                part.pdu, part.session = None, None
-                log.info("connector message=%s route=%s: part receipt kept in part_receipts while the other parts' "
-                         "receipts are awaited", mid, self.route.id)
-            self.stats["part_receipts_persisted"] += len(waiting)
-        forget = [mid for mid, progress in self.parts.items()
-                  if all(p.pdu is None and (now - p.since).total_seconds() >= PART_FORGET_S for p in progress.values())]
-        for mid in forget:
-            del self.parts[mid]
-
-    async def _load_persisted_parts(self, heads: list[MessageState]) -> None:
-        """Fill in part receipts written to `part_receipts` earlier (by us before a restart, or after
-        `PART_HOLD_S`) for the long messages whose progress in memory is incomplete."""
-        incomplete = [s for s in heads if not set(s.smsc_message_ids) <= set(self.parts.get(s.message_id, ()))]
-        if not incomplete:
-            return
-        ids = [s.message_id for s in incomplete]
-        async for d in self.store.db["part_receipts"].find({"message_id": {"$in": ids}}):
-            progress = self.parts.setdefault(d["message_id"], {})
-            if d["_id"] not in progress:
-                at = d["at"]
-                progress[d["_id"]] = PartReceipt(ReceiptFields(id=d["_id"], stat=d["stat"], err=d.get("err"),
-                                                               done_date=d.get("done_at")), d["stat"], None, None, at)
-
-    async def _settle_unmatched(self, pending: dict[str, Pdus], matched: set[str], now: datetime) -> None:
-        orphans: Pdus = []
-        for smsc_id, pdus in pending.items():
-            held_since = self.held.get(smsc_id, ([], now))[1]
-            if smsc_id in matched:
-                self.held.pop(smsc_id, None)
-            elif smsc_id in self.awaiting_commit or now - held_since < timedelta(seconds=RECEIPT_HOLD_S):
-                # The receipt overtook our own commit of `sent`, or a peer's: hold it until that lands.
-                self.held[smsc_id] = (pdus, held_since)
-            else:
-                self.held.pop(smsc_id, None)
-                orphans.extend(pdus)
-        if orphans:
-            await self.store.db["orphan_receipts"].insert_many([_orphan_doc(p, now, "unknown_id") for p, _ in orphans])
-            self.stats["orphan_receipts"] += len(orphans)
-            log.warning("connector route=%s: %d receipts for unknown smsc ids (e.g. %s)", self.route.id,
-                        len(orphans), orphans[0][0].receipted_message_id)
-            for p, session in orphans:
-                _ack(session, p)
+            except StoreUnavailable as e:
+                backoff = min(COMMIT_BACKOFF_CAP_S, backoff * 2)
+                log.warning("connector route=%s: store unavailable, keeping %d receipts in memory; retry in %.1fs: %s",
+                            self.route.id, len(self.desk.fresh), backoff, e)
 
 
-# A submit_sm was not even tried: the route is pausing for throttling (released, not counted).
-THROTTLED_BEFORE_SEND = -1
-
-
-def _ack(session: SmppSession, pdu: DeliverSm) -> None:
-    """Acknowledge on the bind the deliver_sm came in on (sequence numbers are per bind)."""
-    if session.is_up:
-        try:
-            session.respond_deliver(pdu.sequence)
-        except SessionError as e:
-            log.warning("could not acknowledge deliver_sm seq=%d: %s (the SMSC will resend)", pdu.sequence, e)
-
-
-def _orphan_doc(p: DeliverSm, now: datetime, kind: str) -> dict[str, object]:
-    return {"at": now, "kind": kind, "smsc_message_id": p.receipt.id if p.receipt else p.receipted_message_id,
-            "source": p.source, "destination": p.destination, "esm_class": p.esm_class,
-            "short_message": p.short_message, "stat": p.receipt.stat if p.receipt else None}
+def _names(status: int) -> tuple[str, str]:
+    return status_name(status), describe(status)

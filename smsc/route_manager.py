@@ -2,14 +2,15 @@
 
 Every `interval_s` (about 2 s) it reads the routes and reconciles:
 - a new (or newly enabled) SMPP route gets a connector, which binds;
-- a removed or disabled route's connector is stopped gracefully (it stops claiming, records what is
-  in flight, unbinds, and marks the route DOWN);
+- a removed or disabled route's connector is stopped gracefully (it stops reading, commits what is
+  in flight, unbinds, marks the route DOWN and releases its owner key);
 - a route whose definition changed (host, port, credentials, window, TPS, ...) gets its connector
   restarted with the new definition: the old one stops gracefully first, then the new one starts.
 
 So routes change at run time through the admin API or the CLI without restarting anything. Messages
-routed to a route whose connector is away wait in its queue (their leases, if any, expire) and are
-sent when a connector for the route runs again.
+routed to a route whose connector is away wait in its send topics and are sent when a connector for
+the route runs again. Managers in several processes may run the same route: one connector owns it
+(`connector|send:<route>`), the others stand by (smsc/connector.py).
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 
-from pymongo.errors import ConnectionFailure, OperationFailure
-
 from core.aio import sleep_or_stop
 from core.domain.routing import Route
+from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.routes import RouteStore
 from smsc.connector import Connector
+from smsc.receipts import side
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ class RouteManager:
             while not stop.is_set():
                 try:
                     await self.reconcile()
-                except (ConnectionFailure, OperationFailure) as e:
+                except StoreUnavailable as e:
                     log.warning("route manager: could not read routes (store unavailable), keeping %s: %s",
                                 sorted(self.running), e)
                 await sleep_or_stop(stop, self.interval_s)
@@ -102,7 +103,7 @@ class RouteManager:
         in the background (a connector may wait up to grace_s for in-flight submits), so one slow stop
         does not hold up the other routes; a restarted route's new connector starts only once its old
         one has stopped."""
-        wanted = self.wanted(await self.routes.list(include_disabled=True))
+        wanted = self.wanted(await side(self.routes.list(include_disabled=True)))
         self.stopping = {rid: t for rid, t in self.stopping.items() if not t.done()}
         for rid, running in list(self.running.items()):
             if running.task.done():

@@ -17,15 +17,18 @@ from typing import Any
 import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
-import smsc.connector as connector_module
+import smsc.receipts as receipts_module
 from core.domain.encoding import DATA_CODING_GSM7, DATA_CODING_UCS2, encode_text
 from core.domain.events import Event, utcnow
 from core.domain.routing import BindType, Route, RouteStatus, UnknownOutcomePolicy
 from core.store.eventstore import EventStore
+from core.store.lanes import LaneBook
 from core.store.routes import RouteStore
+from core.store.timers import Timers
 from core.workers.expiry import Expirer
 from core.workers.loop import run_until_stopped
 from core.workers.router import Router
+from core.workers.timers import TimerReleaser
 from smsc.connector import Connector
 from smsc.simulator import Simulator
 from tests.integration.test_inbound import FakeSmsc, acked, make_connector, running
@@ -67,17 +70,27 @@ async def accept_texts(store: EventStore, texts: dict[str, str], **data: Any) ->
     for to, text in texts.items():
         encoding, parts = encode_text(text).encoding, encode_text(text).part_count
         items.append(accepted("acme", now, to=to, text=text, encoding=encoding, parts=parts, **data))
-    await store.accept(items)
+    await store.accept([w for _, w in items])
     return {e.data["to"]: e.message_id for e, _ in items}
+
+
+def releaser(store: EventStore) -> TimerReleaser:
+    """The scheduler's timer job: hands retried messages back to the router when due."""
+    return TimerReleaser(Timers(store.db), LaneBook(store.db), utcnow)
+
+
+def helpers(store: EventStore, routes: RouteStore, stop: asyncio.Event) -> list[asyncio.Task[None]]:
+    """The router and the timer releaser, polling until `stop`."""
+    return [asyncio.create_task(run_until_stopped("router", Router(store, routes, utcnow).step, stop, 0.02)),
+            asyncio.create_task(run_until_stopped("timers", releaser(store).step, stop, 0.1))]
 
 
 @contextlib.asynccontextmanager
 async def pipeline(store: EventStore, routes: RouteStore, route: Route) -> AsyncIterator[Connector]:
-    """Router and connector running until the block ends."""
+    """Router, timer releaser and connector running until the block ends."""
     stop = asyncio.Event()
     connector = Connector(store, routes, route, utcnow, owner="test-connector", lease_s=10)
-    tasks = [asyncio.create_task(run_until_stopped("router", Router(store, routes, utcnow).step, stop, 0.02)),
-             asyncio.create_task(connector.run(stop))]
+    tasks = [*helpers(store, routes, stop), asyncio.create_task(connector.run(stop))]
     try:
         yield connector
         assert not any(t.done() for t in tasks), "a component died"
@@ -87,10 +100,18 @@ async def pipeline(store: EventStore, routes: RouteStore, route: Route) -> Async
 
 
 def states(mongo_db: AsyncDatabase, ids: list[str], wanted: set[str]) -> Callable[[], Awaitable[bool]]:
+    """Every message's state (the fold of its events) is one of `wanted`."""
+    store = EventStore(mongo_db)
+
     async def check() -> bool:
-        return await mongo_db["streams"].count_documents({"_id": {"$in": ids}, "state": {"$in": sorted(wanted)}}) \
-            == len(ids)
+        folded = await store.states(ids)
+        return len(folded) == len(ids) and all(s.state in wanted for s in folded.values())
     return check
+
+
+async def state_of(store: EventStore, message_id: str) -> str | None:
+    s = await store.state(message_id)
+    return s.state if s is not None else None
 
 
 async def events_of(store: EventStore, message_id: str) -> list[Event]:
@@ -139,8 +160,8 @@ async def test_texts_arrive_at_the_simulator_intact_and_correctly_split(
         assert "".join(j["text"] for _, j in fields) == text
         assert all("\ufffd" not in j["text"] for _, j in fields)
         evs = await events_of(store, ids[to])
-        delivered = evs[-1]
-        assert delivered.type.value == "delivered"
+        delivered = evs[-2]
+        assert [e.type.value for e in evs[-2:]] == ["delivered", "billed"]
         assert [p["stat"] for p in delivered.data["parts"]] == ["DELIVRD"] * encoded.part_count
         assert [p["smsc_message_id"] for p in delivered.data["parts"]] == evs[2].data["smsc_message_ids"]
 
@@ -205,7 +226,7 @@ async def test_a_long_message_is_final_only_when_every_part_has_its_receipt(
         held = [fake_smsc.send_receipt(a_parts[0], "DELIVRD"), fake_smsc.send_receipt(a_parts[2], "DELIVRD")]
         await wait_for(lambda: _is(connector.stats["receipts_intermediate"] >= 1))
         await asyncio.sleep(0.5)
-        assert (await store.head(long_a) or {})["state"] == "sent"
+        assert await state_of(store, long_a) == "sent"
         assert not any(s in fake_smsc.acks for s in held)
         # The last part fails: undelivered with that part's stat, and every part is acknowledged.
         last = fake_smsc.send_receipt(a_parts[1], "UNDELIV", err="069")
@@ -220,26 +241,26 @@ async def test_a_long_message_is_final_only_when_every_part_has_its_receipt(
         await wait_for(acked(fake_smsc, b_seqs + short_seqs))
 
     a_events = await store.load_events(long_a)
-    assert [e.type.value for e in a_events] == ["accepted", "routed", "sent", "undelivered"]
-    final = a_events[-1].data
+    assert [e.type.value for e in a_events] == ["accepted", "routed", "sent", "undelivered", "billed"]
+    final = a_events[-2].data
     assert final["stat"] == "UNDELIV" and final["err"] == "069" and final["smsc_message_id"] == a_parts[1]
     assert [(p["smsc_message_id"], p["stat"]) for p in final["parts"]] == [
         (a_parts[0], "DELIVRD"), (a_parts[1], "UNDELIV"), (a_parts[2], "DELIVRD")]
-    b_final = (await store.load_events(long_b))[-1]
+    b_final = (await store.load_events(long_b))[-2]
     assert b_final.type.value == "delivered" and [p["stat"] for p in b_final.data["parts"]] == ["DELIVRD"] * 2
     for i, stat in enumerate(stats):
         evs = await store.load_events(ids[f"+491510000010{i}"])
         if stat == "ACCEPTD":  # intermediate: acknowledged, nothing recorded
             assert evs[-1].type.value == "sent"
             continue
-        assert evs[-1].type.value == ("delivered" if stat == "DELIVRD" else "undelivered"), stat
-        assert evs[-1].data["stat"] == stat and "parts" not in evs[-1].data
+        assert [e.type.value for e in evs[-2:]] == ["delivered" if stat == "DELIVRD" else "undelivered", "billed"]
+        assert evs[-2].data["stat"] == stat and "parts" not in evs[-2].data
     assert all(fake_smsc.acks[s] == 0 for s in fake_smsc.acks)
 
 
 async def test_part_receipts_waiting_long_are_kept_in_the_store_and_survive_a_restart(
         mongo_db: AsyncDatabase, fake_smsc: FakeSmsc, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connector_module, "PART_HOLD_S", 0.0)
+    monkeypatch.setattr(receipts_module, "PART_HOLD_S", 0.0)
     connector = await make_connector(mongo_db, fake_smsc.port)
     store = connector.store
     ids = await accept_texts(store, {"+4915100000001": "c" * 200})
@@ -251,14 +272,14 @@ async def test_part_receipts_waiting_long_are_kept_in_the_store_and_survive_a_re
         first = fake_smsc.send_receipt(parts[0], "DELIVRD")
         await wait_for(acked(fake_smsc, [first]))  # acknowledged once it is in `part_receipts`
     assert await mongo_db["part_receipts"].count_documents({"message_id": mid}) == 1
-    assert (await store.head(mid) or {})["state"] == "sent"
+    assert await state_of(store, mid) == "sent"
 
     restarted = await make_connector(mongo_db, fake_smsc.port)  # its memory is empty
     async with running(restarted):
         await wait_for(lambda: _is(bool(fake_smsc.receivers())))
         second = fake_smsc.send_receipt(parts[1], "DELIVRD")
         await wait_for(acked(fake_smsc, [second]))
-    final = (await store.load_events(mid))[-1]
+    final = (await store.load_events(mid))[-2]
     assert final.type.value == "delivered"
     assert [p["smsc_message_id"] for p in final.data["parts"]] == parts
     assert await mongo_db["part_receipts"].count_documents({"message_id": mid}) == 0
@@ -275,8 +296,8 @@ async def test_receipts_with_a_stat_mix_out_of_order(mongo_db: AsyncDatabase, si
     assert connector.stats["orphan_receipts"] == 0
     for mid in ids.values():
         evs = await store.load_events(mid)
-        sent, final = evs[2], evs[-1]
-        assert len(evs) == 4
+        sent, final = evs[2], evs[-2]
+        assert len(evs) == 5 and evs[-1].type.value == "billed"
         parts = final.data.get("parts") or [{"smsc_message_id": final.data["smsc_message_id"],
                                              "stat": final.data["stat"]}]
         assert [p["smsc_message_id"] for p in parts] == sent.data["smsc_message_ids"]
@@ -300,7 +321,8 @@ async def test_receipts_that_overtake_the_submit_response_are_applied(
     assert connector.stats["orphan_receipts"] == 0 and connector.held == {}
     assert await mongo_db["orphan_receipts"].count_documents({}) == 0
     for mid in ids.values():
-        assert [e.type.value for e in await store.load_events(mid)] == ["accepted", "routed", "sent", "delivered"]
+        assert [e.type.value for e in await store.load_events(mid)] == ["accepted", "routed", "sent", "delivered",
+                                                                        "billed"]
 
 
 # ---- faults -----------------------------------------------------------------------------------------
@@ -319,7 +341,7 @@ async def test_malformed_pdus_from_the_smsc_do_not_kill_the_connector(
     assert simulator.stats()["generic_nack_sent"] == 0
     for mid in ids.values():
         evs = await store.load_events(mid)
-        assert evs[-1].type.value == "delivered"
+        assert [e.type.value for e in evs[-2:]] == ["delivered", "billed"]
         # A submit whose bind dropped before its answer was retried (outcome unknown, or not sent
         # while no bind was up) and sent again.
         assert all(e.data.get("error_name") in ("OUTCOME_UNKNOWN", "NOT_SENT") for e in evs if e.type.value == "retry")
@@ -334,7 +356,7 @@ async def test_an_unframeable_pdu_drops_the_bind_and_in_flight_submits_follow_th
     ids = await accept_texts(store, {"+4915100000001": "in flight when the stream broke"})
     (mid,) = ids.values()
     stop = asyncio.Event()
-    router = asyncio.create_task(run_until_stopped("router", Router(store, connector.routes, utcnow).step, stop, 0.05))
+    others = helpers(store, connector.routes, stop)
     try:
         async with running(connector) as task:
             await wait_for(lambda: _is(len(fake_smsc.submits) == 1), timeout_s=20)
@@ -346,15 +368,19 @@ async def test_an_unframeable_pdu_drops_the_bind_and_in_flight_submits_follow_th
             assert not task.done()
     finally:
         stop.set()
-        await router
+        await asyncio.gather(*others)
     assert connector.stats["reconnects"] >= 1 and connector.stats["malformed_pdus"] >= 1
     evs = await store.load_events(mid)
     if policy == UnknownOutcomePolicy.RESEND:
-        assert [e.type.value for e in evs] == ["accepted", "routed", "retry", "routed", "sent"]
-        assert evs[2].data["error_name"] == "OUTCOME_UNKNOWN"
+        assert [e.type.value for e in evs] == ["accepted", "routed", "retry", "released", "routed", "sent"]
+        assert evs[2].data["error_name"] == "OUTCOME_UNKNOWN" and evs[2].data["exclude_route"] is False
+        assert evs[2].data["possible_duplicate"] is True  # the resend may repeat what the SMSC has
+        assert connector.stats["possible_duplicates"] == 1
         assert len(fake_smsc.submits) == 2  # sent again, after the new bind
     else:
         assert [e.type.value for e in evs] == ["accepted", "routed", "unknown"]
+        assert "no answer to submit_sm" in evs[2].data["reason"]
+        assert connector.stats["held_unknown"] == 1
         assert len(fake_smsc.submits) == 1
 
 
@@ -365,15 +391,15 @@ async def test_generic_nack_for_a_submit_is_a_temporary_error(mongo_db: AsyncDat
     ids = await accept_texts(store, {"+4915100000001": "nacked once"})
     (mid,) = ids.values()
     stop = asyncio.Event()
-    router = asyncio.create_task(run_until_stopped("router", Router(store, connector.routes, utcnow).step, stop, 0.05))
+    others = helpers(store, connector.routes, stop)
     try:
         async with running(connector):
             await wait_for(states(mongo_db, [mid], {"sent"}), timeout_s=30)
     finally:
         stop.set()
-        await router
+        await asyncio.gather(*others)
     evs = await store.load_events(mid)
-    assert [e.type.value for e in evs] == ["accepted", "routed", "retry", "routed", "sent"]
+    assert [e.type.value for e in evs] == ["accepted", "routed", "retry", "released", "routed", "sent"]
     assert evs[2].data["error_name"] == "GENERIC_NACK" and evs[2].data["error_code"] == 0x08
     assert connector.stats["generic_nacks"] == 1
 
@@ -388,7 +414,8 @@ async def test_throttling_backs_off_and_loses_nothing(mongo_db: AsyncDatabase, s
     assert connector.stats["throttled"] > 0 and connector.stats["failed"] == 0
     assert simulator.stats()["submit_sm_throttled"] > 0
     for mid in ids.values():
-        assert [e.type.value for e in await store.load_events(mid)][-2:] == ["sent", "delivered"]
+        assert [e.type.value for e in await store.load_events(mid)] == ["accepted", "routed", "sent", "delivered",
+                                                                        "billed"]
 
 
 async def test_a_message_whose_receipt_never_comes_expires_after_its_validity(
@@ -399,13 +426,13 @@ async def test_a_message_whose_receipt_never_comes_expires_after_its_validity(
     (mid,) = ids.values()
     async with pipeline(store, routes, route):
         await wait_for(states(mongo_db, [mid], {"sent"}), timeout_s=20)
-    expirer = Expirer(store, utcnow)
+    expirer = Expirer(store, routes, utcnow)
 
     async def expired() -> bool:
         await expirer.step()
-        return (await store.head(mid) or {}).get("state") == "expired"
+        return await state_of(store, mid) == "expired"
     await wait_for(expired, timeout_s=20, interval_s=0.3)
-    assert [e.type.value for e in await store.load_events(mid)] == ["accepted", "routed", "sent", "expired"]
+    assert [e.type.value for e in await store.load_events(mid)] == ["accepted", "routed", "sent", "expired", "billed"]
 
 
 async def _is(value: bool) -> bool:
@@ -432,15 +459,16 @@ async def test_a_receipt_completing_a_message_after_it_expired_still_records_the
         await wait_for(states(mongo_db, [mid], {"sent"}), timeout_s=20)
         parts = await sent_ids(store, mid)
         first = fake_smsc.send_receipt(parts[0], "DELIVRD")  # held: the second part's receipt is late
-        expirer = Expirer(store, utcnow)
+        expirer = Expirer(store, connector.routes, utcnow)
 
         async def expired() -> bool:
             await expirer.step()
-            return (await store.head(mid) or {}).get("state") == "expired"
+            return await state_of(store, mid) == "expired"
         await wait_for(expired, timeout_s=20, interval_s=0.3)
         assert first not in fake_smsc.acks
         second = fake_smsc.send_receipt(parts[1], "DELIVRD")
         await wait_for(acked(fake_smsc, [first, second]))
     evs = await store.load_events(mid)
-    assert [e.type.value for e in evs] == ["accepted", "routed", "sent", "expired", "delivered"]
+    # The outcome is still recorded after the expiry; the message was billed once, with its expiry.
+    assert [e.type.value for e in evs] == ["accepted", "routed", "sent", "expired", "billed", "delivered"]
     assert [p["smsc_message_id"] for p in evs[-1].data["parts"]] == parts

@@ -52,14 +52,14 @@ async def status_is(routes: RouteStore, route_id: str, want: RouteStatus) -> boo
 
 
 async def send_one(store: EventStore, to: str) -> str:
-    event, head = accepted("acme", utcnow(), to=to)
-    await store.accept([(event, head)])
+    event, write = accepted("acme", utcnow(), to=to)
+    await store.accept([write])
     return event.message_id
 
 
 async def delivered(store: EventStore, message_id: str) -> bool:
-    head = await store.head(message_id)
-    return head is not None and head["state"] == "delivered"
+    state = await store.state(message_id)
+    return state is not None and state.state == "delivered" and state.billed
 
 
 async def test_routes_changed_at_run_time_take_effect_without_a_restart(mongo_db: AsyncDatabase,

@@ -15,7 +15,6 @@ import json
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +22,17 @@ import pytest
 import pytest_asyncio
 from pymongo.asynchronous.database import AsyncDatabase
 
-from core.domain.events import EventType, utcnow
-from core.domain.message import evolve, next_event
+from core.domain.events import Event, EventType, utcnow
+from core.domain.message import event_doc, evolve, lane_of, route_topic, routed_message
 from core.domain.routing import Route, RouteStatus, Strategy
-from core.store.eventstore import EventStore, Transition
-from core.store.heads import state_from_head
+from core.store.eventstore import EventStore
+from core.store.lanes import LaneBook
 from core.store.routes import RouteStore
+from core.store.timers import Timers, timer_doc
+from core.store.topics import Write
 from core.workers.loop import run_until_stopped
 from core.workers.router import ROUTES_TTL_S, Router
+from core.workers.timers import TimerReleaser
 from smsc.connector import Connector
 from smsc.pdu import ESME_RSYSERR
 from smsc.simulator import Simulator
@@ -74,6 +76,8 @@ class Network:
             self.connectors[r.id] = Connector(self.store, self.routes, r, utcnow, owner=f"test/{r.id}", batch_size=100)
             self.tasks.append(asyncio.create_task(self.connectors[r.id].run(self.stop, grace_s=2.0)))
         self.tasks.append(asyncio.create_task(run_until_stopped("router", self.router.step, self.stop, 0.02)))
+        timers = TimerReleaser(Timers(self.db), LaneBook(self.db), utcnow)
+        self.tasks.append(asyncio.create_task(run_until_stopped("timers", timers.step, self.stop, 0.1)))
 
     async def close(self) -> None:
         self.stop.set()
@@ -95,11 +99,12 @@ class Network:
         destination (as the SMSC sees it) -> message id."""
         self.batches += 1
         items = [accepted("acme", utcnow(), to=f"+4915{self.batches:03d}{i:05d}") for i in range(n)]
-        await self.store.accept(items)
+        await self.store.accept([w for _, w in items])
         ids = [e.message_id for e, _ in items]
 
         async def all_delivered() -> bool:
-            return await self.db["streams"].count_documents({"_id": {"$in": ids}, "state": "delivered"}) == n
+            folded = await self.store.states(ids)
+            return len(folded) == n and all(s.state == "delivered" and s.billed for s in folded.values())
         await wait_for(all_delivered, timeout_s=90)
         return {e.data["to"].lstrip("+"): e.message_id for e, _ in items}
 
@@ -193,7 +198,7 @@ async def _route_with_status(mongo_db: AsyncDatabase, statuses: dict[str, RouteS
     for rid, status in statuses.items():
         await routes_store.set_status(rid, status, now)
     items = [accepted("acme", now, to=f"+49151{i:07d}") for i in range(n)]
-    await store.accept(items)
+    await store.accept([w for _, w in items])
     router = Router(store, routes_store, utcnow, batch_size=100, rng=random.Random(3))
     while await router.step():
         pass
@@ -242,12 +247,12 @@ async def test_a_route_that_failed_a_message_while_up_is_not_tried_again_for_it(
     for mid in batch.values():
         events = await net.store.load_events(mid)
         trail = [(e.type.value, e.route_id or e.data.get("route_id")) for e in events]
-        assert trail == [("accepted", None), ("routed", "a"), ("retry", "a"), ("routed", "b"), ("sent", "b"),
-                         ("delivered", "b")], trail
+        assert trail == [("accepted", None), ("routed", "a"), ("retry", "a"), ("released", None), ("routed", "b"),
+                         ("sent", "b"), ("delivered", "b"), ("billed", "b")], trail
         retry = events[2]
         assert retry.data["exclude_route"] is True and retry.data["error_name"] == "ESME_RSYSERR"
-        head = await net.store.head(mid)
-        assert head is not None and state_from_head(head).excluded_routes == ("a",)
+        state = await net.store.state(mid)
+        assert state is not None and state.excluded_routes == ("a",)
     assert net.sims["a"].stats()["submit_sm"] == 20  # each message was tried on a exactly once
     assert (await net.routes.statuses(utcnow()))["a"] == RouteStatus.UP  # a failed them while up
     assert await net.routed_to(list(batch.values())) == {"a": 20, "b": 20}
@@ -256,15 +261,29 @@ async def test_a_route_that_failed_a_message_while_up_is_not_tried_again_for_it(
     assert sorted(j["destination"] for j in net.journal("b")) == sorted(batch)
 
 
-def _retry(state: Any, route_id: str, attempt: int, now: datetime, *, exclude: bool) -> Transition:
-    """routed on `route_id`, then retry (exclude_route as given), as router and connector write them."""
-    routed = next_event(state, EventType.ROUTED, now, {"route_id": route_id, "price_per_part": 0, "currency": "EUR",
-                                                       "strategy": "failover"}, route_id=route_id)
-    after = evolve(state, routed)
-    retry = next_event(after, EventType.RETRY, now, {
-        "route_id": route_id, "attempt": attempt, "error_code": ESME_RSYSERR if exclude else None,
+async def fail(store: EventStore, mid: str, route_id: str, *, exclude: bool) -> None:
+    """Route `route_id` gave the message back (exclude_route as given), as router and connector write
+    it: `routed` on that route first unless the message is routed there already, then `retry` with its
+    timer, due at once."""
+    now = utcnow()
+    state = await store.state(mid)
+    assert state is not None
+    events = []
+    if not (state.state == "routed" and state.route_id == route_id):
+        routed = event_doc(state, EventType.ROUTED, now, {
+            "route_id": route_id, "price_per_part": 0, "currency": "EUR", "strategy": "failover",
+            "message": routed_message(state)}, route_id=route_id)
+        events.append(routed)
+        state = evolve(state, Event.from_doc(routed))
+    retry = event_doc(state, EventType.RETRY, now, {
+        "route_id": route_id, "attempt": state.attempts + 1, "error_code": ESME_RSYSERR if exclude else None,
         "error_name": "ESME_RSYSERR" if exclude else "NOT_SENT", "next_at": now, "exclude_route": exclude})
-    return Transition(state.version, [routed, retry], evolve(after, retry), due_at=now)
+    events.append(retry)
+    lane = lane_of(state)
+    timer = timer_doc(message_id=mid, tenant_id=state.tenant_id, topic=route_topic(lane), seq=retry["seq"],
+                      due_at=now, reason="retry", lane=lane)
+    result = await store.log.commit([Write(mid, events, timer=timer)])
+    assert result.committed == [mid]
 
 
 async def test_the_router_honours_the_exceptions_of_each_message(mongo_db: AsyncDatabase) -> None:
@@ -278,38 +297,30 @@ async def test_the_router_honours_the_exceptions_of_each_message(mongo_db: Async
         await routes.upsert(Route(id=rid, priority=prio), actor="test", now=now)
         await routes.set_status(rid, RouteStatus.UP, now)
     items = [accepted("acme", now, to=f"+49151{i:07d}") for i in range(3)]
-    await store.accept(items)
+    await store.accept([w for _, w in items])
     excluded_once, not_sent, everywhere = (e.message_id for e, _ in items)
     router = Router(store, routes, utcnow)
-
-    async def fail(mid: str, route_id: str, *, exclude: bool) -> None:
-        state = state_from_head(await store.head(mid) or {})
-        result = await store.commit([_retry(state, route_id, state.attempts + 1, utcnow(), exclude=exclude)], utcnow())
-        assert len(result.committed) == 1
+    timers = TimerReleaser(Timers(mongo_db), LaneBook(mongo_db), utcnow)
+    assert await router.step() == 3  # all on a, the first by priority
 
     async def routed_last(mid: str) -> str | None:
-        while await router.step():
+        while await timers.step() + await router.step():
             pass
         return [e for e in await store.load_events(mid) if e.type == EventType.ROUTED][-1].route_id
 
-    await fail(excluded_once, "a", exclude=True)
-    await fail(not_sent, "a", exclude=False)
+    await fail(store, excluded_once, "a", exclude=True)
+    await fail(store, not_sent, "a", exclude=False)
     for r in ("a", "b", "c"):
-        await fail(everywhere, r, exclude=True)
+        await fail(store, everywhere, r, exclude=True)
     assert await routed_last(excluded_once) == "b"
     assert await routed_last(not_sent) == "a"
     assert await routed_last(everywhere) == "a"
 
-    head = await store.head(excluded_once)
-    assert head is not None
     # The routed(b) event above is the router's; now b fails it too: it goes to c, never back to a.
-    state = state_from_head(head)
-    retry = next_event(state, EventType.RETRY, utcnow(), {"route_id": "b", "attempt": state.attempts,
-                                                          "error_code": ESME_RSYSERR, "error_name": "ESME_RSYSERR",
-                                                          "next_at": utcnow(), "exclude_route": True})
-    await store.commit([Transition(state.version, [retry], evolve(state, retry), due_at=utcnow())], utcnow())
+    await fail(store, excluded_once, "b", exclude=True)
     assert await routed_last(excluded_once) == "c"
-    assert state_from_head(await store.head(excluded_once) or {}).excluded_routes == ("a", "b")
+    state = await store.state(excluded_once)
+    assert state is not None and state.excluded_routes == ("a", "b")
 
 
 # ---- TPS -------------------------------------------------------------------------------------------
