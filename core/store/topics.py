@@ -171,11 +171,13 @@ class EventLog:
                                                session=session)
             if res.matched_count != 1:
                 raise Fenced(owner, epoch)
+        # The checkpoints first: a reader whose range another copy committed meanwhile fails fast with
+        # CheckpointMoved, before its events could meet that copy's on the unique index.
+        await self._move_checkpoints(session, moves)
         positions = await self.take_positions(session, batch)
         docs = place_events(batch, positions)
         if docs:
             await self.events.insert_many(docs, ordered=False, session=session)
-        await self._move_checkpoints(session, moves)
         await self.write_timers(session, batch)
         for collection, ops in (extra(batch) if extra else []):
             if ops:
@@ -306,7 +308,7 @@ def place_events(batch: Sequence[Write], positions: dict[str, tuple[int, int]]) 
     for w in batch:
         for event, topic in zip(w.events, w.topics, strict=True):
             if topic is None:
-                docs.append(event)
+                docs.append({**event})  # a copy: the driver adds `_id` to what it inserts
             else:
                 docs.append({**event, "topic": topic, "pos": nxt[topic]})
                 nxt[topic] += 1

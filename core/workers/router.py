@@ -56,7 +56,8 @@ ROUTABLE = ("accepted", "retry")
 class Router:
     def __init__(self, store: EventStore, routes: RouteStore, clock: Callable[[], datetime], *,
                  batch_size: int = 500, max_attempts: int = 5, rng: random.Random | None = None,
-                 scope: str = ALL) -> None:
+                 scope: str = ALL, book: LaneBook | None = None) -> None:
+        """`book`: the lanes to read (default: a LaneBook over `store.db`); unit tests give a fixed one."""
         self.store = store
         self.log = store.log
         self.routes = routes
@@ -65,7 +66,7 @@ class Router:
         # `msgcore router` runs two: one for the shared (transactional) lane, one for the others, so a
         # one-time password never waits for a batch of campaign messages to commit.
         self.scope = scope
-        self.reader = TopicReader(self.log, CONSUMER, "route", LaneBook(store.db),
+        self.reader = TopicReader(self.log, CONSUMER, "route", book if book is not None else LaneBook(store.db),
                                   bulk_limit=min(batch_size, BULK_PER_BATCH))
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
