@@ -65,22 +65,36 @@ class Owners:
         await self.attempts.create_index([("owner", ASCENDING), ("at", ASCENDING)], name="owner_at")
 
     async def acquire(self, owner: str, holder: str, now: datetime, lease_s: float) -> Ownership | None:
-        """Take `owner` if it is free, expired, or already ours; None if another holder's lease runs."""
+        """Take `owner` if it is free, expired, or already ours; None if another holder's lease runs.
+
+        In a transaction on purpose: a holder killed in the middle of a commit leaves that
+        transaction open on the server, holding the owner document. A plain write would wait on it
+        (some servers reap idle transactions only when another transaction statement comes along);
+        in a transaction the conflict surfaces at once, the driver retries, and the retry lets the
+        server reap the dead holder's transaction after its lifetime limit.
+        """
         until = now + timedelta(seconds=lease_s)
-        try:
+
+        async def body(session: Any) -> dict[str, Any] | None:
             doc = await self.owners.find_one_and_update(
                 {"_id": owner, "$or": [{"lease_until": {"$lte": now}}, {"holder": holder}]},
                 {"$set": {"holder": holder, "lease_until": until, "acquired_at": now}, "$inc": {"epoch": 1}},
-                return_document=ReturnDocument.AFTER)
-            if doc is None:
-                try:
-                    await self.owners.insert_one({"_id": owner, "holder": holder, "lease_until": until,
-                                                  "acquired_at": now, "epoch": 1, "commits": 0})
-                except DuplicateKeyError:
-                    return None  # somebody else holds it
-                doc = {"holder": holder, "epoch": 1, "lease_until": until}
-        except PyMongoError as e:
-            raise StoreUnavailable(str(e)) from e
+                return_document=ReturnDocument.AFTER, session=session)
+            if doc is not None:
+                return dict(doc)
+            if await self.owners.find_one({"_id": owner}, {"_id": 1}, session=session) is not None:
+                return None  # somebody else holds it
+            fresh = {"_id": owner, "holder": holder, "lease_until": until, "acquired_at": now, "epoch": 1,
+                     "commits": 0}
+            await self.owners.insert_one(fresh, session=session)
+            return fresh
+
+        try:
+            doc = await self.log.transaction(body)
+        except DuplicateKeyError:
+            return None  # created by another holder at the same moment
+        if doc is None:
+            return None
         log.info("owner %s acquired by %s (epoch %d)", owner, holder, doc["epoch"])
         return Ownership(owner, holder, int(doc["epoch"]), until)
 
