@@ -29,7 +29,9 @@ Phases and the figures printed for each:
    seconds the `bank` tenant posts one message (the same probe as above, now competing with the
    campaign). Printed: campaign submit_sm arrivals at the SMSC per second over the whole window
    (from the journal's own timestamps) and over the window minus its first 10 s (steady state),
-   the time the whole campaign would take at that rate, the API's own progress figures and its
+   the time the whole campaign would take at that rate, its completion and ETA from the lane's
+   counters and checkpoints (entries the connector passed, what still waits in the route and send
+   topics, the connector's rate over the steady window), the API's own progress figures and its
    counts by state (from PostgreSQL, following the log with the projector's lag), CPU per process
    in the window (the store servers included: CPU at 100 % of a core marks the bottleneck), and
    the probes' arrival delay p50/p95/p99/max (plus the POST's own response time). The same
@@ -39,12 +41,15 @@ Phases and the figures printed for each:
    the batch, before its commit, so a slow commit shows in the next interval (a slow API commit in
    accepted -> routed, not in POST -> accepted); `sent` is stamped after the submit_sm_resp.
 5. Cancel: `POST .../cancel`, then watch for at most `--cancel-watch` seconds (default 60). The
-   scheduler's cancel sweep ends the campaign's waiting messages as `canceled` (its log line per
-   sweep is the exact count committed, and its line `canceling -> canceled` ends the watch early);
-   printed: canceled messages per second over the watch, the sizes of the first sweeps,
-   submit_sm still arriving after the cancel (messages a connector had already claimed), and, when
-   the sweep has not finished within the watch, the time the rest would take at that rate: the
-   benchmark does not wait for a million cancels.
+   campaign's lane turns `canceling`; its consumers (the router on `route~c:<id>`, the connector on
+   `send:sim~c:<id>`) append `canceled` for every entry they read there. Progress comes from the
+   lane's counters and checkpoints (ops/progress.py): what waited at the cancel (route + send backlog)
+   minus what still waits is what was resolved, and of that, what the SMSC received after the cancel
+   (the connector's batches already attempted) was sent, the rest canceled. The watch ends early
+   once both backlogs are empty. Printed: canceled messages per second, submit_sm after the cancel,
+   the campaign's status (`canceled` once the scheduler finds its lane idle) and, when the lane is not
+   drained within the watch, the time the rest would take at that rate: the benchmark does not wait
+   for a million cancels.
 6. Config: the route's TPS and window, the stages' batch sizes and the campaign constants. The
    route has `--route-tps 0` (no limit) by default, so the embedded MongoDB-wire server, not the
    route, is what limits the campaign; pass a TPS to measure a throttled route instead.
@@ -59,7 +64,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import shutil
 import signal
 import sys
@@ -74,19 +78,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psutil
 import psycopg
 from psycopg import sql
-from pymongo import AsyncMongoClient
 
 import smsc.connector as connector_module
 from api.campaign_upload import BATCH_ROWS
 from core.config import Settings
+from core.domain.message import campaign_lane
 from core.domain.routing import Route
-from core.store.campaigns import CANCEL_BATCH, UPLOAD_QUIET_S
+from core.store.campaigns import UPLOAD_QUIET_S
 from core.store.lanes import LaneBook
+from core.store.mongo import connect
 from core.workers.router import BULK_PER_BATCH
+from ops.bench_e2e import tree_cpu_s
 from ops.bench_support import pct, store_servers
+from ops.progress import Progress, read_progress
 from ops.stack import Stack, seed
 
 TEMPLATE = "Hi {{first_name}}! Stop by {{store_name}} today: 20% off everything."
@@ -96,7 +102,6 @@ STORES = ("Berlin Mitte", "Hamburg HBF", "Munich Marienplatz", "Cologne Dom", "L
 CAMPAIGN_PREFIX = "49151"  # campaign numbers: +49151 and 8 digits
 PROBE_PREFIX = "4917"  # one-time passwords: +4917 and 9 digits
 STEADY_SKIP_S = 10.0
-SCHED_LINE = re.compile(rb"^(\S+)Z .*campaigns: (\d+) messages canceled")
 
 
 def line(label: str, text: str) -> None:
@@ -188,20 +193,6 @@ class PeakRss(threading.Thread):
     def run(self) -> None:
         while not self.done.wait(0.2):
             self.peak_kb = max(self.peak_kb, proc_status_kb(self.pid, "VmRSS"))
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds of a process and its children (the PostgreSQL server is a family of processes)."""
-    try:
-        root = psutil.Process(pid)
-        total = 0.0
-        for p in [root, *root.children(recursive=True)]:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
-    except psutil.NoSuchProcess:
-        return 0.0
 
 
 @dataclass
@@ -394,30 +385,6 @@ async def act(http: httpx.AsyncClient, campaign_id: str, action: str) -> dict[st
     return dict(r.json())
 
 
-def scheduler_cancels(stack: Stack, since: float) -> list[tuple[float, int]]:
-    """(epoch, messages) of each cancel sweep the scheduler logged after `since`."""
-    path = stack.log_dir / "scheduler.log"
-    out = []
-    if not path.exists():
-        return out
-    for row in path.read_bytes().splitlines():
-        m = SCHED_LINE.match(row)
-        if m:
-            at = datetime.fromisoformat(m.group(1).decode() + "+00:00").timestamp()
-            if at >= since - 1:
-                out.append((at, int(m.group(2))))
-    return out
-
-
-def scheduler_canceled(stack: Stack, campaign_id: str) -> bool:
-    """Whether the scheduler logged the campaign's move to `canceled` (its lane emptied)."""
-    path = stack.log_dir / "scheduler.log"
-    if not path.exists():
-        return False
-    needle = f"campaign={campaign_id} ".encode()
-    return any(needle in row and row.rstrip().endswith(b"-> canceled") for row in path.read_bytes().splitlines())
-
-
 def pg_campaign_states(stack: Stack, campaign_id: str) -> dict[str, int]:
     query = sql.SQL("SELECT state, count(*) FROM {}.messages WHERE campaign_id = %s GROUP BY state").format(
         sql.Identifier(stack.schema))
@@ -439,8 +406,16 @@ class Run:
     cpu: Cpu
     journal: Journal
     prober: Prober
+    db: Any = None  # the run's database (core.store.mongo.connect), for counters and checkpoints
     campaign_id: str = ""
     results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def lane(self) -> str:
+        return campaign_lane(self.campaign_id)
+
+    async def lane_progress(self) -> Progress:
+        return await read_progress(self.db, with_timers=False)
 
     async def create(self) -> None:
         r = await self.shop.post("/v1/campaigns", json={"name": "Spring sale", "from": "Shop", "template": TEMPLATE,
@@ -509,42 +484,67 @@ class Run:
         stop_probes = asyncio.Event()
         probes_task = asyncio.create_task(self.prober.every(args.probe_interval, "flow", stop_probes))
         t_end = t_start + args.run_seconds
+        steady: tuple[float, int] | None = None  # (time, entries the connector passed) after STEADY_SKIP_S
         while time.time() < t_end:
-            await asyncio.sleep(min(args.progress_every, max(0.0, t_end - time.time())))
+            wait = min(args.progress_every, max(0.0, t_end - time.time()))
+            if steady is None:
+                wait = min(wait, max(0.0, t_start + STEADY_SKIP_S - time.time()))
+            await asyncio.sleep(wait)
+            progress = await self.lane_progress()
+            if steady is None and time.time() >= t_start + STEADY_SKIP_S:
+                steady = (time.time(), progress.passed("send", self.lane))
             if time.time() < t_end - 1:
                 note(f"  flow: {time.time() - t_start:.0f} s, {journal.campaign_total - at_start} campaign"
-                     f" submit_sm at the SMSC")
+                     f" submit_sm at the SMSC; lane: {progress.passed('send', self.lane)} passed by the connector,"
+                     f" backlog route {progress.backlog('route', self.lane)}"
+                     f" send {progress.backlog('send', self.lane)}")
+        end_progress = await self.lane_progress()
+        t_progress = time.time()
         stop_probes.set()
         cpu1 = self.cpu.snapshot()
         flow_s = time.time() - t_start
         campaign = await get_campaign(self.shop, self.campaign_id)
         await probes_task
         await self.prober.wait_arrivals(30)
+        passed = end_progress.passed("send", self.lane)
+        rate = (passed - steady[1]) / max(1e-9, t_progress - steady[0]) if steady else 0.0
         self.results["flow"] = {"s": flow_s, "t_start": t_start, "t_end": t_start + flow_s,
-                                "cpu": Cpu.report(cpu0, cpu1, flow_s), "campaign": campaign}
+                                "cpu": Cpu.report(cpu0, cpu1, flow_s), "campaign": campaign,
+                                "lane": {"passed": passed, "route_backlog": end_progress.backlog("route", self.lane),
+                                         "send_backlog": end_progress.backlog("send", self.lane),
+                                         "written": end_progress.written("route", self.lane), "rate": rate}}
 
     async def cancel(self) -> None:
-        """Phase 5: cancel and watch the sweep for at most --cancel-watch seconds."""
+        """Phase 5: cancel and watch the lane drain for at most --cancel-watch seconds."""
         note(f"canceling; watching for at most {self.args.cancel_watch:.0f} s")
+        before = await self.lane_progress()
+        waiting = before.backlog("route", self.lane) + before.backlog("send", self.lane)
         t_cancel = time.time()
         self.journal.poll()
         sent_at_cancel = self.journal.campaign_total
         await act(self.shop, self.campaign_id, "cancel")
-        status, last_note = "canceling", t_cancel
+        left, last_note, drained_at = waiting, t_cancel, None
         while time.time() - t_cancel < self.args.cancel_watch:
             await asyncio.sleep(1)
-            if scheduler_canceled(self.stack, self.campaign_id):
-                status = "canceled"
+            now = await self.lane_progress()
+            left = now.backlog("route", self.lane) + now.backlog("send", self.lane)
+            if left == 0:
+                drained_at = time.time()
                 break
             if time.time() - last_note >= 5:
                 last_note = time.time()
-                done = sum(n for _, n in scheduler_cancels(self.stack, t_cancel))
-                note(f"  cancel: {time.time() - t_cancel:.0f} s, {done} canceled")
+                note(f"  cancel: {time.time() - t_cancel:.0f} s, {waiting - left} of {waiting} resolved, {left} left")
         watch_s = time.time() - t_cancel
         self.journal.poll()
-        self.results["cancel"] = {"s": watch_s, "t0": t_cancel, "status": status,
-                                  "sweeps": scheduler_cancels(self.stack, t_cancel),
-                                  "sent_after": self.journal.campaign_total - sent_at_cancel}
+        sent_after = self.journal.campaign_total - sent_at_cancel
+        self.results["cancel"] = {"s": watch_s, "t0": t_cancel, "waiting": waiting, "left": left,
+                                  "drained_s": drained_at - t_cancel if drained_at else None,
+                                  "canceled": waiting - left - sent_after, "sent_after": sent_after}
+        # The scheduler marks the campaign canceled once it finds the lane idle (about a second later).
+        for _ in range(5 if drained_at else 0):
+            if (await get_campaign(self.shop, self.campaign_id)).get("status") == "canceled":
+                break
+            await asyncio.sleep(1)
         self.results["final_campaign"] = await get_campaign(self.shop, self.campaign_id)
         await asyncio.sleep(2)
         with contextlib.suppress(psycopg.Error):
@@ -552,12 +552,7 @@ class Run:
 
     async def probe_stages(self) -> None:
         """Where the probes' time went (from the log), for each phase."""
-        client: AsyncMongoClient = AsyncMongoClient(self.stack.mongo_url, tz_aware=True)
-        try:
-            db = client[self.stack.mongo_db]
-            self.results["stages"] = {p: await self.prober.stages(db, p) for p in ("upload", "idle", "flow")}
-        finally:
-            await client.close()
+        self.results["stages"] = {p: await self.prober.stages(self.db, p) for p in ("upload", "idle", "flow")}
 
 
 async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Path, servers: dict[str, int]) -> None:
@@ -578,7 +573,8 @@ async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Pat
                              timeout=60)
     bank = httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {keys['bank']}"},
                              timeout=60)
-    run = Run(args, stack, facts, shop, Cpu(stack, servers), journal, Prober(bank, journal))
+    client = connect(mongo_url, "bench-campaign")
+    run = Run(args, stack, facts, shop, Cpu(stack, servers), journal, Prober(bank, journal), client[stack.mongo_db])
     follower: asyncio.Task[None] | None = None
     try:
         await asyncio.to_thread(stack.wait_http)
@@ -602,6 +598,7 @@ async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Pat
             await follower
         await shop.aclose()
         await bank.aclose()
+        await client.close()
         note("stopping the components")
         note(f"stopped (exit codes; the api's -15 is uvicorn re-raising SIGTERM after its graceful shutdown):"
              f" {stack.stop_all()}")
@@ -610,9 +607,9 @@ async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Pat
                             ignore=shutil.ignore_patterns("data"))
             note(f"logs copied to {args.keep_logs}")
         if os.environ.get("MSGCORE_MONGO_URL"):
-            client: AsyncMongoClient = AsyncMongoClient(mongo_url)
-            await client.drop_database(stack.mongo_db)
-            await client.close()
+            dropper = connect(mongo_url, "bench-campaign")
+            await dropper.drop_database(stack.mongo_db)
+            await dropper.close()
         if os.environ.get("MSGCORE_PG_URL"):
             with psycopg.connect(pg_url, autocommit=True) as conn:
                 conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(stack.schema)))
@@ -637,8 +634,7 @@ def print_results(args: argparse.Namespace, settings: Settings, route: Route, fa
     line("route", f"sim: tps {route.tps or 'unlimited (0): the store is the limit'}, window {route.window},"
                   f" 1 bind, receipt delay {args.receipt_delay} s")
     line("batches", f"stage batch {settings.batch_size} (MSGCORE_BATCH_SIZE), router bulk share {BULK_PER_BATCH}"
-                    f"/batch, upload {BATCH_ROWS} rows/transaction, cancel {CANCEL_BATCH}/transaction"
-                    f" (up to {20 * CANCEL_BATCH}/sweep, a sweep a second)")
+                    f"/batch, upload {BATCH_ROWS} rows/transaction; cancel by the lane's consumers, a batch each")
     connector = {k: getattr(connector_module, k) for k in ("CLAIM_AHEAD_S", "MIN_CLAIM_AHEAD", "TRANSACTIONAL_RESERVE")
                  if hasattr(connector_module, k)}
     line("timing", f"poll {settings.poll_interval_s} s, lane refresh {LaneBook.TTL_S} s, upload quiet"
@@ -685,6 +681,13 @@ def print_results(args: argparse.Namespace, settings: Settings, route: Route, fa
                                        f" {steady_rate:.0f} msg/s after the first {STEADY_SKIP_S:.0f} s")
     proj = accepted / steady_rate if steady_rate else float("inf")
     line("whole campaign at that rate", f"{proj:.0f} s ({proj / 3600:.2f} h) for {accepted} messages")
+    lane = fl["lane"]
+    remaining = lane["written"] - lane["passed"]
+    eta = f"ETA {remaining / lane['rate']:.0f} s" if lane["rate"] else "no ETA (no progress)"
+    line("completion (checkpoints)", f"{lane['passed']} of {lane['written']} passed by the connector"
+                                     f" ({lane['passed'] / max(1, lane['written']):.1%}); waiting: route"
+                                     f" {lane['route_backlog']}, send {lane['send_backlog']}; {lane['rate']:.0f} msg/s"
+                                     f" after the first {STEADY_SKIP_S:.0f} s -> {eta}")
     camp = fl["campaign"]
     line("API progress at the end", f"{camp.get('progress')}")
     line("API counts (PostgreSQL)", f"{camp.get('counts')}")
@@ -693,26 +696,20 @@ def print_results(args: argparse.Namespace, settings: Settings, route: Route, fa
     print_stages(results, "flow")
 
     c = results["cancel"]
-    sweeps = c["sweeps"]
-    canceled = sum(n for _, n in sweeps)
     print(f"5. cancel (watched {c['s']:.0f} s, at most {args.cancel_watch:.0f} s)")
-    if sweeps:
-        until_last = max(1.0, sweeps[-1][0] - c["t0"])
-        line("canceled", f"{canceled} in {len(sweeps)} sweeps: {canceled / until_last:.0f} msg/s from the cancel"
-                         f" request to the last sweep's log line ({until_last:.0f} s),"
-                         f" sweep sizes {[n for _, n in sweeps][:8]}")
-    else:
-        line("canceled", "none logged by the scheduler within the watch")
-    line("submit_sm after cancel", f"{c['sent_after']} (claimed by the connector before the cancel)")
-    left = accepted - (journal.campaign_total + canceled)
-    if c["status"] == "canceled":
-        line("status", f"canceled after {c['s']:.0f} s")
-    else:
-        rate_c = canceled / c["s"] if c["s"] else 0
-        eta = f"{left / rate_c:.0f} s more at that rate" if rate_c else "no rate"
-        line("status", f"{c['status']} at the end of the watch; about {left} messages still to cancel ({eta});"
-                       " not waited for")
+    until = c["drained_s"] or c["s"]
+    how = "lane drained" if c["drained_s"] else "watch ended"
+    # About: the backlog and the journal are read a moment apart, so a batch sent in between may be
+    # counted on either side (the exact figure is reporting's, once the projector has caught up).
+    line("canceled", f"about {c['canceled']} of the {c['waiting']} waiting at the cancel:"
+                     f" {c['canceled'] / max(1.0, until):.0f} msg/s ({how} after {until:.0f} s)")
+    line("submit_sm after cancel", f"{c['sent_after']} (batches the connector had already attempted)")
+    if c["left"]:
+        rate_c = (c["waiting"] - c["left"]) / c["s"] if c["s"] else 0
+        eta = f"{c['left'] / rate_c:.0f} s more at that rate" if rate_c else "no rate"
+        line("status", f"{c['left']} still waiting in the lane at the end of the watch ({eta}); not waited for")
     final = results["final_campaign"]
+    line("campaign status", f"{final.get('status')}")
     line("API counts at the end", f"{final.get('counts')} (PostgreSQL, lagging)")
     if "pg_states" in results:
         line("reporting.messages", f"{results['pg_states']} (2 s after the watch)")

@@ -1,92 +1,160 @@
 """End-to-end benchmark: N messages posted over HTTP to a running stack with the simulator as SMSC.
 
-    python -m ops.bench_e2e [--messages 20000] [--batch 500] [--concurrency 4]
+    python -m ops.bench_e2e [--messages 20000] [--batch 500] [--concurrency 4] [--rate R]
 
-Uses MSGCORE_MONGO_URL / MSGCORE_PG_URL if set, else starts the embedded servers in a temp dir.
-Prints: accepted msg/s, delivered-and-billed msg/s, latency percentiles (accepted -> submit_sm at the
-simulator, accepted -> billed), projector lag at the end, MongoDB documents written per message
-(counted in the oplog), CPU seconds per 1,000 messages per component, peak RSS per process, and the
-raw write rate of the MongoDB server in the same run, with the limit it implies.
-Not a test: nothing here asserts.
+Uses MSGCORE_MONGO_URL / MSGCORE_PG_URL if set, else starts the embedded servers in a temp dir. Every
+component runs as its own process (ops/stack.py). Not a test: nothing here asserts.
+
+Two modes: as fast as the clients can post (default: the maximum rate), or `--rate R`: R msg/s in
+small batches on a fixed schedule (never more than a second's worth at once), to measure latency under
+a known load, e.g. at half of the maximum rate.
+
+Completion: every accepted message has its `billed` event. Polled without reading `events`: the
+tenant's `spent_minor` is written in the same commit as each `billed` (one `_id` read), and the
+topics' counters and checkpoints say where the rest stands; the `billed` events are counted once at
+the end.
+
+Printed: accepted msg/s, delivered-and-billed msg/s, accepted->submit_sm (simulator journal) and
+accepted->billed p50/p95/p99, idle probes (single messages one at a time, each polled by folding its
+events until billed), projector lag at the end, MongoDB documents written per message (oplog entries
+for the run's database) split by collection (events, topic counters, checkpoints, attempts, owners,
+tenants, timers, other) and how many of them were updates of a per-message document, CPU seconds per
+1,000 messages per component and in total over the msgcore processes, peak RSS, and the STORE CEILING
+measured in the same run: the server's own rate for batched inserts of event-shaped documents in
+transactions into a collection with the events indexes, divided by 5 (five events per message), and
+the achieved rate as a fraction of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
 import signal
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from datetime import datetime
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import psycopg
 from psycopg import sql
-from pymongo import AsyncMongoClient, ReplaceOne
 
 from core.domain.routing import Route
 from core.store.eventstore import EventStore
+from core.store.mongo import connect
+from core.store.topics import EventLog
 from ops.bench_support import pct, store_servers
+from ops.progress import read_progress, spent_minor
 from ops.stack import Stack, seed
 
-
-async def raw_write_rate(client: AsyncMongoClient, seconds: float = 3.0, batch: int = 1000) -> float:
-    """Documents/s the server takes in unordered batches of event-sized documents."""
-    coll = client["msgcore_bench_raw"]["docs"]
-    await coll.drop()
-    doc = {"message_id": "01M83DG2ZW93JSXZG9BRM5XMPH", "type": "accepted", "tenant_id": "bench",
-           "data": {"to": "+4915112345678", "sender": "bench", "text": "x" * 40, "parts": 1}}
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        await coll.insert_many([{**doc, "seq": n + i} for i in range(batch)], ordered=False)
-        n += batch
-    rate = n / (time.perf_counter() - start)
-    await client.drop_database("msgcore_bench_raw")
-    return rate
+TENANT = "bench"
+PRICE = 5  # per part; every benchmark text is one GSM-7 part
+EVENTS_PER_MESSAGE = 5  # accepted, routed, sent, delivered, billed
+# The collections a message's life writes to, in print order; anything else is "other".
+COLLECTIONS = ("events", "topics", "checkpoints", "attempts", "owners", "tenants", "timers")
+PER_MESSAGE = ("events", "timers")  # documents keyed by message: an update of one is a per-message rewrite
 
 
-async def raw_replace_rate(client: AsyncMongoClient, seconds: float = 3.0, batch: int = 500) -> float:
-    """Documents/s the server replaces in transactions of `batch` version-guarded statements: the
-    write a head update costs. On some servers it is far dearer than an insert."""
-    coll = client["msgcore_bench_raw"]["heads"]
-    await coll.drop()
-    await coll.create_index([("queue", 1), ("due_at", 1)])
-    await coll.insert_many([{"_id": i, "version": 0, "queue": "q", "due_at": time.time()} for i in range(batch)])
-    n, version, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        ops = [ReplaceOne({"_id": i, "version": version}, {"version": version + 1, "queue": "q", "due_at": time.time()})
-               for i in range(batch)]
-        async with client.start_session() as s, await s.start_transaction():
-            await coll.bulk_write(ops, ordered=False, session=s)
-        n, version = n + batch, version + 1
-    rate = n / (time.perf_counter() - start)
-    await client.drop_database("msgcore_bench_raw")
-    return rate
+# ---- the store's ceiling ---------------------------------------------------------------------------
 
 
-async def oplog_writes(client: AsyncMongoClient, db_name: str, since: Any) -> int:
-    """Document writes to `db_name` recorded in the oplog after `since` (transactions unpacked)."""
-    count = 0
+def _event_shaped(i: int, run: str) -> list[dict[str, Any]]:
+    """The five events of one message, shaped and sized like the pipeline's (three carry topic/pos)."""
+    mid = f"{run}{i:012d}"
+    at = datetime.now(UTC)
+    base = {"message_id": mid, "at": at, "tenant_id": TENANT, "route_id": "sim", "channel": "sms", "v": 1}
+    msg = {"to": f"+4917{i:09d}", "sender": "bench", "text": f"Your code is {i % 1_000_000:06d}", "encoding": "gsm7",
+           "parts": 1, "priority": 10}
+    return [
+        {**base, "seq": 1, "type": "accepted", "route_id": None, "topic": "route", "pos": i,
+         "data": {**msg, "validity_s": 0, "send_at": None, "campaign_id": None, "client_ref": None}},
+        {**base, "seq": 2, "type": "routed", "topic": "send:sim", "pos": i,
+         "data": {"route_id": "sim", "price_per_part": PRICE, "currency": "EUR", "strategy": "smart",
+                  "message": {**msg, "campaign_id": None, "attempt": 0, "expires_at": None, "accepted_at": at}}},
+        {**base, "seq": 3, "type": "sent", "topic": "await:sim", "pos": i,
+         "data": {"route_id": "sim", "smsc_message_ids": [f"{i:x}"], "attempt": 1, "parts": 1, "price_per_part": PRICE,
+                  "currency": "EUR", "expires_at": at + timedelta(days=2)}},
+        {**base, "seq": 4, "type": "delivered",
+         "data": {"route_id": "sim", "smsc_message_id": f"{i:x}", "stat": "DELIVRD", "err": "000", "done_at": at}},
+        {**base, "seq": 5, "type": "billed",
+         "data": {"route_id": "sim", "parts": 1, "price_per_part": PRICE, "amount": PRICE, "currency": "EUR"}},
+    ]
+
+
+async def store_ceiling(mongo_url: str, seconds: float = 5.0, batch: int = 500) -> float:
+    """Documents/s the server takes as batched inserts of event-shaped documents, `batch` per
+    transaction, into a collection with the events indexes (EventLog.ensure_indexes: unique
+    (message_id, seq), sparse unique (topic, pos), sparse data.smsc_message_ids)."""
+    client = connect(mongo_url, "bench-ceiling")
+    name = f"msgcore_ceiling_{int(time.time())}"
+    try:
+        log = EventLog(client[name])
+        await log.ensure_indexes()
+        n, i, start = 0, 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            docs = [d for k in range(batch // EVENTS_PER_MESSAGE) for d in _event_shaped(i + k, "CEIL")]
+            i += batch // EVENTS_PER_MESSAGE
+
+            async def body(session: Any, docs: list[dict[str, Any]] = docs) -> None:
+                await log.events.insert_many(docs, ordered=False, session=session)
+
+            await log.transaction(body)
+            n += len(docs)
+        return n / (time.perf_counter() - start)
+    finally:
+        await client.drop_database(name)
+        await client.close()
+
+
+# ---- what the run wrote ----------------------------------------------------------------------------
+
+
+async def oplog_writes(client: Any, db_name: str, since: Any) -> Counter[tuple[str, str]]:
+    """Document writes to `db_name` recorded in the oplog after `since` (transactions unpacked), by
+    (collection, op): op "i" insert, "u" update, "d" delete."""
+    out: Counter[tuple[str, str]] = Counter()
     prefix = db_name + "."
+
+    def count(op: dict[str, Any]) -> None:
+        ns = str(op.get("ns", ""))
+        if ns.startswith(prefix) and op.get("op") in ("i", "u", "d"):
+            out[(ns[len(prefix):], op["op"])] += 1
+
     async for entry in client.local["oplog.rs"].find({"ts": {"$gt": since}}):
         inner = entry.get("o", {}).get("applyOps") if entry.get("op") == "c" else None
-        if inner is not None:
-            count += sum(1 for op in inner if str(op.get("ns", "")).startswith(prefix))
-        elif str(entry.get("ns", "")).startswith(prefix):
-            count += 1
-    return count
+        for op in inner if inner is not None else [entry]:
+            count(op)
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (the PostgreSQL server is a family of processes)."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 class RssSampler(threading.Thread):
     def __init__(self, stack: Stack) -> None:
         super().__init__(daemon=True)
-        self.stack, self.peak, self.done = stack, {}, threading.Event()
+        self.stack, self.done = stack, threading.Event()
+        self.peak: dict[str, float] = {}
 
     def run(self) -> None:
         while not self.done.wait(0.5):
@@ -94,33 +162,87 @@ class RssSampler(threading.Thread):
                 self.peak[name] = max(self.peak.get(name, 0.0), mb)
 
 
-async def post_all(stack: Stack, key: str, n: int, batch: int, concurrency: int) -> float:
-    bodies = [{"messages": [{"to": f"+4917{(start + i):09d}", "from": "bench", "text": f"Your code is {start + i:06d}"}
-                            for i in range(min(batch, n - start))]} for start in range(0, n, batch)]
+# ---- posting ---------------------------------------------------------------------------------------
+
+
+def bodies(n: int, batch: int, first: int = 0) -> list[dict[str, Any]]:
+    return [{"messages": [{"to": f"+4917{(start + i):09d}", "from": "bench", "text": f"Your code is {start + i:06d}"}
+                          for i in range(min(batch, first + n - start))]} for start in range(first, first + n, batch)]
+
+
+async def _post(http: httpx.AsyncClient, body: dict[str, Any]) -> None:
+    r = await http.post("/v1/messages", json=body)
+    if r.status_code != 202:
+        raise RuntimeError(f"POST /v1/messages answered {r.status_code}: {r.text[:300]}")
+
+
+async def post_all(http: httpx.AsyncClient, n: int, batch: int, concurrency: int) -> float:
+    """Post as fast as `concurrency` clients can; returns the seconds it took."""
     queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    for b in bodies:
+    for b in bodies(n, batch):
         queue.put_nowait(b)
 
-    async def sender(http: httpx.AsyncClient) -> None:
+    async def sender() -> None:
         while not queue.empty():
-            body = queue.get_nowait()
-            r = await http.post("/v1/messages", json=body)
-            if r.status_code != 202:
-                raise RuntimeError(f"POST /v1/messages answered {r.status_code}: {r.text[:300]}")
+            await _post(http, queue.get_nowait())
 
     start = time.perf_counter()
-    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"},
-                                 timeout=120) as http:
-        await asyncio.gather(*(sender(http) for _ in range(concurrency)))
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
     return time.perf_counter() - start
 
 
-async def latencies(client: AsyncMongoClient, db_name: str, journal: Path) -> dict[str, list[float]]:
+async def post_at_rate(http: httpx.AsyncClient, n: int, rate: float, concurrency: int) -> float:
+    """Post `n` messages at `rate` msg/s: a batch every 1/20 s (or one message at a time below 20 msg/s),
+    each sent at its scheduled time. A schedule that falls behind is not caught up in a burst: at most
+    `concurrency` POSTs are in flight, and a late batch is sent when a client is free."""
+    batch = max(1, math.ceil(rate / 20))
+    interval = batch / rate
+    pending: set[asyncio.Task[None]] = set()
+    room = asyncio.Semaphore(concurrency)
+
+    async def one(body: dict[str, Any]) -> None:
+        try:
+            await _post(http, body)
+        finally:
+            room.release()
+
+    start = time.perf_counter()
+    for k, body in enumerate(bodies(n, batch)):
+        delay = start + k * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await room.acquire()
+        task = asyncio.create_task(one(body))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+    await asyncio.gather(*pending)
+    return time.perf_counter() - start
+
+
+async def wait_billed(db: Any, n: int, timeout_s: float) -> None:
+    """Until the tenant's spend says `n` messages are billed (one `_id` read per poll)."""
+    deadline = time.monotonic() + timeout_s
+    last_note = time.monotonic()
+    while await spent_minor(db, TENANT) < n * PRICE:
+        if time.monotonic() > deadline:
+            progress = await read_progress(db)
+            raise TimeoutError(f"not every message billed within {timeout_s:.0f}s: {progress.summary()}")
+        if time.monotonic() - last_note > 15:
+            last_note = time.monotonic()
+            billed = await spent_minor(db, TENANT) // PRICE
+            print(f"  ... {billed} of {n} billed; {(await read_progress(db)).summary()}", flush=True)
+        await asyncio.sleep(0.2)
+
+
+# ---- latencies -------------------------------------------------------------------------------------
+
+
+async def latencies(db: Any, journal: Path) -> dict[str, list[float]]:
     accepted: dict[str, datetime] = {}
     billed: dict[str, datetime] = {}
     to_of: dict[str, str] = {}
-    async for e in client[db_name]["events"].find({"type": {"$in": ["accepted", "billed"]}},
-                                                  {"message_id": 1, "type": 1, "at": 1, "data.to": 1}):
+    async for e in db["events"].find({"type": {"$in": ["accepted", "billed"]}},
+                                     {"message_id": 1, "type": 1, "at": 1, "data.to": 1}):
         if e["type"] == "accepted":
             accepted[e["message_id"]] = e["at"]
             to_of[e["data"]["to"].lstrip("+")] = e["message_id"]
@@ -133,26 +255,26 @@ async def latencies(client: AsyncMongoClient, db_name: str, journal: Path) -> di
         if mid:
             submit.append((datetime.fromisoformat(j["at"]) - accepted[mid]).total_seconds() * 1000)
     return {"accepted->submit_sm": submit,
-            "accepted->billed": [(billed[m] - accepted[m]).total_seconds() * 1000 for m in billed]}
+            "accepted->billed": [(billed[m] - accepted[m]).total_seconds() * 1000 for m in billed if m in accepted]}
 
 
-async def idle_probes(stack: Stack, client: AsyncMongoClient, db_name: str, key: str, n: int) -> dict[str, list[float]]:
-    """Latency with no backlog: single messages posted one at a time, each awaited until billed."""
-    store = EventStore(client[db_name])
+async def idle_probes(http: httpx.AsyncClient, db: Any, n: int) -> dict[str, list[float]]:
+    """Latency with no backlog: single messages posted one at a time, each polled (the fold of its
+    events) until billed."""
+    store = EventStore(db)
     out: dict[str, list[float]] = {"accepted->sent": [], "accepted->billed": []}
-    async with httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {key}"}) as http:
-        for i in range(n):
-            r = await http.post("/v1/messages", json={"to": f"+4916{i:09d}", "from": "probe", "text": "probe"})
-            mid = r.json()["id"]
-            for _ in range(600):
-                head = await store.head(mid)
-                if head and head.get("billed"):
-                    break
-                await asyncio.sleep(0.01)
-            events = {e.type.value: e.at for e in await store.load_events(mid)}
-            if "billed" in events:
-                out["accepted->sent"].append((events["sent"] - events["accepted"]).total_seconds() * 1000)
-                out["accepted->billed"].append((events["billed"] - events["accepted"]).total_seconds() * 1000)
+    for i in range(n):
+        r = await http.post("/v1/messages", json={"to": f"+4916{i:09d}", "from": "probe", "text": "probe"})
+        mid = r.json()["id"]
+        for _ in range(1000):
+            state = await store.state(mid)
+            if state is not None and state.billed:
+                break
+            await asyncio.sleep(0.01)
+        events = {e.type.value: e.at for e in await store.load_events(mid)}
+        if "billed" in events:
+            out["accepted->sent"].append((events["sent"] - events["accepted"]).total_seconds() * 1000)
+            out["accepted->billed"].append((events["billed"] - events["accepted"]).total_seconds() * 1000)
     return out
 
 
@@ -163,89 +285,118 @@ def pg_count(stack: Stack, table: str) -> int:
     return int(row[0]) if row else 0
 
 
-async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Path) -> None:
-    client: AsyncMongoClient = AsyncMongoClient(mongo_url, tz_aware=True)
-    raw = await raw_write_rate(client)
-    raw_replace = await raw_replace_rate(client)
-    stack = Stack(mongo_url, pg_url, f"bench_{int(time.time())}", f"bench_{int(time.time())}", work / "stack",
+# ---- the run ---------------------------------------------------------------------------------------
+
+
+async def bench(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Path, servers: dict[str, int]) -> None:
+    print("measuring the store's ceiling (batched event inserts in transactions, events indexes) ...", flush=True)
+    ceiling_docs = await store_ceiling(mongo_url, args.ceiling_seconds)
+    client = connect(mongo_url, "bench")
+    stamp = int(time.time())
+    stack = Stack(mongo_url, pg_url, f"bench_{stamp}", f"bench_{stamp}", work / "stack",
                   receipt_delay_s=args.receipt_delay)
-    keys = await seed(mongo_url, stack.mongo_db, [Route(id="sim", port=stack.sim_port, price_per_part=5,
-                                                        window=args.window)], ["bench"])
+    keys = await seed(mongo_url, stack.mongo_db, [Route(id="sim", port=stack.sim_port, price_per_part=PRICE,
+                                                        window=args.window)], [TENANT])
     stack.start_all()
     sampler = RssSampler(stack)
+    fig: dict[str, Any] = {"ceiling_docs": ceiling_docs}
+    http = httpx.AsyncClient(base_url=stack.api_url, headers={"Authorization": f"Bearer {keys[TENANT]}"},
+                             timeout=120)
     try:
         await asyncio.to_thread(stack.wait_http)
         await asyncio.sleep(2)  # let every worker connect and bind
         sampler.start()
         db = client[stack.mongo_db]
         op_start = (await client.admin.command("hello"))["operationTime"]
-        cpu0 = stack.cpu_s()
+        cpu0 = {**stack.cpu_s(), **{k: tree_cpu_s(p) for k, p in servers.items()}}
         t0 = time.perf_counter()
-        post_s = await post_all(stack, keys["bench"], args.messages, args.batch, args.concurrency)
-        # One index probe per poll: counting documents would itself load the server under test.
-        store = EventStore(db)
-        while await store.any_unfinished():
-            await asyncio.sleep(0.5)
-        billed_s = time.perf_counter() - t0
-        cpu1 = stack.cpu_s()
+        if args.rate:
+            fig["post_s"] = await post_at_rate(http, args.messages, args.rate, args.concurrency)
+        else:
+            fig["post_s"] = await post_all(http, args.messages, args.batch, args.concurrency)
+        await wait_billed(db, args.messages, args.timeout)
+        fig["billed_s"] = time.perf_counter() - t0
+        fig["cpu"] = {k: v - cpu0.get(k, 0.0) for k, v in {
+            **stack.cpu_s(), **{k: tree_cpu_s(p) for k, p in servers.items()}}.items()}
+        fig["progress"] = await read_progress(db)
         t_billed = time.perf_counter()
+        fig["writes"] = await oplog_writes(client, stack.mongo_db, op_start)
         total_events = await db["events"].count_documents({})
-        while pg_count(stack, "message_events") < total_events:
+        fig["billed_events"] = await db["events"].count_documents({"type": "billed"})
+        while pg_count(stack, "message_events") < total_events and time.perf_counter() - t_billed < args.timeout:
             await asyncio.sleep(0.1)
-        lag_s = time.perf_counter() - t_billed
-        writes = await oplog_writes(client, stack.mongo_db, op_start)
-        lat = await latencies(client, stack.mongo_db, stack.journal)
-        probes = await idle_probes(stack, client, stack.mongo_db, keys["bench"], args.probes)
+        fig["lag_s"] = time.perf_counter() - t_billed
+        fig["lat"] = await latencies(db, stack.journal)
+        fig["probes"] = await idle_probes(http, db, args.probes)
     finally:
         sampler.done.set()
+        await http.aclose()
         stack.stop_all()
         await client.drop_database(stack.mongo_db)
         await client.close()
         with psycopg.connect(pg_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(stack.schema)))
+    report(args, fig, sampler.peak)
 
+
+def _line(name: str, values: list[float], extra: str) -> str:
+    return (f"  {name:24} p50 {pct(values, 50):7.0f} ms  p95 {pct(values, 95):7.0f} ms  p99 {pct(values, 99):7.0f} ms"
+            f"  (n={len(values)}{extra})")
+
+
+def report(args: argparse.Namespace, fig: dict[str, Any], peak: dict[str, float]) -> None:
     n = args.messages
-    per_msg = writes / n
-    print(f"\nmsgcore end-to-end benchmark: {n} messages, batches of {args.batch}, {args.concurrency} clients")
-    print(f"  accepted                 {n / post_s:9.0f} msg/s   ({post_s:.1f} s)")
-    print(f"  delivered and billed     {n / billed_s:9.0f} msg/s   ({billed_s:.1f} s from first POST)")
-    for name, values in lat.items():
-        print(f"  {name:24} p50 {pct(values, 50):7.0f} ms  p95 {pct(values, 95):7.0f} ms  p99 {pct(values, 99):7.0f} ms"
-              f"  (n={len(values)}, mean {statistics.fmean(values) if values else float('nan'):.0f} ms)")
-    for name, values in probes.items():
-        print(f"  idle {name:19} p50 {pct(values, 50):7.0f} ms  p95 {pct(values, 95):7.0f} ms"
-              f"  p99 {pct(values, 99):7.0f} ms  (n={len(values)} single messages, no backlog)")
-    print(f"  projector lag at end     {lag_s:9.2f} s")
-    print(f"  MongoDB writes/message   {per_msg:9.2f}   (oplog entries for the run's database)")
-    limit = raw / per_msg
-    rate = n / billed_s
-    print(f"  MongoDB raw write rate   {raw:9.0f} docs/s inserted in batches -> limit {limit:.0f} msg/s at"
-          f" {per_msg:.1f} writes/msg; achieved {100 * rate / limit:.0f} %")
-    # Six of the writes per message are head updates (one insert, five replaces/updates).
-    mixed = 1 / ((per_msg - 6) / raw + 6 / raw_replace)
-    print(f"  MongoDB raw replace rate {raw_replace:9.0f} docs/s in transactions -> limit {mixed:.0f} msg/s with"
-          f" 6 head updates/msg; achieved {100 * rate / mixed:.0f} %")
-    print("  CPU s per 1,000 msgs     " + "  ".join(f"{k}={1000 * (cpu1[k] - cpu0.get(k, 0)) / n:.2f}"
-                                                  for k in cpu1))
-    msgcore_cpu = sum(cpu1[k] - cpu0.get(k, 0) for k in cpu1 if k != "smsc-sim")
-    print(f"  CPU per message (msgcore processes, simulator excluded) {1000 * msgcore_cpu / n:.2f} ms")
-    print("  peak RSS MB              " + "  ".join(f"{k}={v:.0f}" for k, v in sorted(sampler.peak.items())))
+    mode = f"posted at {args.rate:.0f} msg/s" if args.rate else f"batches of {args.batch}, {args.concurrency} clients"
+    rate = n / fig["billed_s"]
+    print(f"\nmsgcore end-to-end benchmark: {n} messages, {mode}")
+    print(f"  accepted                 {n / fig['post_s']:9.0f} msg/s   ({fig['post_s']:.1f} s)")
+    print(f"  delivered and billed     {rate:9.0f} msg/s   ({fig['billed_s']:.1f} s from first POST;"
+          f" {fig['billed_events']} billed events)")
+    for name, values in fig["lat"].items():
+        mean = statistics.fmean(values) if values else float("nan")
+        print(_line(name, values, f", mean {mean:.0f} ms"))
+    for name, values in fig["probes"].items():
+        print(_line(f"idle {name}", values, " single messages, no backlog"))
+    print(f"  projector lag at end     {fig['lag_s']:9.2f} s")
+    writes: Counter[tuple[str, str]] = fig["writes"]
+    total = sum(writes.values())
+    by_coll = Counter[str]()
+    for (coll, _), k in writes.items():
+        by_coll[coll if coll in COLLECTIONS else "other"] += k
+    print(f"  MongoDB writes/message   {total / n:9.2f}   (oplog entries for the run's database, idle probes excluded)")
+    print("    by collection          " + "  ".join(f"{c}={by_coll[c] / n:.3f}" for c in (*COLLECTIONS, "other")
+                                                  if by_coll[c]))
+    rewrites = sum(k for (coll, op), k in writes.items() if coll in PER_MESSAGE and op == "u")
+    print(f"    per-message rewrites   {rewrites:9d}   (updates of events or timers)")
+    ceiling = fig["ceiling_docs"] / EVENTS_PER_MESSAGE
+    print(f"  STORE CEILING            {ceiling:9.0f} msg/s   ({fig['ceiling_docs']:.0f} event docs/s in transactions"
+          f" with the events indexes, / {EVENTS_PER_MESSAGE}); achieved {100 * rate / ceiling:.0f} % of it")
+    cpu: dict[str, float] = fig["cpu"]
+    print("  CPU s per 1,000 msgs     " + "  ".join(f"{k}={1000 * v / n:.2f}" for k, v in cpu.items()))
+    msgcore_cpu = sum(v for k, v in cpu.items() if k not in ("smsc-sim", "mongo-server", "pg-server"))
+    print(f"  CPU per message          {1000 * msgcore_cpu / n:9.3f} ms (msgcore processes: simulator and store"
+          " servers excluded)")
+    print("  peak RSS MB              " + "  ".join(f"{k}={v:.0f}" for k, v in sorted(peak.items())))
+    print(f"  at the end               {fig['progress'].summary()}")
 
 
 def main() -> None:
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--messages", type=int, default=20_000)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--rate", type=float, default=0.0, help="post at this many msg/s (0: as fast as possible)")
     p.add_argument("--window", type=int, default=50)
     p.add_argument("--receipt-delay", type=float, default=0.2)
     p.add_argument("--probes", type=int, default=30, help="single messages timed after the run, with no backlog")
+    p.add_argument("--ceiling-seconds", type=float, default=5.0, help="how long the store ceiling is measured")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for every message to be billed")
     args = p.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="msgcore-bench-") as tmp, store_servers(Path(tmp)) as servers:
-        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp)))
+        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp), servers.pids))
+
 
 if __name__ == "__main__":
     main()

@@ -18,18 +18,15 @@ from ops.cli_common import cli_actor, cli_settings
 from ops.cli_tenants import tenants_app
 
 if TYPE_CHECKING:
-    from core.domain.events import Event
     from core.store.deadletters import RequeueResult
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="msgcore: event-sourced SMS core.")
 routes_app = typer.Typer(no_args_is_help=True, help="SMSC routes.")
-heads_app = typer.Typer(no_args_is_help=True, help="Heads (the per-message cache in `streams`).")
 dead_letters_app = typer.Typer(no_args_is_help=True,
                                help="Dead-lettered (and failed) messages: list, show, requeue (appends events).")
 app.add_typer(tenants_app, name="tenants")  # ops/cli_tenants.py
 app.add_typer(campaigns_app, name="campaigns")  # ops/cli_campaigns.py
 app.add_typer(routes_app, name="routes")
-app.add_typer(heads_app, name="heads")
 app.add_typer(dead_letters_app, name="dead-letters")
 projections_app = typer.Typer(no_args_is_help=True, help="The PostgreSQL reporting projection: lag, rebuild.")
 reporting_app = typer.Typer(no_args_is_help=True, help="The reporting schema for BI tools.")
@@ -72,15 +69,8 @@ def router() -> None:
 
 
 @app.command()
-def biller() -> None:
-    """Price and bill finished messages."""
-    s = cli_settings("biller")
-    _run("biller", components.biller_main(s))
-
-
-@app.command()
 def scheduler() -> None:
-    """Timed jobs: receipt expiry."""
+    """Timed jobs: receipt expiry (with its bill), due timers, campaign release and completion."""
     s = cli_settings("scheduler")
     _run("scheduler", components.scheduler_main(s))
 
@@ -407,22 +397,6 @@ def routes_history(
         typer.echo(f"no recorded changes of route {route_id}", err=True)
 
 
-@heads_app.command("rebuild")
-def heads_rebuild() -> None:
-    """Recreate every head from the event log."""
-    from core.domain.events import utcnow
-    from core.store.rebuild import rebuild_heads
-
-    s = cli_settings("cli")
-
-    async def go() -> int:
-        async with components.database(s, "cli") as db:
-            return await rebuild_heads(db, utcnow(), progress=lambda n: typer.echo(f"\r{n} heads", nl=False))
-
-    n = asyncio.run(go())
-    typer.echo(f"\nrebuilt {n} heads")
-
-
 # ---- dead letters -----------------------------------------------------------------------------------
 
 StateOption = Annotated[str, typer.Option("--state", help="dead_lettered, or failed (operators may retry those too)")]
@@ -463,26 +437,29 @@ def dead_letters_list(
 
 @dead_letters_app.command("show")
 def dead_letters_show(message_id: Annotated[str, typer.Argument(help="Message id")]) -> None:
-    """The message's head and its full event history (time, type, route, data)."""
+    """The message's state (the fold of its events) and its full event history (time, type, route, data)."""
     import json
 
+    from core.domain.events import Event
+    from core.domain.message import fold
     from core.store.eventstore import EventStore
 
     s = cli_settings("cli")
 
-    async def fetch() -> tuple[dict[str, Any] | None, list[Event]]:
+    async def fetch() -> list[dict[str, Any]]:
         async with components.database(s, "cli") as db:
-            store = EventStore(db)
-            return await store.head(message_id), await store.load_events(message_id)
+            return await EventStore(db).log.load_events(message_id)
 
-    head, events = asyncio.run(fetch())
-    if head is None and not events:
+    docs = asyncio.run(fetch())
+    if not docs:
         typer.echo(f"msgcore dead-letters show: no message {message_id}", err=True)
         raise typer.Exit(1)
-    if head is not None:
-        typer.echo(f"message {message_id}\ttenant={head['tenant_id']}\tto={head.get('msg', {}).get('to', '')}\t"
-                   f"state={head['state']}\tattempts={head.get('attempts', 0)}\tversion={head['version']}\t"
-                   f"queue={head.get('queue') or '-'}")
+    events = [Event.from_doc(d) for d in docs]
+    state = fold(events)
+    if state is not None:
+        # Where it waits: the topic its last event went to (a stage's input), if any.
+        typer.echo(f"message {message_id}\ttenant={state.tenant_id}\tto={state.to}\tstate={state.state}\t"
+                   f"attempts={state.attempts}\tversion={state.version}\ttopic={docs[-1].get('topic') or '-'}")
     for e in events:
         data = json.dumps(e.data, default=str, ensure_ascii=False, sort_keys=True)
         typer.echo(f"{e.seq:>3}  {e.at.isoformat()}  {e.type.value:<13} route={e.route_id or '-'}  {data}")
@@ -551,14 +528,17 @@ def dead_letters_requeue(
 
 @app.command()
 def verify(
-    stale_after: Annotated[float, typer.Option(min=0, help="Seconds past due_at after which a message is stuck")
-                           ] = 3600.0,
+    stale_after: Annotated[float, typer.Option(min=0, help="Seconds a message may wait past its due time (in a "
+                                               "topic backlog, on a timer, for a receipt) before it is stuck, and "
+                                               "an attempt may stay open before it is unresolved")] = 3600.0,
     lag_grace: Annotated[float, typer.Option(
         min=0, help="Events missing from the reporting tables count as not yet projected if they are at most this "
                     "many seconds older than the projector's position")] = 60.0,
     show: Annotated[int, typer.Option(min=0, help="Discrepancies printed per kind")] = 50,
 ) -> None:
-    """Check the heads and the reporting tables against the event log: exit 0 if clean, 1 if not."""
+    """Check the event log (topics gapless, every position below a checkpoint with its outcome, attempts
+    resolved, every message finished or legitimately waiting, no unexplained second send, no double
+    bill, tenants' spend) and the reporting tables against it: exit 0 if clean, 1 if not."""
     import psycopg
     from pymongo.errors import ConnectionFailure
 
@@ -589,9 +569,12 @@ def verify(
     for note in report.notes[:show]:
         typer.echo(f"note:{note.kind}\t{note.message_id or '-'}\t{note.detail}")
     c = report.counts
-    typer.echo(f"messages={c['messages']} events={c['events']} heads={c['heads']} terminal={c['terminal']} "
-               f"in_flight={c['in_flight']} stuck={c['stuck']} possible_duplicates={c['possible_duplicates']} "
-               f"multi_sent={c['multi_sent']}")
+    typer.echo(f"messages={c['messages']} events={c['events']} terminal={c['terminal']} in_flight={c['in_flight']} "
+               f"(backlog={c['in_backlog']} timer={c['on_timer']} receipt={c['awaiting_receipt']} "
+               f"paused={c['paused']}) stuck={c['stuck']} billed={c['billed']} "
+               f"possible_duplicates={c['possible_duplicates']} multi_sent={c['multi_sent']}")
+    typer.echo(f"topics={c['topics']} positions={c['positions']} checkpoints={c['checkpoints']} "
+               f"attempts_open={c['attempts_open']} in_motion={c['in_motion']}")
     if report.reporting_checked:
         typer.echo(f"reporting schema {s.reporting_schema}: projected={c['projected']} "
                    f"not_yet_projected={c['not_yet_projected']} projector_position="
@@ -714,9 +697,8 @@ def projections_rebuild(
 def trace(
     query: Annotated[str, typer.Argument(help="Message id, SMSC message id, or phone number (E.164)")],
     max_messages: Annotated[int, typer.Option(min=1, max=1000, help="Show at most this many messages")] = 20,
-    scan: Annotated[bool, typer.Option(help="Phone numbers: also scan the heads (unindexed) even when "
-                                             "PostgreSQL found some")] = False,
-    scan_time: Annotated[float, typer.Option(min=1, help="Seconds the unindexed heads scan may take")] = 30.0,
+    scan_time: Annotated[float, typer.Option(min=1, help="Phone numbers: seconds a lookup may take when the "
+                                                         "events have no index on the number")] = 30.0,
 ) -> None:
     """Print the full event history from the log (seq, UTC time, type, route, key data) of the
     message(s) named. Exit 1 if none is found."""
@@ -727,8 +709,7 @@ def trace(
 
     async def go():  # type: ignore[no-untyped-def]
         async with components.database(s, "cli") as db:
-            return await run_trace(db, query, pg_url=s.pg_url or None, schema=s.reporting_schema,
-                                   max_messages=max_messages, scan=scan, scan_time_s=scan_time)
+            return await run_trace(db, query, max_messages=max_messages, scan_time_s=scan_time)
 
     result = asyncio.run(go())
     for line in format_trace(result):

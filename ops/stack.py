@@ -24,7 +24,7 @@ from core.store.tenants import TenantStore
 from ops.components import prepare
 from ops.embedded import die_with_parent, free_port
 
-WORKERS = ("router", "connector", "biller", "scheduler", "projector")
+WORKERS = ("router", "connector", "scheduler", "projector")
 
 
 @dataclass

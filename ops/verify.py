@@ -1,28 +1,43 @@
-"""`msgcore verify`: nothing lost, nothing sent twice unknowingly.
+"""`msgcore verify`: nothing lost, nothing sent twice unknowingly, nothing billed twice.
 
-Checks the two stores against the log, which is the truth:
+The event log is the truth; every other document is checked against it. The checks:
 
-1. heads: every head in `streams` equals the fold of its events (state, version, tenant, route,
-   SMSC ids, billed, parts, queue); a head without events, events without a head, and a stream that
-   does not fold (unreadable event, gap in seq, invalid transition) are discrepancies.
-2. audit copy: every event is in `{schema}.message_events` exactly once (same message_id, seq,
-   type) and nothing else is there. Events the projector may not have reached yet are counted as
-   `not_yet_projected`, not reported (see `VerifyReport.pending_after`).
-3. progress: every message is terminal (state in TERMINAL_STATES and no stage left, i.e. billed if
-   billable), or in flight: its head sits in a queue whose `due_at` is less than `stale_after_s`
-   old. A head overdue by more than that is `stuck` (no worker is processing its stage).
-4. reporting: `{schema}.daily_stats` equals its recount from `message_events`, and every
-   `{schema}.messages` row agrees with the events projected for it (state, last_seq, billed, amount).
-5. duplicates: `sent` events marked `possible_duplicate` are listed as notes (explained); a second
-   `sent` of a message with neither that mark nor a `retry` since the previous `sent` is a
-   discrepancy (`duplicate_sent`).
+1. topics: every topic is gapless: positions 0 .. counter-1 each held by exactly one event, none at
+   or past the counter (`topic_gap`, `position_twice`, `position_beyond_counter`), and no checkpoint
+   ahead of its topic's counter (`checkpoint_ahead`).
+2. checkpoints: every position below a consumer's checkpoint has its outcome: the message has a later
+   event than the entry's seq, or (the router holding a suspended tenant's message) a timer for that
+   very seq (`no_outcome`).
+3. attempts: every attempt document whose range reaches past its consumer's checkpoint is listed with
+   its owner, epoch and age: as a note while younger than `stale_after_s` (in flight), else as
+   `attempt_unresolved` (no owner resolved it: is a connector running?).
+4. messages: each message's seqs are 1..n, each once, and its events fold without error
+   (`core.domain.message.fold`; `fold_failed`); no message is billed twice (`billed_twice`) and none
+   that was sent and ended is unbilled (`unbilled`). Each is finished (a terminal state) or waits
+   legitimately: in a topic backlog (at or past the consumer's checkpoint), on a timer for its last
+   seq, or sent and awaiting a receipt until its `expires_at`. Waiting longer than `stale_after_s`
+   past its due time (a paused or suspended lane excepted) is `stuck`; in no topic backlog and on no
+   timer is `stuck` too.
+5. duplicates: `sent` events marked `possible_duplicate` are notes (explained); a second `sent` of a
+   message with neither that mark nor a `retry` (e.g. OUTCOME_UNKNOWN) or `requeued` since the
+   previous `sent` is a discrepancy (`duplicate_sent`).
+6. money: each tenant's `spent_minor` equals the sum of its `billed` amounts (`spend_mismatch`).
+7. reporting (with PostgreSQL): every event is in `{schema}.message_events` exactly once (same seq and
+   type) and nothing else is there; every `{schema}.messages` row agrees with the events projected for
+   it; `{schema}.daily_stats` equals its recount. Events newer than `VerifyReport.pending_after` may
+   be missing without fault (`not_yet_projected`).
 
-Memory stays flat whatever the size of the log: the events (sorted by message_id, seq), the heads
-(sorted by _id), `message_events` and `messages` (server-side cursors, sorted by message_id in byte
-order) are four sorted streams merged message by message. PostgreSQL is read in one REPEATABLE READ
-snapshot taken before MongoDB is read, so every projected event is already in the log when the log
-is read. A head that disagrees with its events is re-read with its events in one snapshot
-transaction before it is reported, so a message that moved on during the scan is not a false alarm.
+Consistency without a global snapshot, by read order: checkpoints are read before counters, counters
+before the events (a checkpoint or counter only grows, and the events below it committed with it), the
+tenants' spend before and after the scan (the billed sum the scan sees must lie between). A message that
+looks wrong is read again, events and timer in one snapshot transaction, before it is reported (it may
+have moved on during the scan: counted as `in_motion`). PostgreSQL is read in one REPEATABLE READ
+snapshot taken before MongoDB is read.
+
+Memory stays flat in the number of messages: the events (sorted by message_id, seq), the timers (by
+_id), `message_events` and `messages` (server-side cursors, by message_id in byte order) are merged
+message by message; topics are read one at a time by position. What is held whole is small: counters,
+checkpoints, lanes, tenants, attempts.
 """
 
 from __future__ import annotations
@@ -34,32 +49,40 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pydantic
 from psycopg import sql
-from pymongo import ASCENDING
-from pymongo.asynchronous.client_session import AsyncClientSession
-from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.read_concern import ReadConcern
 
 from core.domain.errors import InvalidTransition
 from core.domain.events import Event, EventType
-from core.domain.message import TERMINAL_STATES, MessageState, fold, queue_for
-from projections.projector import STATE_OF_TYPE, int_to_ts
+from core.domain.message import TERMINAL_STATES, MessageState, fold, lane_of_topic
+from core.store.topics import EventLog
+from projections.projector import STATE_OF_TYPE, STATELESS_TYPES, int_to_ts
 from projections.queries import _RECOUNT as RECOUNT_DAILY_STATS  # the one definition daily_stats must equal
 
+if TYPE_CHECKING:  # the driver's types only: the driver itself is core/store's business
+    from pymongo.asynchronous.client_session import AsyncClientSession
+    from pymongo.asynchronous.database import AsyncDatabase
+
 log = logging.getLogger(__name__)
+
+ASCENDING = 1
 
 DEFAULT_STALE_AFTER_S = 3600.0
 DEFAULT_LAG_GRACE_S = 60.0
 BATCH = 2000
-# Events after which a new `sent` is a deliberate resend: the connector's retry, an operator's requeue.
+# Events after which a new `sent` is a deliberate resend: the connector's retry (OUTCOME_UNKNOWN among
+# them), an operator's requeue.
 RETRY_TYPES = frozenset({"retry", "requeued"})
+# States after which a sent message must carry its `billed` (written in the same commit).
+BILLABLE_STATES = frozenset({"delivered", "undelivered", "expired"})
+READABLE_LANE_STATES = frozenset({"active", "canceling"})
 COUNT_KEYS = (
-    "messages", "events", "heads", "projected", "in_flight", "terminal", "stuck", "possible_duplicates",
-    "multi_sent", "not_yet_projected", "in_motion",
+    "messages", "events", "topics", "positions", "checkpoints", "terminal", "in_flight", "in_backlog",
+    "on_timer", "awaiting_receipt", "paused", "stuck", "attempts_open", "billed", "possible_duplicates",
+    "multi_sent", "projected", "not_yet_projected", "in_motion",
 )  # fmt: skip
 
 
@@ -73,8 +96,8 @@ class _OutOfOrder(VerifyError):
 
 @dataclass(frozen=True)
 class Discrepancy:
-    """One finding: `kind` (stable, e.g. `head_mismatch`), the message concerned (None for table-level
-    findings such as `daily_stats_mismatch`) and a human-readable detail."""
+    """One finding: `kind` (stable, e.g. `no_outcome`), the message concerned (None for log-level
+    findings such as `topic_gap` or `daily_stats_mismatch`) and a human-readable detail."""
 
     kind: str
     message_id: str | None
@@ -86,9 +109,10 @@ class VerifyReport:
     """The result of `verify`.
 
     `discrepancies` keeps at most `keep_per_kind` findings per kind; `discrepancy_counts` counts all
-    of them. `notes` are information, not faults (a `possible_duplicate` send that the log explains).
-    `counts` has the keys of COUNT_KEYS. `reporting_checked` is False when no PostgreSQL was given.
-    `pending_after`: events newer than this may be missing from `message_events` without fault.
+    of them. `notes` are information, not faults (a `possible_duplicate` send that the log explains,
+    an attempt in flight). `counts` has the keys of COUNT_KEYS. `reporting_checked` is False when no
+    PostgreSQL was given. `pending_after`: events newer than this may be missing from
+    `message_events` without fault.
     """
 
     discrepancies: list[Discrepancy] = field(default_factory=list)
@@ -108,7 +132,7 @@ class VerifyReport:
         self.discrepancy_counts[kind] += 1
         if self.discrepancy_counts[kind] <= self.keep_per_kind:
             self.discrepancies.append(Discrepancy(kind, message_id, detail))
-        log.debug("verify: %s message_id=%s %s", kind, message_id, detail)
+        log.debug("verify: %s message=%s %s", kind, message_id, detail)
 
     def note(self, kind: str, message_id: str | None, detail: str) -> None:
         if len(self.notes) < self.keep_per_kind:
@@ -214,7 +238,126 @@ async def _fetch_server_side(conn: psycopg.AsyncConnection, name: str, query: sq
             yield row
 
 
-# --- the per-message checks ------------------------------------------------------------------------
+# --- what is read whole before the scan --------------------------------------------------------------
+
+
+@dataclass
+class LogSnapshot:
+    """The small documents read before the events, in this order: spend, checkpoints, counters, lanes
+    and tenants. `consumers[topic]` = {consumer: checkpoint position}."""
+
+    spend_before: dict[str, int]
+    checkpoints: dict[str, int]  # "<consumer>|<topic>" -> pos
+    counters: dict[str, int]  # topic -> next free position
+    lane_states: dict[str, str]  # lane key -> state
+    lane_tenants: dict[str, str]  # lane key -> tenant
+    suspended: frozenset[str]
+    consumers: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for cid, pos in self.checkpoints.items():
+            consumer, _, topic = cid.partition("|")
+            self.consumers.setdefault(topic, {})[consumer] = pos
+
+    def lane_readable(self, topic: str) -> bool:
+        """Whether a consumer reads this topic now (a paused lane or a suspended tenant's is skipped)."""
+        lane = lane_of_topic(topic)
+        if not lane or topic.startswith("await:"):
+            return True
+        if self.lane_states.get(lane) not in READABLE_LANE_STATES:
+            return False
+        return self.lane_states.get(lane) == "canceling" or self.lane_tenants.get(lane) not in self.suspended
+
+
+async def _spend(db: AsyncDatabase) -> dict[str, int]:
+    return {d["_id"]: int(d.get("spent_minor") or 0) async for d in db["tenants"].find({}, {"spent_minor": 1})}
+
+
+async def read_snapshot(db: AsyncDatabase) -> LogSnapshot:
+    spend = await _spend(db)
+    checkpoints = {d["_id"]: int(d["pos"]) async for d in db["checkpoints"].find({})}
+    counters = {d["_id"]: int(d["pos"]) async for d in db["topics"].find({})}
+    lanes = [d async for d in db["lanes"].find({}, {"state": 1, "tenant_id": 1})]
+    suspended = frozenset([d["_id"] async for d in db["tenants"].find({"status": {"$nin": ["active", None]}},
+                                                                       {"_id": 1})])
+    return LogSnapshot(spend, checkpoints, counters, {d["_id"]: d.get("state", "") for d in lanes},
+                       {d["_id"]: d.get("tenant_id", "") for d in lanes}, suspended)
+
+
+# --- 1. topics ---------------------------------------------------------------------------------------
+
+
+async def check_topics(report: VerifyReport, db: AsyncDatabase, snap: LogSnapshot) -> None:
+    """Positions 0 .. counter-1 of every topic, each exactly once; nothing at or past a counter that a
+    fresh read of the counters does not cover; no checkpoint ahead of its counter."""
+    report.counts["topics"] = len(snap.counters)
+    report.counts["checkpoints"] = len(snap.checkpoints)
+    for cid, pos in sorted(snap.checkpoints.items()):
+        topic = cid.partition("|")[2]
+        if pos > snap.counters.get(topic, 0):
+            report.add("checkpoint_ahead", None, f"checkpoint {cid} at {pos} but topic {topic} ends at "
+                       f"{snap.counters.get(topic, 0)}")
+    beyond: dict[str, list[int]] = {}
+    for topic, end in sorted(snap.counters.items()):
+        beyond_here = await _scan_topic(report, db, topic, end)
+        if beyond_here:
+            beyond[topic] = beyond_here
+    async for d in db["events"].find({"topic": {"$exists": True, "$nin": list(snap.counters)}},
+                                     {"_id": 0, "topic": 1, "pos": 1}):
+        beyond.setdefault(str(d["topic"]), []).append(d.get("pos", -1))
+    if beyond:
+        # Written after the counters were read (a commit takes the counter and inserts at once): a
+        # fresh counter covers them. One that still does not is a position no counter ever gave.
+        fresh = {d["_id"]: int(d["pos"]) async for d in db["topics"].find({"_id": {"$in": list(beyond)}})}
+        for topic, positions in sorted(beyond.items()):
+            bad = sorted(p for p in positions if p >= fresh.get(topic, 0))
+            if bad:
+                report.add("position_beyond_counter", None, f"topic {topic}: positions {_ranges(bad)} at or past "
+                           f"its counter ({fresh.get(topic, 'none')})")
+
+
+async def _scan_topic(report: VerifyReport, db: AsyncDatabase, topic: str, end: int) -> list[int]:
+    """Check positions [0, end) of `topic` through the (topic, pos) index; return the positions found
+    at or past `end`."""
+    expected = 0
+    twice: list[int] = []
+    missing: list[int] = []
+    beyond: list[int] = []
+    cursor = db["events"].find({"topic": topic}, {"_id": 0, "pos": 1}, batch_size=BATCH).sort("pos", ASCENDING)
+    async for d in cursor:
+        pos = d.get("pos")
+        if not isinstance(pos, int):
+            report.add("topic_gap", None, f"topic {topic}: an event without an integer pos ({pos!r})")
+        elif pos >= end:
+            beyond.append(pos)
+        elif pos < expected:
+            twice.append(pos)
+        else:
+            report.counts["positions"] += 1
+            missing.extend(range(expected, pos))
+            expected = pos + 1
+    missing.extend(range(expected, end))
+    if missing:
+        report.add("topic_gap", None, f"topic {topic}: {len(missing)} of positions [0, {end}) hold no event, "
+                   f"e.g. {_ranges(missing)}")
+    if twice:
+        report.add("position_twice", None, f"topic {topic}: positions held by two events: {_ranges(twice)}")
+    return beyond
+
+
+def _ranges(positions: Sequence[int], show: int = 5) -> str:
+    """`3, 7-9, 12` for sorted positions (the first `show` runs)."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p == runs[-1][1] + 1:
+            runs[-1][1] = p
+        else:
+            runs.append([p, p])
+    text = ", ".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:show])
+    return text + (f" ... ({len(runs) - show} more runs)" if len(runs) > show else "")
+
+
+# --- 4./5. one message -------------------------------------------------------------------------------
 
 
 @dataclass
@@ -233,7 +376,8 @@ def _fold_docs(docs: Sequence[Mapping[str, Any]]) -> _Folded:
         except (pydantic.ValidationError, KeyError, TypeError, ValueError, AttributeError) as e:
             return _Folded(events, None, f"seq {doc.get('seq')!r} unreadable: {e}".splitlines()[0])
         if event.seq != expected_seq:
-            return _Folded(events, None, f"gap in seq: expected {expected_seq}, found {event.seq}")
+            what = "twice" if event.seq == expected_seq - 1 else f"found {event.seq}"
+            return _Folded(events, None, f"seqs not 1..n: expected {expected_seq}, {what}")
         events.append(event)
     try:
         return _Folded(events, fold(events), None)
@@ -254,79 +398,138 @@ def _aware(value: Any) -> Any:
     return value
 
 
-HEAD_FIELDS = {"_id": 1, "tenant_id": 1, "state": 1, "version": 1, "queue": 1, "due_at": 1, "route_id": 1,
-               "smsc_ids": 1, "billed": 1, "msg.parts": 1, "lease_owner": 1}  # fmt: skip
+@dataclass
+class _Judgement:
+    """What the Mongo-side checks make of one message: its place (a COUNT_KEYS key) and its problems."""
+
+    place: str = ""
+    problems: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[tuple[str, str]] = field(default_factory=list)
+    multi_sent: bool = False
+    billed_amounts: int = 0
+    billed_events: int = 0
 
 
-def head_differences(head: Mapping[str, Any], state: MessageState) -> list[str]:
-    """The head fields that disagree with the fold `state`, as `field: head=... fold=...` strings.
-
-    `attempts` is not compared: a lease counts an attempt before its outcome is an event."""
-    expected: dict[str, Any] = {
-        "state": state.state, "version": state.version, "tenant_id": state.tenant_id, "route_id": state.route_id,
-        "smsc_ids": list(state.smsc_message_ids), "billed": state.billed, "parts": state.parts,
-        "queue": queue_for(state),
-    }  # fmt: skip
-    actual: dict[str, Any] = {k: head.get(k) for k in expected}
-    actual["parts"] = (head.get("msg") or {}).get("parts")
-    actual["smsc_ids"] = list(head.get("smsc_ids") or [])
-    return [f"{k}: head={actual[k]!r} fold={v!r}" for k, v in expected.items() if actual[k] != v]
-
-
-def _check_sends(report: VerifyReport, mid: str, events: Sequence[Event]) -> None:
-    """Possible duplicates (notes) and second sends the log does not explain (discrepancies)."""
+def _check_sends(j: _Judgement, events: Sequence[Mapping[str, Any]]) -> None:
+    """Possible duplicates (notes) and second sends the log does not explain (problems)."""
     sends = 0
     retry_since_send = False
     for e in events:
-        if e.type.value in RETRY_TYPES:
+        kind = e.get("type")
+        data = e.get("data") or {}
+        if kind in RETRY_TYPES:
             retry_since_send = True
-        if e.type != EventType.SENT:
+        if kind != "sent":
             continue
-        marked = bool(e.data.get("possible_duplicate"))
+        marked = bool(data.get("possible_duplicate"))
         if marked:
-            report.counts["possible_duplicates"] += 1
-            report.note("possible_duplicate", mid, f"seq {e.seq} sent on route {e.route_id} attempt "
-                        f"{e.data.get('attempt')} after an attempt whose outcome was unknown")
+            j.notes.append(("possible_duplicate", f"seq {e.get('seq')} sent on route {e.get('route_id')} attempt "
+                            f"{data.get('attempt')} after an attempt whose outcome was unknown"))
         if sends and not marked and not retry_since_send:
-            report.add("duplicate_sent", mid, f"seq {e.seq}: sent again (send #{sends + 1}) with neither "
-                       f"possible_duplicate nor a retry since the previous send")
+            j.problems.append(("duplicate_sent", f"seq {e.get('seq')}: sent again (send #{sends + 1}) with neither "
+                               "possible_duplicate nor a retry since the previous send"))
         sends += 1
         retry_since_send = False
-    if sends > 1:
-        report.counts["multi_sent"] += 1
+    j.multi_sent = sends > 1
 
 
-def _check_progress(report: VerifyReport, mid: str, head: Mapping[str, Any], now: datetime, stale_after_s: float
-                    ) -> None:
-    """Terminal, in flight, or stuck, judged by the head (the queue the workers claim from)."""
-    queue = head.get("queue")
-    state = head.get("state")
-    if queue is None:
-        if state in TERMINAL_STATES:
-            report.counts["terminal"] += 1
-        else:
-            report.counts["stuck"] += 1
-            report.add("stuck", mid, f"state {state!r} is not terminal but no stage owns it (queue is empty)")
+def _check_billing(j: _Judgement, docs: Sequence[Mapping[str, Any]], state: MessageState | None) -> None:
+    bills = [d for d in docs if d.get("type") == "billed"]
+    j.billed_events = len(bills)
+    j.billed_amounts = sum(int((d.get("data") or {}).get("amount") or 0) for d in bills)
+    if len(bills) > 1:
+        j.problems.append(("billed_twice", f"{len(bills)} billed events (seqs {[d.get('seq') for d in bills]}), "
+                           f"amounts {[(d.get('data') or {}).get('amount') for d in bills]}"))
+    if state is not None and state.state in BILLABLE_STATES and state.sent_at is not None and not bills:
+        j.problems.append(("unbilled", f"state {state.state!r} after a send, but no billed event (the outcome "
+                           "and its billed commit together)"))
+
+
+def _check_outcomes(j: _Judgement, snap: LogSnapshot, docs: Sequence[Mapping[str, Any]],
+                    timer: Mapping[str, Any] | None) -> None:
+    """Every entry of this message below a consumer's checkpoint has its outcome."""
+    last_seq = max((int(d.get("seq") or 0) for d in docs), default=0)
+    for d in docs:
+        topic, pos, seq = d.get("topic"), d.get("pos"), int(d.get("seq") or 0)
+        if topic is None or not isinstance(pos, int) or seq < last_seq:
+            continue  # a later event is the outcome
+        held = timer is not None and timer.get("seq") == seq and timer.get("topic") == topic
+        for consumer, checkpoint in sorted(snap.consumers.get(topic, {}).items()):
+            if pos < checkpoint and not held:
+                j.problems.append(("no_outcome", f"{topic}@{pos} ({d.get('type')} seq {seq}) is below the "
+                                   f"{consumer} checkpoint ({checkpoint}) but nothing followed it"))
+
+
+def _check_progress(j: _Judgement, snap: LogSnapshot, state: MessageState, docs: Sequence[Mapping[str, Any]],
+                    timer: Mapping[str, Any] | None, now: datetime, stale_after_s: float) -> None:
+    """Finished, or waiting where it may wait (backlog, timer, receipt), or stuck."""
+    stale = timedelta(seconds=stale_after_s)
+    if state.state in TERMINAL_STATES:
+        j.place = "terminal"
         return
-    due_at = _aware(head.get("due_at"))
-    if isinstance(due_at, datetime) and due_at >= now - timedelta(seconds=stale_after_s):
-        report.counts["in_flight"] += 1
+    if timer is not None and timer.get("seq") == state.version:
+        due = _aware(timer.get("due_at"))
+        j.place = "on_timer"
+        if isinstance(due, datetime) and due < now - stale:
+            j.place = "stuck"
+            j.problems.append(("stuck", f"state {state.state!r} on a {timer.get('reason')} timer due "
+                               f"{due.isoformat()} ({(now - due).total_seconds():.0f}s overdue): is the scheduler "
+                               "running?"))
         return
-    report.counts["stuck"] += 1
-    overdue = f"{(now - due_at).total_seconds():.0f}s overdue (due_at {due_at.isoformat()})" if isinstance(
-        due_at, datetime) else "no due_at"
-    report.add("stuck", mid, f"state {state!r} in queue {queue!r} {overdue}; is a worker for that stage running?")
+    last = docs[-1]
+    topic, pos = last.get("topic"), last.get("pos")
+    if topic is None or not isinstance(pos, int):
+        j.place = "stuck"
+        j.problems.append(("stuck", f"state {state.state!r} (seq {state.version} {last.get('type')!r}) is in no "
+                           "topic and on no timer: no stage will act on it"))
+        return
+    checkpoints = snap.consumers.get(topic, {})
+    if checkpoints and pos < min(checkpoints.values()):
+        j.place = "stuck"  # below the checkpoint with no outcome: reported as no_outcome
+        return
+    if topic.startswith("await:"):
+        ends = _aware((last.get("data") or {}).get("expires_at"))
+        j.place = "awaiting_receipt"
+        if isinstance(ends, datetime) and ends < now - stale:
+            j.place = "stuck"
+            j.problems.append(("stuck", f"sent, receipt wait ended {ends.isoformat()} but the expirer has not passed "
+                               f"{topic}@{pos} (checkpoints {checkpoints or 'none'}): is the scheduler running?"))
+        return
+    if not snap.lane_readable(topic):
+        j.place = "paused"
+        return
+    at = _aware(last.get("at"))
+    j.place = "in_backlog"
+    if isinstance(at, datetime) and at < now - stale:
+        j.place = "stuck"
+        j.problems.append(("stuck", f"state {state.state!r} waits in {topic}@{pos} since {at.isoformat()} "
+                           f"(checkpoints {checkpoints or 'none'}): is a consumer of that topic running?"))
+
+
+def judge(snap: LogSnapshot, docs: Sequence[Mapping[str, Any]], timer: Mapping[str, Any] | None, now: datetime,
+          stale_after_s: float) -> _Judgement:
+    """The Mongo-side checks of one message (its event documents sorted by seq, its timer or None)."""
+    j = _Judgement()
+    folded = _fold_docs(docs)
+    if folded.error is not None:
+        j.problems.append(("fold_failed", folded.error))
+    _check_sends(j, docs)
+    _check_billing(j, docs, folded.state)
+    _check_outcomes(j, snap, docs, timer)
+    if folded.state is not None:
+        _check_progress(j, snap, folded.state, docs, timer, now, stale_after_s)
+    return j
 
 
 def _expected_row(events: Sequence[Event]) -> dict[str, Any]:
     """What the projector's `messages` row must hold after exactly these events (any order): the
-    newest non-billing event's type as state (which is what the fold yields), the highest seq,
-    billed, and the summed amount of the `billed` events (None if none)."""
+    newest event's state that moves the state (not `billed`, not `released`), the highest seq, billed,
+    and the summed amount of the `billed` events (None if none)."""
     ordered = sorted(events, key=lambda e: e.seq)
-    non_billing = [e for e in ordered if e.type != EventType.BILLED]
+    moving = [e for e in ordered if e.type.value not in STATELESS_TYPES]
     bills = [e for e in ordered if e.type == EventType.BILLED]
     return {
-        "state": STATE_OF_TYPE.get(non_billing[-1].type.value, non_billing[-1].type.value) if non_billing else None,
+        "state": STATE_OF_TYPE.get(moving[-1].type.value, moving[-1].type.value) if moving else None,
         "last_seq": ordered[-1].seq if ordered else 0,
         "billed": bool(bills),
         "amount_minor": sum(int(e.data.get("amount") or 0) for e in bills) if bills else None,
@@ -340,17 +543,20 @@ def _expected_row(events: Sequence[Event]) -> dict[str, Any]:
 class _Context:
     report: VerifyReport
     db: AsyncDatabase
+    snap: LogSnapshot
     now: datetime
     stale_after_s: float
     pending_after: datetime | None  # None: no reporting check
+    billed_by_tenant: Counter[str] = field(default_factory=Counter)
     rechecks: int = 0
 
 
 async def verify(db: AsyncDatabase, pg_url: str | None, schema: str, now: datetime, *,
                  stale_after_s: float = DEFAULT_STALE_AFTER_S, lag_grace_s: float = DEFAULT_LAG_GRACE_S,
                  projection: str = "reporting", keep_per_kind: int = 1000) -> VerifyReport:
-    """Check the heads, the reporting schema `schema` and the progress of every message against the
-    event log of `db`; see the module docstring for the checks. `now` must be timezone-aware.
+    """Check the log of `db` (topics, checkpoints, attempts, every message, the tenants' spend) and,
+    with `pg_url`, the reporting schema `schema` against it; see the module docstring. `now` must be
+    timezone-aware.
 
     With `pg_url` None only the MongoDB checks run (`report.reporting_checked` is False). Raises
     VerifyError when the reporting schema does not exist or a stream is not sorted as required.
@@ -362,8 +568,7 @@ async def verify(db: AsyncDatabase, pg_url: str | None, schema: str, now: dateti
         raise ValueError("verify: `now` must be timezone-aware (UTC)")
     report = VerifyReport(keep_per_kind=keep_per_kind)
     if pg_url is None:
-        ctx = _Context(report, db, now, stale_after_s, None)
-        await _merge(ctx, None, None)
+        await _check_log(report, db, now, stale_after_s, None, None, None)
     else:
         async with await psycopg.AsyncConnection.connect(pg_url, application_name="msgcore-verify") as conn:
             await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
@@ -374,12 +579,21 @@ async def verify(db: AsyncDatabase, pg_url: str | None, schema: str, now: dateti
                 report.reporting_checked = True
                 report.projector_position = position
                 report.pending_after = min(now, position or now) - timedelta(seconds=lag_grace_s)
-                ctx = _Context(report, db, now, stale_after_s, report.pending_after)
-                await _merge(ctx, conn, schema)
+                await _check_log(report, db, now, stale_after_s, report.pending_after, conn, schema)
                 await _check_daily_stats(report, conn, schema)
     log.info("verify: %s; %d discrepancies %s", report.counts, sum(report.discrepancy_counts.values()),
              dict(report.discrepancy_counts))
     return report
+
+
+async def _check_log(report: VerifyReport, db: AsyncDatabase, now: datetime, stale_after_s: float,
+                     pending_after: datetime | None, conn: psycopg.AsyncConnection | None, schema: str | None) -> None:
+    snap = await read_snapshot(db)
+    await check_topics(report, db, snap)
+    ctx = _Context(report, db, snap, now, stale_after_s, pending_after)
+    await _merge(ctx, conn, schema)
+    await check_attempts(report, db, now, stale_after_s)
+    _check_spend(report, snap.spend_before, await _spend(db), ctx.billed_by_tenant)
 
 
 async def _projector_position(conn: psycopg.AsyncConnection, schema: str, projection: str) -> datetime | None:
@@ -403,31 +617,27 @@ async def _projector_position(conn: psycopg.AsyncConnection, schema: str, projec
 
 async def _merge(ctx: _Context, conn: psycopg.AsyncConnection | None, schema: str | None) -> None:
     """Walk the (two or four) sorted streams message by message."""
-    pg_queries: list[tuple[str, sql.Composed]] = []
+    events_cur = ctx.db["events"].find({}, {"_id": 0}, batch_size=BATCH).sort(
+        [("message_id", ASCENDING), ("seq", ASCENDING)])
+    timers_cur = ctx.db["timers"].find({}, batch_size=BATCH).sort("_id", ASCENDING)
+    events_in, timers_in = _ReadAhead(aiter(events_cur)), _ReadAhead(aiter(timers_cur))
+    sources: list[AsyncGenerator[tuple[str, Any], None]] = [
+        _grouped(aiter(events_in), lambda d: d["message_id"]),
+        _keyed(aiter(timers_in), lambda d: d["_id"]),
+    ]
+    names = ["events", "timers"]
     if conn is not None and schema is not None:
         order = await _byte_order(conn)
         ident = sql.Identifier(schema)
-        pg_queries = [
-            ("message_events", sql.SQL("SELECT message_id, seq, type FROM {}.message_events "
-                                       "ORDER BY message_id {}, seq").format(ident, order)),
-            ("messages", sql.SQL("SELECT message_id, state, last_seq, billed, amount_minor FROM {}.messages "
-                                 "ORDER BY message_id {}").format(ident, order)),
-        ]
-    events_cur = ctx.db["events"].find({}, {"_id": 0}, batch_size=BATCH).sort(
-        [("message_id", ASCENDING), ("seq", ASCENDING)])
-    heads_cur = ctx.db["streams"].find({}, HEAD_FIELDS, batch_size=BATCH).sort("_id", ASCENDING)
-    events_in, heads_in = _ReadAhead(aiter(events_cur)), _ReadAhead(aiter(heads_cur))
-    sources: list[AsyncGenerator[tuple[str, Any], None]] = [
-        _grouped(aiter(events_in), lambda d: d["message_id"]),
-        _keyed(aiter(heads_in), lambda d: d["_id"]),
-    ]
-    if conn is not None:
-        (_, events_q), (_, messages_q) = pg_queries
         sources += [
-            _grouped(_fetch_server_side(conn, "verify_events", events_q), lambda r: r[0]),
-            _keyed(_fetch_server_side(conn, "verify_messages", messages_q), lambda r: r[0]),
+            _grouped(_fetch_server_side(conn, "verify_events", sql.SQL(
+                "SELECT message_id, seq, type FROM {}.message_events ORDER BY message_id {}, seq"
+            ).format(ident, order)), lambda r: r[0]),
+            _keyed(_fetch_server_side(conn, "verify_messages", sql.SQL(
+                "SELECT message_id, state, last_seq, billed, amount_minor FROM {}.messages ORDER BY message_id {}"
+            ).format(ident, order)), lambda r: r[0]),
         ]
-    names = ["events", "streams", *(name for name, _ in pg_queries)]
+        names += ["message_events", "messages"]
     streams = [_Sorted(name, source) for name, source in zip(names, sources, strict=True)]
     try:
         for stream in streams:
@@ -440,12 +650,12 @@ async def _merge(ctx: _Context, conn: psycopg.AsyncConnection | None, schema: st
             items = [await stream.take(mid) for stream in streams]
             await _check_message(ctx, mid, *items, *([None] * (4 - len(items))))
     finally:
-        for reader in (events_in, heads_in):
+        for reader in (events_in, timers_in):
             await reader.aclose()
         for source in sources:
             await source.aclose()
         await events_cur.close()
-        await heads_cur.close()
+        await timers_cur.close()
 
 
 async def _byte_order(conn: psycopg.AsyncConnection) -> sql.Composable:
@@ -456,64 +666,119 @@ async def _byte_order(conn: psycopg.AsyncConnection) -> sql.Composable:
     return sql.SQL("") if row and row[0] in ("C", "POSIX") else sql.SQL('COLLATE "C"')
 
 
-async def _check_message(ctx: _Context, mid: str, docs: list[dict[str, Any]] | None, head: dict[str, Any] | None,
+async def _check_message(ctx: _Context, mid: str, docs: list[dict[str, Any]] | None, timer: dict[str, Any] | None,
                          pg_events: list[tuple[str, int, str]] | None, pg_row: tuple[Any, ...] | None) -> None:
     report = ctx.report
-    folded = _fold_docs(docs) if docs else None
     if docs:
         report.counts["messages"] += 1
         report.counts["events"] += len(docs)
-    if head is not None:
-        report.counts["heads"] += 1
-    await _check_head(ctx, mid, folded, head)
-    if folded is not None:
-        _check_sends(report, mid, folded.events)
-    if head is not None:
-        _check_progress(report, mid, head, ctx.now, ctx.stale_after_s)
+        j = judge(ctx.snap, docs, timer, ctx.now, ctx.stale_after_s)
+        # The spend bracket is about what the scan saw: count these docs' bills, whatever a re-read says.
+        tenant = str(docs[0].get("tenant_id"))
+        ctx.billed_by_tenant[tenant] += j.billed_amounts
+        if j.problems:
+            j = await _second_look(ctx, mid, j)
+        _record(report, mid, j)
+    elif timer is not None:
+        report.add("orphan_timer", mid, f"a {timer.get('reason')} timer into {timer.get('topic')} for a message "
+                   "without events")
     if ctx.pending_after is not None:
+        folded = _fold_docs(docs) if docs else None
         projected = _check_projected(ctx, mid, docs or [], folded.events if folded else [], pg_events or [])
         _check_messages_row(report, mid, projected, pg_row)
 
 
-async def _check_head(ctx: _Context, mid: str, folded: _Folded | None, head: dict[str, Any] | None) -> None:
-    report = ctx.report
-    if _head_problem(folded, head) is None:
-        return
-    # The scan read events and heads at different moments: look again, both in one snapshot.
-    fresh_docs, fresh_head = await _reread(ctx.db, mid)
+async def _second_look(ctx: _Context, mid: str, first: _Judgement) -> _Judgement:
+    """Judge again on the message's events and timer read in one snapshot: the scan read them at
+    different moments, and the message may have moved on meanwhile."""
+    docs, timer = await _reread(ctx.db, mid)
     ctx.rechecks += 1
-    problem = _head_problem(_fold_docs(fresh_docs) if fresh_docs else None, fresh_head)
-    if problem is None:
-        report.counts["in_motion"] += 1
-        log.debug("verify: message_id=%s moved during the scan; consistent on a second look", mid)
-        return
-    report.add(problem[0], mid, problem[1])
+    fresh = judge(ctx.snap, docs, timer, ctx.now, ctx.stale_after_s) if docs else first
+    if not fresh.problems:
+        ctx.report.counts["in_motion"] += 1
+        log.debug("verify: message=%s moved during the scan; consistent on a second look", mid)
+    return fresh
 
 
-def _head_problem(folded: _Folded | None, head: dict[str, Any] | None) -> tuple[str, str] | None:
-    """(kind, detail) of what is wrong between a message's folded events and its head, or None."""
-    if folded is not None and folded.error is not None:
-        return "fold_failed", folded.error
-    if folded is None or folded.state is None:
-        if head is None:
-            return None
-        return "orphan_head", f"head in state {head.get('state')!r} version {head.get('version')!r} has no events"
-    if head is None:
-        return "head_missing", f"{len(folded.events)} events (state {folded.state.state!r}) but no head"
-    diffs = head_differences(head, folded.state)
-    return ("head_mismatch", "; ".join(diffs)) if diffs else None
+def _record(report: VerifyReport, mid: str, j: _Judgement) -> None:
+    c = report.counts
+    if j.place:
+        c[j.place] += 1
+        if j.place in ("in_backlog", "on_timer", "awaiting_receipt", "paused"):
+            c["in_flight"] += 1
+    c["billed"] += j.billed_events
+    c["multi_sent"] += int(j.multi_sent)
+    for kind, detail in j.notes:
+        if kind == "possible_duplicate":
+            c["possible_duplicates"] += 1
+        report.note(kind, mid, detail)
+    for kind, detail in j.problems:
+        report.add(kind, mid, detail)
 
 
 async def _reread(db: AsyncDatabase, mid: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """One message's events and head, read in one snapshot transaction."""
+    """One message's events and timer, read in one snapshot transaction."""
 
     async def body(session: AsyncClientSession) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         docs = [d async for d in db["events"].find({"message_id": mid}, {"_id": 0}, session=session)
                 .sort("seq", ASCENDING)]
-        return docs, await db["streams"].find_one({"_id": mid}, HEAD_FIELDS, session=session)
+        return docs, await db["timers"].find_one({"_id": mid}, session=session)
 
-    async with db.client.start_session() as session:
-        return await session.with_transaction(body, read_concern=ReadConcern("snapshot"))
+    # A transaction reads one snapshot (EventLog.transaction: majority read concern).
+    result: tuple[list[dict[str, Any]], dict[str, Any] | None] = await EventLog(db).transaction(body)
+    return result
+
+
+# --- 3. attempts, 6. money ------------------------------------------------------------------------------
+
+
+async def check_attempts(report: VerifyReport, db: AsyncDatabase, now: datetime, stale_after_s: float) -> None:
+    """Every attempt whose range reaches past its consumer's checkpoint (read after the attempt, so a
+    batch that committed meanwhile is not listed): a note while in flight, `attempt_unresolved` once
+    older than `stale_after_s`."""
+    attempts = [d async for d in db["attempts"].find({}).sort("at", ASCENDING)]
+    if not attempts:
+        return
+    ids = {f"{d['owner'].partition('|')[0]}|{t}" for d in attempts for t in d.get("ranges", {})}
+    checkpoints = {d["_id"]: int(d["pos"]) async for d in db["checkpoints"].find({"_id": {"$in": sorted(ids)}})}
+    owners = {d["_id"]: d async for d in db["owners"].find({"_id": {"$in": sorted({d["owner"] for d in attempts})}})}
+    for a in attempts:
+        consumer = a["owner"].partition("|")[0]
+        open_ranges = {t: (s, e) for t, (s, e) in a.get("ranges", {}).items()
+                       if e > checkpoints.get(f"{consumer}|{t}", 0)}
+        if not open_ranges:
+            continue
+        report.counts["attempts_open"] += 1
+        at = _aware(a.get("at"))
+        age = (now - at).total_seconds() if isinstance(at, datetime) else float("inf")
+        owner = owners.get(a["owner"]) or {}
+        current = "current" if owner.get("epoch") == a.get("epoch") else f"owner now at epoch {owner.get('epoch')}"
+        ranges = ", ".join(f"{t}[{s},{e}) checkpoint {checkpoints.get(f'{consumer}|{t}', 0)}"
+                           for t, (s, e) in sorted(open_ranges.items()))
+        detail = (f"attempt {a['_id']} owner {a['owner']} epoch {a.get('epoch')} ({current}, holder "
+                  f"{owner.get('holder', '?')}) age {age:.0f}s: {ranges}; {len(a.get('message_ids') or [])} messages")
+        if age <= stale_after_s:
+            report.note("attempt_in_flight", None, detail)
+        else:
+            report.add("attempt_unresolved", None, detail + ": no owner resolved it; is a connector running?")
+
+
+def _check_spend(report: VerifyReport, before: Mapping[str, int], after: Mapping[str, int],
+                 billed: Mapping[str, int]) -> None:
+    """Each tenant's spent_minor equals the sum of its billed amounts. The scan saw every bill committed
+    before `before` was read and none committed after `after`: its sum must lie between the two."""
+    for tenant in sorted(set(before) | set(after) | {t for t, n in billed.items() if n}):
+        seen = billed.get(tenant, 0)
+        if tenant not in after and tenant not in before:
+            report.add("spend_mismatch", None, f"tenant {tenant}: billed {seen} but has no tenant document")
+            continue
+        low, high = before.get(tenant, 0), after.get(tenant, before.get(tenant, 0))
+        if not low <= seen <= high:
+            what = f"spent_minor {low}" if low == high else f"spent_minor between {low} and {high} during the scan"
+            report.add("spend_mismatch", None, f"tenant {tenant}: {what}, billed events sum to {seen}")
+
+
+# --- 7. reporting ---------------------------------------------------------------------------------------
 
 
 def _check_projected(ctx: _Context, mid: str, docs: Sequence[Mapping[str, Any]], parsed: Sequence[Event],
