@@ -31,8 +31,16 @@ from core.domain.message import MessageState, fold
 from core.store.errors import CheckpointMoved, Fenced, GapInTopic, StoreUnavailable
 from core.store.eventstore import IdempotencyRecord, IdempotencyReplay
 from core.store.owners import OpenAttempt, Ownership
-from core.store.timers import HOLD_S, ReleaseResult, released_event
-from core.store.topics import MAX_CONFLICT_ROUNDS, CommitResult, ExtraWrites, Redecide, Write, checkpoint_id
+from core.store.timers import HOLD_S, ReleaseResult, obsolete_collector, release_plan
+from core.store.topics import (
+    MAX_CONFLICT_ROUNDS,
+    CommitResult,
+    ExtraWrites,
+    Redecide,
+    Write,
+    checkpoint_id,
+    drop_lost,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,13 +86,7 @@ class MemoryEventLog:
             if not lost:
                 result.committed.extend(w.message_id for w in pending)
                 return result
-            lost_ids = sorted(lost)
-            pending = [w for w in pending if w.message_id not in lost]
-            log.debug("commit: %d messages lost a race (e.g. message=%s)", len(lost_ids), lost_ids[0])
-            if redecide is not None:
-                pending.extend(await redecide(lost_ids))
-            else:
-                result.conflicts.extend(lost_ids)
+            pending = await drop_lost(pending, lost, redecide, result)
         raise StoreUnavailable(f"commit: conflicts did not settle after {MAX_CONFLICT_ROUNDS} rounds")
 
     def apply_locked(self, batch: list[Write], moves: dict[str, tuple[int, int]], fence: tuple[str, int] | None,
@@ -269,25 +271,15 @@ class MemoryTimers:
         """See `TimersPort.release_due` (the same steps as timers.Timers.release_due)."""
         result = ReleaseResult()
         due = await self.due(now, limit)
-        held = [t for t in due if suspended(t["tenant_id"])]
+        held, go, writes = release_plan(due, now, suspended)
         if held:
             async with self.data.lock:
                 for t in held:
                     if t["_id"] in self.data.timers:
                         self.data.timers[t["_id"]]["due_at"] = now + timedelta(seconds=HOLD_S)
             result.postponed = [t["_id"] for t in held]
-        go = {t["_id"]: t for t in due if not suspended(t["tenant_id"])}
-        writes = [Write(mid, [released_event(t, now)], [t["topic"]], clear_timer=True) for mid, t in go.items()]
-
-        async def obsolete(ids: list[str]) -> list[Write]:
-            # The message's next seq was taken meanwhile: the timer no longer describes it.
-            result.obsolete.extend(ids)
-            for mid in ids:
-                log.warning("timer message=%s: the message moved on before its release; timer dropped", mid)
-            return []
-
         if writes:
-            res = await self.log.commit(writes, redecide=obsolete)
+            res = await self.log.commit(writes, redecide=obsolete_collector(result))
             result.released = res.committed
             async with self.data.lock:
                 for mid in result.obsolete:

@@ -11,7 +11,7 @@ Nothing on the happy path writes a timer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +48,30 @@ class ReleaseResult:
     obsolete: list[str] = field(default_factory=list)  # the message moved on meanwhile: timer dropped
 
 
+def release_plan(due: list[dict[str, Any]], now: datetime, suspended: Callable[[str], bool]
+                 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[Write]]:
+    """Split due timers into those held (suspended tenant) and those to release, with the writes
+    that release them (a `released` event into the timer's topic, the timer cleared)."""
+    held = [t for t in due if suspended(t["tenant_id"])]
+    go = {t["_id"]: t for t in due if not suspended(t["tenant_id"])}
+    writes = [Write(mid, [released_event(t, now)], [t["topic"]], clear_timer=True) for mid, t in go.items()]
+    return held, go, writes
+
+
+def obsolete_collector(result: ReleaseResult) -> Callable[[list[str]], Awaitable[list[Write]]]:
+    """The `redecide` of a release: a message whose next seq was taken meanwhile (an operator, a late
+    receipt) is no longer described by its timer. Its timer is dropped; whatever moved the message on
+    decides its future."""
+
+    async def obsolete(ids: list[str]) -> list[Write]:
+        result.obsolete.extend(ids)
+        for mid in ids:
+            log.warning("timer message=%s: the message moved on before its release; timer dropped", mid)
+        return []
+
+    return obsolete
+
+
 class Timers:
     def __init__(self, db: AsyncDatabase) -> None:
         self.timers = db["timers"]
@@ -78,7 +102,7 @@ class Timers:
         due = await self.due(now, limit)
         if not due:
             return result
-        held = [t for t in due if suspended(t["tenant_id"])]
+        held, go, writes = release_plan(due, now, suspended)
         if held:
             try:
                 await self.timers.bulk_write([UpdateOne({"_id": t["_id"]}, {"$set": {
@@ -86,19 +110,8 @@ class Timers:
             except PyMongoError as e:
                 raise StoreUnavailable(str(e)) from e
             result.postponed = [t["_id"] for t in held]
-        go = {t["_id"]: t for t in due if not suspended(t["tenant_id"])}
-        writes = [Write(mid, [released_event(t, now)], [t["topic"]], clear_timer=True) for mid, t in go.items()]
-
-        async def obsolete(ids: list[str]) -> list[Write]:
-            # The message's next seq was taken meanwhile (an operator, a late receipt): the timer no
-            # longer describes it. Drop the timer; whatever moved the message on decides its future.
-            result.obsolete.extend(ids)
-            for mid in ids:
-                log.warning("timer message=%s: the message moved on before its release; timer dropped", mid)
-            return []
-
         if writes:
-            res = await self.log.commit(writes, redecide=obsolete)
+            res = await self.log.commit(writes, redecide=obsolete_collector(result))
             result.released = res.committed
             if result.obsolete:
                 try:

@@ -152,13 +152,7 @@ class EventLog:
                 result.positions = positions
                 return result
             assert exc is not None
-            lost_ids = sorted(exc.message_ids)
-            pending = [w for w in pending if w.message_id not in exc.message_ids]
-            log.debug("commit: %d messages lost a race (e.g. message=%s)", len(lost_ids), lost_ids[0])
-            if redecide is not None:
-                pending.extend(await redecide(lost_ids))
-            else:
-                result.conflicts.extend(lost_ids)
+            pending = await drop_lost(pending, exc.message_ids, redecide, result)
         raise StoreUnavailable(f"commit: conflicts did not settle after {MAX_CONFLICT_ROUNDS} rounds")
 
     async def _write(self, session: AsyncClientSession, batch: Sequence[Write], moves: dict[str, tuple[int, int]],
@@ -299,6 +293,20 @@ class EventLog:
                                                        "type": "sent"})]
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
+
+
+async def drop_lost(pending: list[Write], lost: set[str], redecide: Redecide | None,
+                    result: CommitResult) -> list[Write]:
+    """The batch for the next round of a commit: the messages that lost a race on (message_id, seq)
+    are dropped and reported in `result.conflicts`, or replaced by what `redecide` makes of them."""
+    lost_ids = sorted(lost)
+    keep = [w for w in pending if w.message_id not in lost]
+    log.debug("commit: %d messages lost a race (e.g. message=%s)", len(lost_ids), lost_ids[0])
+    if redecide is not None:
+        keep.extend(await redecide(lost_ids))
+    else:
+        result.conflicts.extend(lost_ids)
+    return keep
 
 
 def place_events(batch: Sequence[Write], positions: dict[str, tuple[int, int]]) -> list[dict[str, Any]]:
