@@ -90,10 +90,12 @@ def live_api(server_urls: dict[str, str]) -> Iterator[LiveApi]:
                                            access_log=False, lifespan="on"))
     thread = threading.Thread(target=server.run, name="contract-api", daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the api did not start"
+    for _ in range(600):  # a bounded wait (at most ~30 s) for the server to listen
+        if server.started or not thread.is_alive():
+            break
         time.sleep(0.05)
+    if not server.started:
+        pytest.fail("the api did not start")
     try:
         yield _seed(f"http://127.0.0.1:{port}")
     finally:
