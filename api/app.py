@@ -1,4 +1,4 @@
-"""The FastAPI application: composition root of the api process and the one place errors become HTTP.
+"""The FastAPI application: composition root of the api process (errors become HTTP in api/errors.py).
 
 Every error answer has the shape `{"error": {"code": "<stable code>", "message": "...", "details": ...}}`:
 
@@ -31,40 +31,29 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
 
 from __future__ import annotations
 
-import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.deps import ApiError, TenantCache, reporting_pool
+from api.deps import TenantCache
+from api.errors import ApiError, error_response, install_error_handlers
+from api.read_side import reporting_pool
 from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
 from core.config import Settings
-from core.domain.campaign import CampaignTransitionError
-from core.domain.errors import DomainError
 from core.domain.ratelimit import SubmissionLimiter
-from core.store.campaigns import CampaignClosed, CampaignNotFound, CampaignStore
-from core.store.errors import StoreUnavailable
+from core.store.campaigns import CampaignStore
+from core.store.database import Database
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
-from core.store.tenants import InvalidTenantSetting, KeyNotFound, TenantExists, TenantNotFound, TenantStore
+from core.store.tenants import TenantStore
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024  # a full batch of 1,000 long UCS-2 texts, \u-escaped, fits
-
-HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
-              415: "unsupported_media_type", 429: "too_many_requests"}
 
 DESCRIPTION = """\
 Submit SMS one at a time or in batches, follow their status and read their audit trail.
@@ -74,7 +63,7 @@ Authenticate with `Authorization: Bearer <api key>`. Every error is JSON with a 
 """
 
 
-def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
+def create_app(settings: Settings, db: Database | None = None, *,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The API app. With `db`, it uses that database (tests); without, its lifespan connects to
     `settings.mongo_url` / `settings.mongo_db` and closes the client on shutdown. Either way the
@@ -84,7 +73,7 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
     app.state.db = db
     app.state.pg_pool = None  # opened by the lifespan when settings.pg_url is set (search)
     app.state.tenant_cache = TenantCache()
-    app.state.known_lanes = set()  # lanes this process registered (api/routes/messages.py)
+    app.state.known_lanes = set()  # lanes this process registered (core/submission_service.py)
     app.state.limiter = SubmissionLimiter()  # per-tenant submission rate, per API process
     app.include_router(health.router)
     app.include_router(messages.router)
@@ -94,7 +83,7 @@ def create_app(settings: Settings, db: AsyncDatabase | None = None, *,
     app.include_router(numbers_admin.router)  # /v1/admin/numbers (api/routes/numbers_admin.py)
     app.include_router(tenants_admin.router)  # /v1/admin/tenants (api/routes/tenants_admin.py)
     app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
-    _install_error_handlers(app)
+    install_error_handlers(app)  # api/errors.py: the one place errors become HTTP
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(CatchAllMiddleware)  # added last = outermost: also catches the others' bugs
     return app
@@ -127,104 +116,6 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         if client is not None:
             app.state.db = None
             await client.close()
-
-
-# ---- error mapping ---------------------------------------------------------------------------------
-
-def error_response(status: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> Response:
-    # ensure_ascii: a client's stray lone surrogate echoed in a field path must not break rendering.
-    body = json.dumps({"error": {"code": code, "message": message, "details": details}},
-                      ensure_ascii=True, separators=(",", ":"), default=str)
-    return Response(body, status_code=status, headers=headers, media_type="application/json")
-
-
-def _field_errors(errors: Any) -> list[dict[str, Any]]:
-    out = []
-    for err in errors:
-        loc = [p if isinstance(p, int) else str(p) for p in err.get("loc", ())]
-        item: dict[str, Any] = {"field": ".".join(str(p) for p in loc), "loc": loc,
-                                "type": err.get("type", "value_error"), "message": err.get("msg", "")}
-        ctx = {k: v for k, v in (err.get("ctx") or {}).items() if isinstance(v, str | int | float | bool)}
-        if ctx:
-            item["ctx"] = ctx
-        out.append(item)
-    return out
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    async def api_error(_: Request, e: Exception) -> Response:
-        assert isinstance(e, ApiError)
-        return error_response(e.status, e.code, e.message, e.details, e.headers)
-
-    async def validation_error(_: Request, e: Exception) -> Response:
-        assert isinstance(e, RequestValidationError)
-        errors = list(e.errors())
-        if any(err.get("type") == "json_invalid" for err in errors):
-            return error_response(400, "invalid_json", "request body is not valid JSON")
-        return error_response(422, "validation_error", "the request is invalid", _field_errors(errors))
-
-    async def http_error(request: Request, e: Exception) -> Response:
-        assert isinstance(e, StarletteHTTPException)
-        if isinstance(e.__cause__, ApiError):  # raised while FastAPI read the body (BodyLimitMiddleware)
-            return await api_error(request, e.__cause__)
-        if e.status_code == 400:  # FastAPI could not read the body (not UTF-8, ...): the JSON is unusable
-            return error_response(400, "invalid_json", "request body is not valid JSON (or not UTF-8)")
-        headers = dict(e.headers or {})
-        if e.status_code == 405:  # Starlette names only the first route's methods of a path
-            headers["Allow"] = ", ".join(_allowed_methods(request))
-        code = HTTP_CODES.get(e.status_code, "internal_error" if e.status_code >= 500 else "http_error")
-        return error_response(e.status_code, code, str(e.detail), None, headers)
-
-    async def domain_error(_: Request, e: Exception) -> Response:
-        assert isinstance(e, DomainError)
-        return error_response(422, e.code, str(e))
-
-    async def store_unavailable(request: Request, e: Exception) -> Response:
-        log.warning("MongoDB unavailable during %s %s: %r", request.method, request.url.path, e)
-        return error_response(503, "unavailable", "the message store is unavailable, retry later",
-                              headers={"Retry-After": "1"})
-
-    app.add_exception_handler(ApiError, api_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(DomainError, domain_error)
-    app.add_exception_handler(ConnectionFailure, store_unavailable)
-    app.add_exception_handler(StoreUnavailable, store_unavailable)
-    for error_type in TYPED_ERRORS:
-        app.add_exception_handler(error_type, typed_error)
-
-
-def _allowed_methods(request: Request) -> list[str]:
-    """The methods the OpenAPI document gives the request's path (the `Allow` of a 405)."""
-    methods: set[str] = set()
-    for path, item in request.app.openapi()["paths"].items():
-        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)), request.url.path):
-            methods |= {m.upper() for m in item if m.upper() in HTTP_METHODS}
-    return sorted(methods)
-
-
-HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
-
-
-# The stores' and the domain's typed errors, and their answers: the routes raise and let them come here.
-TYPED_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
-    CampaignNotFound: lambda e: ApiError(404, "not_found", f"no campaign {e}", {"campaign_id": str(e)}),
-    CampaignClosed: lambda e: ApiError(409, "campaign_closed", str(e), {"status": e.status}),
-    CampaignTransitionError: lambda e: ApiError(409, "invalid_campaign_transition", str(e),
-                                                {"status": e.status, "action": e.action}),
-    TenantNotFound: lambda e: ApiError(404, "tenant_not_found", str(e), {"tenant_id": e.tenant_id}),
-    KeyNotFound: lambda e: ApiError(404, "key_not_found", str(e), {"tenant_id": e.tenant_id, "key_id": e.key_id}),
-    TenantExists: lambda e: ApiError(409, "tenant_exists", f"tenant {e.tenant_id} exists: change it with PATCH "
-                                     f"/v1/admin/tenants/{e.tenant_id}", {"tenant_id": e.tenant_id}),
-    InvalidTenantSetting: lambda e: ApiError(422, "validation_error", str(e), [
-        {"field": f"body.{e.field}", "loc": ["body", e.field], "type": "value_error", "message": str(e)}]),
-}
-
-
-async def typed_error(request: Request, e: Exception) -> Response:
-    api_error = next(to_api(e) for error_type, to_api in TYPED_ERRORS.items() if isinstance(e, error_type))
-    return error_response(api_error.status, api_error.code, api_error.message, api_error.details, api_error.headers)
 
 
 # ---- middleware (pure ASGI: no buffering of bodies or responses) -----------------------------------

@@ -29,7 +29,7 @@ from typing import IO, Any
 from fastapi import Request
 
 from api.campaign_schemas import RowProblemOut, UploadReport
-from api.deps import ApiError
+from api.errors import ApiError
 from core.domain.events import utcnow
 from core.domain.recipients import (
     CsvEncodingError,

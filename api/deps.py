@@ -1,5 +1,5 @@
-"""What routes depend on: settings, the stores, the calling tenant, the submission rate limit, and
-the API's error type.
+"""What routes depend on: settings, the stores, the submission service, the reporting pool, the
+calling tenant and the submission rate limit.
 
 The app keeps its ports on `app.state` (set by `create_app`); dependencies only read them, so a test
 can build an app around any database.
@@ -15,32 +15,27 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg_pool import AsyncConnectionPool
-from pymongo.asynchronous.database import AsyncDatabase
 
+from api.errors import ApiError
+from api.read_side import ReportingUnavailable
 from core.config import Settings
 from core.domain.ratelimit import SubmissionLimiter
+from core.store.campaigns import CampaignStore
+from core.store.database import Database
 from core.store.eventstore import EventStore
+from core.store.inbound_reads import InboundReads
+from core.store.lanes import LaneStore
+from core.store.numbers import NumberStore
+from core.store.routes import RouteStore
 from core.store.tenants import SUSPENDED, Tenant, TenantStore, hash_key
+from core.submission_service import SubmissionService
 
 log = logging.getLogger(__name__)
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"code", "message", "details"}}`; `api.app` renders it."""
-
-    def __init__(self, status: int, code: str, message: str, details: Any = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-        self.headers = headers
 
 
 @dataclass
@@ -84,7 +79,7 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_db(request: Request) -> AsyncDatabase:
+def get_db(request: Request) -> Database:
     db = request.app.state.db
     if db is None:  # only before the lifespan connected
         raise ApiError(503, "unavailable", "the service is starting")
@@ -92,27 +87,24 @@ def get_db(request: Request) -> AsyncDatabase:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-DbDep = Annotated[AsyncDatabase, Depends(get_db)]
-
-
-def reporting_pool(pg_url: str) -> AsyncConnectionPool:
-    """A (not yet opened) pool on the reporting database for the read side (search). Connections are
-    in autocommit: every query is one read-only statement."""
-    return AsyncConnectionPool(pg_url, min_size=1, max_size=10, open=False, timeout=5.0,
-                               kwargs={"autocommit": True, "application_name": "msgcore-api"},
-                               name="reporting")
+DbDep = Annotated[Database, Depends(get_db)]
 
 
 def get_reporting_pool(request: Request) -> AsyncConnectionPool:
-    """The reporting pool; 503 `reporting_unavailable` when no PostgreSQL is configured."""
+    """The reporting pool; ReportingUnavailable when no PostgreSQL is configured."""
     pool = getattr(request.app.state, "pg_pool", None)
     if pool is None:
-        raise ApiError(503, "reporting_unavailable",
-                       "search reads the reporting database (PostgreSQL), which is not configured")
+        raise ReportingUnavailable("search reads the reporting database (PostgreSQL), which is not configured")
     return pool  # type: ignore[no-any-return]
 
 
+def get_optional_reporting_pool(request: Request) -> AsyncConnectionPool | None:
+    """The reporting pool, or None when no PostgreSQL is configured (for answers it only enriches)."""
+    return getattr(request.app.state, "pg_pool", None)
+
+
 ReportingPoolDep = Annotated[AsyncConnectionPool, Depends(get_reporting_pool)]
+OptionalReportingPoolDep = Annotated[AsyncConnectionPool | None, Depends(get_optional_reporting_pool)]
 
 
 def get_event_store(db: DbDep) -> EventStore:
@@ -123,8 +115,33 @@ def get_tenant_store(db: DbDep) -> TenantStore:
     return TenantStore(db)
 
 
+def get_campaign_store(db: DbDep) -> CampaignStore:
+    return CampaignStore(db)
+
+
+def get_route_store(db: DbDep) -> RouteStore:
+    return RouteStore(db)
+
+
+def get_number_store(db: DbDep) -> NumberStore:
+    return NumberStore(db)
+
+
+def get_inbound_reads(db: DbDep) -> InboundReads:
+    return InboundReads(db)
+
+
+def get_submission_service(request: Request, db: DbDep) -> SubmissionService:
+    return SubmissionService(EventStore(db), LaneStore(db), request.app.state.known_lanes)
+
+
 EventStoreDep = Annotated[EventStore, Depends(get_event_store)]
 TenantStoreDep = Annotated[TenantStore, Depends(get_tenant_store)]
+CampaignStoreDep = Annotated[CampaignStore, Depends(get_campaign_store)]
+RouteStoreDep = Annotated[RouteStore, Depends(get_route_store)]
+NumberStoreDep = Annotated[NumberStore, Depends(get_number_store)]
+InboundReadsDep = Annotated[InboundReads, Depends(get_inbound_reads)]
+SubmissionDep = Annotated[SubmissionService, Depends(get_submission_service)]
 
 # auto_error=False: we answer a missing key ourselves, in our error shape (and FastAPI still
 # documents the bearer scheme in OpenAPI).

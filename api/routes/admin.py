@@ -20,7 +20,8 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ApiError, DbDep, EventStoreDep, JsonBody, SettingsDep
+from api.deps import DbDep, EventStoreDep, JsonBody, SettingsDep
+from api.errors import ApiError
 from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS
 from core.domain.events import utcnow
 from core.store.deadletters import MAX_PAGE, MAX_REQUEUE, list_dead_letters, requeue

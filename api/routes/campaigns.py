@@ -10,11 +10,7 @@ import logging
 from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-import psycopg
 from fastapi import APIRouter, Path, Query, Request
-from psycopg import sql
-from psycopg.rows import dict_row
-from psycopg_pool import PoolTimeout
 
 from api.campaign_schemas import (
     Campaign,
@@ -27,7 +23,9 @@ from api.campaign_schemas import (
     UploadReport,
 )
 from api.campaign_upload import accept_upload, spool_body
-from api.deps import ApiError, DbDep, JsonBody, SettingsDep, TenantDep
+from api.deps import CampaignStoreDep, JsonBody, OptionalReportingPoolDep, SettingsDep, TenantDep
+from api.errors import ApiError
+from api.read_side import campaign_states
 from api.schemas import JSON_BODY_ERRORS, TENANT_ERRORS, UtcDatetime, error_responses
 from core.domain.campaign import CampaignAction
 from core.domain.events import utcnow
@@ -59,15 +57,11 @@ CampaignId = Annotated[str, Path(min_length=1, max_length=64)]
 CampaignStatusName = Literal["draft", "scheduled", "running", "paused", "canceling", "canceled", "completed"]
 
 
-def _store(db: DbDep) -> CampaignStore:
-    return CampaignStore(db)
-
-
 @router.post("", status_code=201, response_model=Campaign, dependencies=[JsonBody],
              responses=TENANT_ERRORS | JSON_BODY_ERRORS | error_responses(
                  422, described={422: "`validation_error`, `invalid_template`"}),
              summary="Create a campaign (draft)")
-async def create_campaign(body: CampaignCreate, tenant: TenantDep, db: DbDep) -> Campaign:
+async def create_campaign(body: CampaignCreate, tenant: TenantDep, campaigns: CampaignStoreDep) -> Campaign:
     try:
         template = parse_template(body.template)
     except TemplateError as e:
@@ -78,32 +72,33 @@ async def create_campaign(body: CampaignCreate, tenant: TenantDep, db: DbDep) ->
         raise ApiError(422, "validation_error", "send_at is more than 90 days ahead",
                        [{"field": "body.send_at", "loc": ["body", "send_at"], "type": "too_far_ahead",
                          "message": "send_at is more than 90 days ahead"}])
-    doc = await _store(db).create(tenant.id, name=body.name, sender=body.sender, template=template,
+    doc = await campaigns.create(tenant.id, name=body.name, sender=body.sender, template=template,
                                   transactional=body.priority == "transactional", send_at=body.send_at, now=now)
     return _campaign(doc)
 
 
 @router.get("", response_model=CampaignList, responses=TENANT_ERRORS, summary="List campaigns, newest first")
-async def list_campaigns(tenant: TenantDep, db: DbDep,
+async def list_campaigns(tenant: TenantDep, campaigns: CampaignStoreDep,
                          status: Annotated[CampaignStatusName | None, Query()] = None,
                          limit: Annotated[int, Query(ge=1, le=200)] = 50,
                          before: Annotated[UtcDatetime | None, Query(description="Created before (ISO 8601 "
                                                                                  "with a zone): the `next` of the "
                                                                                  "previous page")] = None,
                          ) -> CampaignList:
-    docs = await _store(db).list(tenant.id, status=status, limit=limit, before=before)
+    docs = await campaigns.list(tenant.id, status=status, limit=limit, before=before)
     return CampaignList(campaigns=[_campaign(d) for d in docs],
                         next=docs[-1]["created_at"] if len(docs) == limit else None)
 
 
 @router.get("/{campaign_id}", response_model=Campaign, responses=ERRORS,
             summary="A campaign: status, upload counters, messages by state, progress and ETA")
-async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep, request: Request) -> Campaign:
-    doc = await _store(db).get(tenant.id, campaign_id)
+async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, campaigns: CampaignStoreDep,
+                       pool: OptionalReportingPoolDep, settings: SettingsDep) -> Campaign:
+    doc = await campaigns.get(tenant.id, campaign_id)
     campaign = _campaign(doc)
-    states = await _reported_states(request, tenant.id, campaign_id)
+    states = await campaign_states(pool, settings.reporting_schema, tenant.id, campaign_id)
     if states is not None:
-        counts, sent_last_minute = states
+        counts, sent_last_minute = states.counts, states.sent_last_minute
         total = doc["recipients"]["accepted"]
         counts["accepted"] = counts.get("accepted", 0) + max(0, total - sum(counts.values()))  # not projected yet
         waiting = sum(counts.get(s, 0) for s in WAITING_STATES)
@@ -125,9 +120,8 @@ async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep, re
                          "is reported as a duplicate. Uploading the same file twice accepts nothing twice.",
              openapi_extra={"requestBody": {"required": True,
                                             "content": {"text/csv": {"schema": {"type": "string"}}}}})
-async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: TenantDep, db: DbDep,
-                            settings: SettingsDep) -> UploadReport:
-    campaigns = _store(db)
+async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: TenantDep,
+                            campaigns: CampaignStoreDep, settings: SettingsDep) -> UploadReport:
     campaign = await campaigns.check_uploadable(tenant.id, campaign_id)
     upload = await spool_body(request, MAX_UPLOAD_BYTES)
     with upload.file:
@@ -136,42 +130,42 @@ async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: T
 
 @router.get("/{campaign_id}/problems", response_model=ProblemPage, responses=ERRORS,
             summary="Rows that were not accepted, by row number")
-async def list_problems(campaign_id: CampaignId, tenant: TenantDep, db: DbDep,
+async def list_problems(campaign_id: CampaignId, tenant: TenantDep, campaigns: CampaignStoreDep,
                         after_row: Annotated[int, Query(ge=0, le=MAX_ROW)] = 0,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> ProblemPage:
-    rows = await _store(db).problems(tenant.id, campaign_id, after_row=after_row, limit=limit)
+    rows = await campaigns.problems(tenant.id, campaign_id, after_row=after_row, limit=limit)
     return ProblemPage(problems=[RowProblemOut(**r) for r in rows],
                        next_after_row=rows[-1]["row"] if len(rows) == limit else None)
 
 
-async def _act(action: CampaignAction, campaign_id: str, tenant_id: str, db: Any) -> Campaign:
+async def _act(action: CampaignAction, campaign_id: str, tenant_id: str, campaigns: CampaignStore) -> Campaign:
     """The campaign after `action`; the store's CampaignNotFound (404) and the domain's
     CampaignTransitionError (409) are answered by api/app.py."""
-    return _campaign(await _store(db).act(tenant_id, campaign_id, action, utcnow()))
+    return _campaign(await campaigns.act(tenant_id, campaign_id, action, utcnow()))
 
 
 @router.post("/{campaign_id}/start", response_model=Campaign, responses=ACTION_ERRORS,
              summary="Start sending (at send_at, if it is ahead)")
-async def start_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
-    return await _act(CampaignAction.START, campaign_id, tenant.id, db)
+async def start_campaign(campaign_id: CampaignId, tenant: TenantDep, campaigns: CampaignStoreDep) -> Campaign:
+    return await _act(CampaignAction.START, campaign_id, tenant.id, campaigns)
 
 
 @router.post("/{campaign_id}/pause", response_model=Campaign, responses=ACTION_ERRORS,
              summary="Stop claiming its messages (within about a second); they keep their place")
-async def pause_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
-    return await _act(CampaignAction.PAUSE, campaign_id, tenant.id, db)
+async def pause_campaign(campaign_id: CampaignId, tenant: TenantDep, campaigns: CampaignStoreDep) -> Campaign:
+    return await _act(CampaignAction.PAUSE, campaign_id, tenant.id, campaigns)
 
 
 @router.post("/{campaign_id}/resume", response_model=Campaign, responses=ACTION_ERRORS,
              summary="Carry on where it was paused")
-async def resume_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
-    return await _act(CampaignAction.RESUME, campaign_id, tenant.id, db)
+async def resume_campaign(campaign_id: CampaignId, tenant: TenantDep, campaigns: CampaignStoreDep) -> Campaign:
+    return await _act(CampaignAction.RESUME, campaign_id, tenant.id, campaigns)
 
 
 @router.post("/{campaign_id}/cancel", response_model=Campaign, responses=ACTION_ERRORS,
              summary="Cancel: messages not yet handed to an SMSC end as `canceled`")
-async def cancel_campaign(campaign_id: CampaignId, tenant: TenantDep, db: DbDep) -> Campaign:
-    return await _act(CampaignAction.CANCEL, campaign_id, tenant.id, db)
+async def cancel_campaign(campaign_id: CampaignId, tenant: TenantDep, campaigns: CampaignStoreDep) -> Campaign:
+    return await _act(CampaignAction.CANCEL, campaign_id, tenant.id, campaigns)
 
 
 def _campaign(doc: dict[str, Any]) -> Campaign:
@@ -181,23 +175,3 @@ def _campaign(doc: dict[str, Any]) -> Campaign:
                     paused_at=doc.get("paused_at"), canceled_at=doc.get("canceled_at"),
                     completed_at=doc.get("completed_at"), recipients=RecipientCounts(**doc["recipients"]),
                     encodings=doc.get("encodings", {}), problems_by_code=doc.get("problems_by_code", {}))
-
-
-async def _reported_states(request: Request, tenant_id: str, campaign_id: str) -> tuple[dict[str, int], int] | None:
-    """Messages by state and those sent in the last minute, from the reporting tables; None when
-    reporting is not configured or unavailable (the campaign is still answered, without them)."""
-    pool = getattr(request.app.state, "pg_pool", None)
-    if pool is None:
-        return None
-    schema = request.app.state.settings.reporting_schema
-    query = sql.SQL("SELECT state, count(*) AS n, count(*) FILTER (WHERE sent_at > now() - interval '60 seconds') "
-                    "AS recent FROM {}.messages WHERE campaign_id = %s AND tenant_id = %s GROUP BY state"
-                    ).format(sql.Identifier(schema))
-    try:
-        async with pool.connection(timeout=2.0) as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, (campaign_id, tenant_id))
-            rows = await cur.fetchall()
-    except (PoolTimeout, psycopg.Error) as e:
-        log.warning("campaign=%s tenant=%s: reporting unavailable for progress: %r", campaign_id, tenant_id, e)
-        return None
-    return {r["state"]: r["n"] for r in rows if r["state"]}, sum(r["recent"] for r in rows)

@@ -1,26 +1,23 @@
 """MO (mobile-originated) messages of the calling tenant: `GET /v1/inbound`.
 
-Read from the log in MongoDB (the `inbound` events, each the first and only event of its stream), so
-an MO is listed as soon as the connector committed it, without the projector's lag. Oldest first,
-keyset pagination by message id (ids are time-ordered): poll with `after` = the last id seen to get
-what arrived since. The query runs on the partial index `inbound_tenant` of `events` (only `inbound`
-events are in it; created by the connector, and by this module on first use).
+Read from the log in MongoDB (core/store/inbound_reads.py), so an MO is listed as soon as the
+connector committed it, without the projector's lag. Oldest first, keyset pagination by message id
+(ids are time-ordered): poll with `after` = the last id seen to get what arrived since. The listing's
+index is created by the connector, and by this module on first use.
 """
 
 from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from pymongo import ASCENDING
-from pymongo.errors import OperationFailure
 
-from api.deps import DbDep, TenantDep
+from api.deps import InboundReadsDep, TenantDep
 from api.schemas import TENANT_ERRORS, UtcDatetime
-from core.store.numbers import ensure_inbound_indexes
+from core.store.inbound_reads import InboundReads, InboundRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,14 +55,11 @@ class InboundPage(BaseModel):
     next_after: str | None = Field(default=None, description="Pass as `after` for the next page; null at the end")
 
 
-async def _indexes_once(request: Request, db: Any) -> None:
+async def _indexes_once(request: Request, reads: InboundReads) -> None:
     """Create the index the listing needs, once per app; without it the listing is slower, not wrong."""
     if getattr(request.app.state, "inbound_indexes", False):
         return
-    try:
-        await ensure_inbound_indexes(db)
-    except OperationFailure as e:
-        log.warning("could not create the inbound indexes (listing works, more slowly): %s", e)
+    await reads.ensure_indexes()
     request.app.state.inbound_indexes = True
 
 
@@ -75,27 +69,20 @@ async def _indexes_once(request: Request, db: Any) -> None:
 async def list_inbound(
     request: Request,
     tenant: TenantDep,
-    db: DbDep,
+    reads: InboundReadsDep,
     since: Annotated[UtcDatetime | None, Query(description="Received at or after")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     after: Annotated[str | None, Query(min_length=1, max_length=MAX_ID_LEN,
                                        description="Message id of the last item already seen")] = None,
 ) -> InboundPage:
-    await _indexes_once(request, db)
-    query: dict[str, Any] = {"type": "inbound", "tenant_id": tenant.id}
-    if after is not None:
-        query["message_id"] = {"$gt": after}
-    if since is not None:
-        query["at"] = {"$gte": since}
-    cursor = db["events"].find(query).sort("message_id", ASCENDING).limit(limit)
-    items = [_item(d) async for d in cursor]
+    await _indexes_once(request, reads)
+    records = await reads.list(tenant.id, since=since, after=after, limit=limit)
+    items = [_item(r) for r in records]
     log.debug("tenant %s: %d inbound message(s) listed", tenant.id, len(items))
     return InboundPage(inbound=items, next_after=items[-1].id if len(items) == limit else None)
 
 
-def _item(doc: dict[str, Any]) -> InboundMessage:
-    data = doc.get("data", {})
-    return InboundMessage(id=doc["message_id"], sender=data["from"], to=data["to"], text=data.get("text", ""),
-                          received_at=doc["at"], reply_to=data.get("reply_to"),
-                          smsc_message_id=data.get("smsc_message_id"), route_id=doc.get("route_id"),
-                          udh=UdhInfo(**data["udh"]) if data.get("udh") else None)
+def _item(r: InboundRecord) -> InboundMessage:
+    return InboundMessage(id=r.id, sender=r.sender, to=r.to, text=r.text, received_at=r.received_at,
+                          reply_to=r.reply_to, smsc_message_id=r.smsc_message_id, route_id=r.route_id,
+                          udh=UdhInfo(**r.udh) if r.udh else None)

@@ -20,21 +20,18 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-import psycopg
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from psycopg import sql
-from psycopg.rows import dict_row
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from pydantic import ValidationError
 
-from api.deps import ApiError, EventStoreDep, ReportingPoolDep, SettingsDep, TenantDep, charge_submission
+from api import read_side
+from api.deps import EventStoreDep, ReportingPoolDep, SettingsDep, SubmissionDep, TenantDep, charge_submission
+from api.errors import ApiError
 from api.schemas import (
     DEFAULT_SEARCH_LIMIT,
     E164,
     MAX_BATCH,
     MAX_SEARCH_LIMIT,
-    PRIORITY_VALUES,
     TENANT_ERRORS,
     MessageAccepted,
     MessageBatchAccepted,
@@ -53,12 +50,8 @@ from api.schemas import (
 )
 from core.domain.errors import TooManyParts
 from core.domain.events import Event, EventType, utcnow
-from core.domain.message import MessageState, fold, tenant_lane
-from core.ids import new_message_id
-from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
-from core.store.lanes import ACTIVE, LaneStore
-from core.store.submission import accepted_write
-from core.store.topics import Write
+from core.domain.message import MessageState, fold
+from core.submission_service import Idempotency, Submission
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +96,7 @@ async def submit_messages(
     request: Request,
     response: Response,
     tenant: TenantDep,
-    store: EventStoreDep,
+    submissions: SubmissionDep,
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> MessageAccepted | MessageBatchAccepted:
@@ -114,40 +107,15 @@ async def submit_messages(
     # Charged once the request is known valid, before anything is written: a 429 writes nothing. An
     # idempotent replay is charged like any request (simplest; a client replays rarely).
     charge_submission(request, tenant, len(messages))
-    now = utcnow()
-    ids = [new_message_id() for _ in messages]
-    items = [_accepted_item(mid, tenant.id, m, enc, parts, now, settings.default_validity_s)
-             for mid, m, (enc, parts) in zip(ids, messages, encodings, strict=True)]
-    record = None
-    if idempotency_key is not None:
-        record = IdempotencyRecord(key=f"{tenant.id}:{idempotency_key}", request_hash=_request_hash(body),
-                                   message_ids=ids)
-    if any(m.priority == "marketing" for m in messages):
-        await _ensure_marketing_lane(request, store, tenant.id, now)
-    try:
-        await store.accept(items, record)
-    except IdempotencyReplay as replay:
-        assert record is not None and idempotency_key is not None  # only a keyed request can replay
-        ids = _replayed_ids(replay, record, idempotency_key, len(messages))
+    items = [_submission(m, enc, parts, settings.default_validity_s)
+             for m, (enc, parts) in zip(messages, encodings, strict=True)]
+    idempotency = None if idempotency_key is None else Idempotency(idempotency_key, _request_hash(body))
+    submitted = await submissions.submit(tenant.id, items, utcnow(), idempotency)
+    if submitted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-        log.info("tenant %s: idempotent replay of key %r, %d message(s), first %s",
-                 tenant.id, idempotency_key, len(ids), ids[0])
-    else:
-        log.info("tenant %s: accepted %d message(s), first %s%s", tenant.id, len(ids), ids[0],
-                 f", idempotency key {idempotency_key!r}" if idempotency_key else "")
     accepted = [MessageAccepted(id=mid, to=m.to, parts=parts, client_ref=m.client_ref)
-                for mid, m, (_, parts) in zip(ids, messages, encodings, strict=True)]
+                for mid, m, (_, parts) in zip(submitted.ids, messages, encodings, strict=True)]
     return MessageBatchAccepted(messages=accepted) if is_batch else accepted[0]
-
-
-async def _ensure_marketing_lane(request: Request, store: EventStore, tenant_id: str, now: datetime) -> None:
-    """Register the tenant's marketing lane before its first marketing message is accepted (once per
-    process): the stages claim only registered lanes (core/store/lanes.py)."""
-    known: set[str] = request.app.state.known_lanes
-    lane = tenant_lane(tenant_id)
-    if lane not in known:
-        await LaneStore(store.db).ensure(lane, tenant_id, transactional=False, state=ACTIVE, now=now)
-        known.add(lane)
 
 
 def _reject_constant(name: str) -> Any:
@@ -202,18 +170,11 @@ def _too_many_parts(parts: int, limit: int, index: int | None) -> ApiError:
     return ApiError(422, err.code, str(err), {"field": field, "parts": err.parts, "limit": err.limit})
 
 
-def _accepted_item(message_id: str, tenant_id: str, m: MessageCreate, encoding: str, parts: int,
-                   now: datetime, default_validity_s: int) -> Write:
-    event = Event(
-        message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
-        data={
-            "to": m.to, "sender": m.sender, "text": m.text, "encoding": encoding, "parts": parts,
-            "priority": PRIORITY_VALUES[m.priority],
-            "validity_s": m.validity if m.validity is not None else default_validity_s,
-            "send_at": m.send_at, "campaign_id": None, "client_ref": m.client_ref,
-        },
-    )
-    return accepted_write(event, now)
+def _submission(m: MessageCreate, encoding: str, parts: int, default_validity_s: int) -> Submission:
+    return Submission(to=m.to, sender=m.sender, text=m.text, encoding=encoding, parts=parts,
+                      transactional=m.priority == "transactional",
+                      validity_s=m.validity if m.validity is not None else default_validity_s,
+                      send_at=m.send_at, client_ref=m.client_ref)
 
 
 def _request_hash(body: Any) -> str:
@@ -222,27 +183,12 @@ def _request_hash(body: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _replayed_ids(replay: IdempotencyReplay, record: IdempotencyRecord, key: str, count: int) -> list[str]:
-    """The ids of the earlier request with this key; 422 `idempotency_key_reused` if its body differed."""
-    earlier = replay.record
-    if earlier.get("request_hash") != record.request_hash:
-        raise ApiError(422, "idempotency_key_reused",
-                       "this Idempotency-Key was used before with a different request body",
-                       {"idempotency_key": key})
-    ids: list[str] = list(earlier["message_ids"])
-    if len(ids) != count:  # same hash means same body: only a store bug gets here
-        raise RuntimeError(f"idempotency record {earlier['_id']} holds {len(ids)} ids, request has {count}")
-    return ids
-
-
 # ---- GET /v1/messages (search) -------------------------------------------------------------------
 
 SEARCH_ERRORS = TENANT_ERRORS | error_responses(422, 503, described={
     422: "`validation_error` (bad filter, limit or cursor)",
     503: "`reporting_unavailable`: no PostgreSQL configured or reachable, or no reporting tables yet; "
          "`unavailable`: MongoDB unreachable"})
-_SEARCH_COLUMNS = ("message_id", "state", "to_number", "route_id", "parts", "accepted_at", "delivered_at",
-                   "billed", "amount_minor")
 
 
 def encode_cursor(accepted_at: datetime, message_id: str) -> str:
@@ -267,35 +213,6 @@ def _query_error(name: str, message: str) -> RequestValidationError:
     return RequestValidationError([{"type": "value_error", "loc": ("query", name), "msg": message}])
 
 
-def _search_sql(schema: str, filters: dict[str, Any], after: tuple[datetime, str] | None) -> sql.Composed:
-    conds: list[sql.Composable] = [sql.SQL("tenant_id = %(tenant)s"), sql.SQL("accepted_at IS NOT NULL")]
-    for column, key, op in (("state", "state", "="), ("campaign_id", "campaign_id", "="),
-                            ("to_number", "to", "="), ("accepted_at", "since", ">="), ("accepted_at", "until", "<")):
-        if filters.get(key) is not None:
-            conds.append(sql.SQL("{} {} {}").format(sql.Identifier(column), sql.SQL(op), sql.Placeholder(key)))
-    if after is not None:
-        conds.append(sql.SQL("(accepted_at, message_id) < (%(after_at)s, %(after_id)s)"))
-    return sql.SQL(
-        "SELECT {} FROM {}.messages WHERE {} ORDER BY accepted_at DESC, message_id DESC LIMIT %(limit)s"
-    ).format(
-        sql.SQL(", ").join(sql.Identifier(c) for c in _SEARCH_COLUMNS), sql.Identifier(schema),
-        sql.SQL(" AND ").join(conds))
-
-
-async def _fetch_page(pool: AsyncConnectionPool, query: sql.Composed, params: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(query, params)
-            return await cur.fetchall()
-    except psycopg.errors.UndefinedTable as e:
-        raise ApiError(503, "reporting_unavailable", "the reporting tables do not exist yet (is the projector "
-                       "running?)", headers={"Retry-After": "5"}) from e
-    except (PoolTimeout, psycopg.OperationalError) as e:
-        log.warning("reporting database unavailable for search: %r", e)
-        raise ApiError(503, "reporting_unavailable", "the reporting database is unavailable, retry later",
-                       headers={"Retry-After": "1"}) from e
-
-
 @router.get("", response_model=MessageSearchPage, responses=SEARCH_ERRORS, summary="Search messages",
             description="The caller's messages from the reporting tables (PostgreSQL), newest first, filtered by "
                         "state, campaign, destination and acceptance time (`since` inclusive, `until` exclusive). "
@@ -316,11 +233,8 @@ async def search_messages(
     if since is not None and until is not None and until <= since:
         raise _query_error("until", "until must be later than since")
     cursor = decode_cursor(after) if after is not None else None
-    filters = {"state": state, "campaign_id": campaign_id, "to": to, "since": since, "until": until}
-    params: dict[str, Any] = {**filters, "tenant": tenant.id, "limit": limit}
-    if cursor is not None:
-        params["after_at"], params["after_id"] = cursor
-    rows = await _fetch_page(pool, _search_sql(settings.reporting_schema, filters, cursor), params)
+    filters = read_side.SearchFilters(state=state, campaign_id=campaign_id, to=to, since=since, until=until)
+    rows = await read_side.search_messages(pool, settings.reporting_schema, tenant.id, filters, cursor, limit)
     items = [MessageSummary(id=r["message_id"], status=r["state"], to=r["to_number"], route_id=r["route_id"],
                             parts=r["parts"], accepted_at=_as_utc(r["accepted_at"]),
                             delivered_at=_as_utc(r["delivered_at"]), billed=r["billed"],

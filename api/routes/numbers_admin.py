@@ -17,11 +17,12 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import ApiError, DbDep, JsonBody, TenantStoreDep
+from api.deps import JsonBody, NumberStoreDep, TenantStoreDep
+from api.errors import ApiError
 from api.routes.admin import AdminDep
 from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS, error_responses
 from core.domain.events import utcnow
-from core.store.numbers import MAX_PAGE, NUMBER_RE, Assignment, NumberStore
+from core.store.numbers import MAX_PAGE, NUMBER_RE, Assignment
 from core.store.tenants import TENANT_ID_RE
 
 log = logging.getLogger(__name__)
@@ -61,27 +62,26 @@ def _public(a: Assignment) -> NumberPublic:
 @router.get("", response_model=NumberPage, summary="List numbers assigned to tenants")
 async def list_numbers(
     _: AdminDep,
-    db: DbDep,
+    numbers: NumberStoreDep,
     tenant_id: Annotated[str | None, Query(min_length=1, max_length=64)] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
     after: Annotated[str | None, Query(max_length=32, description="Last number of the previous page")] = None,
 ) -> NumberPage:
     if after is not None:  # an unencoded "+" in a query string arrives as a space; numbers have none
         after = after.replace(" ", "+")
-    items = await NumberStore(db).list(tenant_id, limit, after)
+    items = await numbers.list(tenant_id, limit, after)
     return NumberPage(numbers=[_public(a) for a in items],
                       next_after=items[-1].number if len(items) == limit else None)
 
 
 @router.put("/{number}", response_model=NumberAssigned, responses=NOT_FOUND | JSON_BODY_ERRORS, dependencies=[JsonBody],
             summary="Assign a number to a tenant (moves it if another tenant had it)")
-async def assign_number(number: NumberPath, body: NumberAssign, actor: AdminDep, db: DbDep,
+async def assign_number(number: NumberPath, body: NumberAssign, actor: AdminDep, numbers: NumberStoreDep,
                         tenants: TenantStoreDep) -> NumberAssigned:
     if await tenants.get(body.tenant_id) is None:
         raise ApiError(404, "not_found", "no such tenant", {"tenant_id": body.tenant_id})
-    store = NumberStore(db)
     now = utcnow()
-    previous = await store.assign(number, body.tenant_id, actor, now)
+    previous = await numbers.assign(number, body.tenant_id, actor, now)
     if previous is not None and previous.tenant_id != body.tenant_id:
         log.warning("number %s moved from tenant %s to tenant %s by %s", number, previous.tenant_id, body.tenant_id,
                     actor)
@@ -92,8 +92,8 @@ async def assign_number(number: NumberPath, body: NumberAssign, actor: AdminDep,
 
 
 @router.delete("/{number}", status_code=204, responses=NOT_FOUND, summary="Unassign a number")
-async def unassign_number(number: NumberPath, actor: AdminDep, db: DbDep) -> Response:
-    removed = await NumberStore(db).unassign(number)
+async def unassign_number(number: NumberPath, actor: AdminDep, numbers: NumberStoreDep) -> Response:
+    removed = await numbers.unassign(number)
     if removed is None:
         raise ApiError(404, "not_found", "number not assigned", {"number": number})
     log.info("number %s unassigned from tenant %s by %s", number, removed.tenant_id, actor)

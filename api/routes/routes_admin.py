@@ -25,7 +25,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
-from api.deps import ApiError, DbDep, JsonBody
+from api.deps import JsonBody, RouteStoreDep
+from api.errors import ApiError
 from api.routes.admin import AdminDep
 from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS, error_responses, inline_json_schema
 from core.domain.events import utcnow
@@ -159,22 +160,19 @@ async def _save(store: RouteStore, route: Route, actor: str, what: str) -> Route
 
 
 @router.get("", response_model=RouteList, summary="List routes with their live status")
-async def list_routes(_: AdminDep, db: DbDep) -> RouteList:
-    store = RouteStore(db)
+async def list_routes(_: AdminDep, store: RouteStoreDep) -> RouteList:
     routes, status = await store.list(), await store.statuses(utcnow())
     return RouteList(routes=[_out(r, status) for r in routes])
 
 
 @router.get("/{route_id}", response_model=RouteOut, responses=NOT_FOUND, summary="One route")
-async def get_route(route_id: RouteId, _: AdminDep, db: DbDep) -> RouteOut:
-    store = RouteStore(db)
+async def get_route(route_id: RouteId, _: AdminDep, store: RouteStoreDep) -> RouteOut:
     return _out(await _existing(store, route_id), await store.statuses(utcnow()))
 
 
 @router.post("", response_model=RouteOut, status_code=201, summary="Create a route", dependencies=[JsonBody],
              responses=JSON_BODY_ERRORS | error_responses(409, described={409: "`route_exists`"}))
-async def create_route(body: RouteDefinition, actor: AdminDep, db: DbDep) -> RouteOut:
-    store = RouteStore(db)
+async def create_route(body: RouteDefinition, actor: AdminDep, store: RouteStoreDep) -> RouteOut:
     if await store.get(body.id) is not None:
         raise ApiError(409, "route_exists", f"route {body.id} exists: change it with PUT or PATCH "
                                             f"/v1/admin/routes/{body.id}")
@@ -185,8 +183,7 @@ async def create_route(body: RouteDefinition, actor: AdminDep, db: DbDep) -> Rou
             summary="Replace a route's definition",
             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PUT_SCHEMA}}}})
 async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
-                        db: DbDep) -> RouteOut:
-    store = RouteStore(db)
+                        store: RouteStoreDep) -> RouteOut:
     current = await _existing(store, route_id)
     _check_id(route_id, body)
     data = {**body, "id": route_id}
@@ -200,8 +197,7 @@ async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body(
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": PATCH_SCHEMA}}}})
 async def patch_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
-                      db: DbDep) -> RouteOut:
-    store = RouteStore(db)
+                      store: RouteStoreDep) -> RouteOut:
     current = await _existing(store, route_id)
     _check_id(route_id, body)
     if body.get("password") == MASK:
@@ -221,20 +217,19 @@ async def _set_enabled(store: RouteStore, route_id: str, enabled: bool, actor: s
 
 
 @router.post("/{route_id}/disable", response_model=RouteOut, responses=NOT_FOUND, summary="Disable a route")
-async def disable_route(route_id: RouteId, actor: AdminDep, db: DbDep) -> RouteOut:
-    return await _set_enabled(RouteStore(db), route_id, False, actor)
+async def disable_route(route_id: RouteId, actor: AdminDep, store: RouteStoreDep) -> RouteOut:
+    return await _set_enabled(store, route_id, False, actor)
 
 
 @router.post("/{route_id}/enable", response_model=RouteOut, responses=NOT_FOUND, summary="Enable a route")
-async def enable_route(route_id: RouteId, actor: AdminDep, db: DbDep) -> RouteOut:
-    return await _set_enabled(RouteStore(db), route_id, True, actor)
+async def enable_route(route_id: RouteId, actor: AdminDep, store: RouteStoreDep) -> RouteOut:
+    return await _set_enabled(store, route_id, True, actor)
 
 
 @router.get("/{route_id}/history", response_model=RouteHistory, responses=NOT_FOUND,
             summary="Recorded changes of a route, oldest first")
-async def route_history(route_id: RouteId, _: AdminDep, db: DbDep,
+async def route_history(route_id: RouteId, _: AdminDep, store: RouteStoreDep,
                         limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> RouteHistory:
-    store = RouteStore(db)
     changes = await store.history(route_id, limit)
     if not changes and await store.get(route_id) is None:
         raise ApiError(404, "not_found", f"no route {route_id}")

@@ -40,15 +40,14 @@ from core.domain.campaign import (
     CampaignStatus,
     apply_action,
 )
-from core.domain.events import Event, EventType
-from core.domain.message import TRANSACTIONAL_PRIORITY, campaign_lane, route_topic, send_topic
+from core.domain.message import campaign_lane, route_topic, send_topic
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
 from core.ids import campaign_message_id, new_campaign_id
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneStore
-from core.store.submission import accepted_write
+from core.store.submission import Submission, accepted
 from core.store.timers import Timers
 from core.store.topics import Write
 
@@ -218,16 +217,11 @@ class CampaignStore:
 
     @staticmethod
     def _accepted(campaign: dict[str, Any], r: Recipient, message_id: str, now: datetime) -> Write:
-        transactional = campaign["priority"] == "transactional"
-        event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=campaign["tenant_id"],
-                      channel=campaign.get("channel", "sms"),
-                      data={"to": r.phone, "sender": campaign["sender"], "text": r.text, "encoding": r.encoding,
-                            "parts": r.parts, "priority": TRANSACTIONAL_PRIORITY if transactional else 0,
-                            # No send_at or validity per message: the campaign's lane holds them until it
-                            # runs.
-                            "validity_s": 0, "send_at": None, "campaign_id": campaign["_id"],
-                            "client_ref": None, "campaign_row": r.row})
-        return accepted_write(event, now)
+        # No send_at or validity per message: the campaign's lane holds them until it runs.
+        return accepted(message_id, campaign["tenant_id"], Submission(
+            to=r.phone, sender=campaign["sender"], text=r.text, encoding=r.encoding, parts=r.parts,
+            transactional=campaign["priority"] == "transactional", campaign_id=campaign["_id"], campaign_row=r.row,
+            channel=campaign.get("channel", "sms")), now)
 
     async def start_upload(self, campaign_id: str, rows: int, now: datetime) -> None:
         """Note an upload of `rows` data rows starting (for progress bars, and so that the campaign is

@@ -1,14 +1,17 @@
 """How an accepted message enters the pipeline: its `accepted` event handed to the router's topic
 of its lane, or, when it is scheduled for later (`send_at`), to a timer that hands it over then.
 
-Every entry point (the messages API, campaign uploads, any later one) builds its writes here."""
+Every entry point (the messages API through core/submission_service.py, campaign uploads, any later
+one) describes a new message as a `Submission` and builds its write with `accepted`."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from core.domain.events import Event
-from core.domain.message import lane_of, route_topic, state_of_accepted
+from core.domain.events import Event, EventType
+from core.domain.message import TRANSACTIONAL_PRIORITY, lane_of, route_topic, state_of_accepted
 from core.store.timers import timer_doc
 from core.store.topics import Write
 
@@ -24,3 +27,36 @@ def accepted_write(event: Event, now: datetime) -> Write:
             message_id=state.message_id, tenant_id=state.tenant_id, topic=topic, seq=1, due_at=state.send_at,
             reason="send_at", lane=lane, campaign_id=state.campaign_id, channel=state.channel))
     return Write(state.message_id, [doc], [topic])
+
+
+@dataclass(frozen=True)
+class Submission:
+    """One new message. A campaign's messages carry `campaign_id` and `campaign_row` and no send_at
+    or validity of their own (validity_s 0): the campaign's lane holds them until it runs."""
+
+    to: str
+    sender: str
+    text: str
+    encoding: str  # "gsm7" | "ucs2"
+    parts: int
+    transactional: bool = True
+    validity_s: int = 0
+    send_at: datetime | None = None
+    client_ref: str | None = None
+    campaign_id: str | None = None
+    campaign_row: int | None = None
+    channel: str = "sms"
+
+
+def accepted(message_id: str, tenant_id: str, s: Submission, now: datetime) -> Write:
+    """The write of the message's `accepted` event (data as documented in core/domain/events.py)."""
+    data: dict[str, Any] = {
+        "to": s.to, "sender": s.sender, "text": s.text, "encoding": s.encoding, "parts": s.parts,
+        "priority": TRANSACTIONAL_PRIORITY if s.transactional else 0, "validity_s": s.validity_s,
+        "send_at": s.send_at, "campaign_id": s.campaign_id, "client_ref": s.client_ref,
+    }
+    if s.campaign_row is not None:
+        data["campaign_row"] = s.campaign_row
+    event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
+                  channel=s.channel, data=data)
+    return accepted_write(event, now)

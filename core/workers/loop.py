@@ -6,10 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from pymongo.errors import ConnectionFailure, OperationFailure
-
 from core.aio import sleep_or_stop
-from core.store.errors import StoreUnavailable
+from core.store.mongo import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +23,7 @@ async def run_until_stopped(name: str, step: Callable[[], Awaitable[int]], stop:
         try:
             done = await step()
             backoff = idle_s
-        except (ConnectionFailure, OperationFailure, StoreUnavailable) as e:
+        except TRANSIENT_ERRORS as e:
             log.warning("%s: store error, retrying in %.1fs: %s", name, backoff, e)
             done = 0
             backoff = min(max_backoff_s, backoff * 2)
