@@ -1,4 +1,4 @@
-"""`msgcore tenants ...`: tenants, their plans and API keys (a sub-app of ops/cli.py).
+"""`msgcore tenants ...`: tenants, their plans and API keys (a sub-app of ops/cli/).
 
 Every change is recorded in `tenant_changes` with actor `cli:<user>`. Running API processes see a
 change within their tenant cache's TTL (10 s); the admin API (/v1/admin/tenants) applies it at once
@@ -10,13 +10,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from core.domain.events import utcnow
+from core.domain.ratelimit import effective_burst
+from core.store.tenants import (
+    DEFAULT_PRIORITY,
+    InvalidTenantSetting,
+    KeyNotFound,
+    TenantExists,
+    TenantNotFound,
+    TenantStore,
+)
 from ops import components
-from ops.cli_common import cli_actor, cli_settings
+from ops.cli.common import cli_actor, cli_settings
 
 T = TypeVar("T")
 
@@ -38,8 +47,6 @@ def _fail(command: str, message: str, code: int = 1) -> typer.Exit:
 def _with_store(command: str, fn: Callable[[Any], Awaitable[T]], prepare: bool = False) -> T:
     """Run `fn(store)` against the TenantStore of the configured database, turning the store's
     errors into a message and an exit code."""
-    from core.store.tenants import InvalidTenantSetting, KeyNotFound, TenantExists, TenantNotFound, TenantStore
-
     s = cli_settings(f"tenants {command}")
 
     async def go() -> T:
@@ -56,12 +63,6 @@ def _with_store(command: str, fn: Callable[[Any], Awaitable[T]], prepare: bool =
         raise _fail(command, str(e), 2) from e
     except (TenantNotFound, KeyNotFound) as e:
         raise _fail(command, str(e), 1) from e
-
-
-def _now() -> datetime:
-    from core.domain.events import utcnow
-
-    return utcnow()
 
 
 def _parse_tps(command: str, value: str) -> float | None:
@@ -82,8 +83,6 @@ def _parse_burst(command: str, value: str) -> int | None:
 
 
 def _limits_line(t: dict[str, Any]) -> str:
-    from core.domain.ratelimit import effective_burst
-
     tps, burst = t.get("submit_tps"), t.get("submit_burst")
     rate = "unlimited" if tps is None else f"{tps:g}"
     shown_burst = "-" if tps is None else f"{effective_burst(tps, burst)}{'' if burst is not None else ' (default)'}"
@@ -105,13 +104,11 @@ def tenants_create(
     submit_burst: BurstOpt = None,
 ) -> None:
     """Create a tenant and print its API key (shown only this once)."""
-    from core.store.tenants import DEFAULT_PRIORITY
-
     tid = tenant_id or "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:63]
     tps = _parse_tps("create", submit_tps) if submit_tps is not None else None
     burst = _parse_burst("create", submit_burst) if submit_burst is not None else None
     key_id, key = _with_store("create", lambda store: store.register(
-        tid, name, _now(), priority=DEFAULT_PRIORITY if priority is None else priority, submit_tps=tps,
+        tid, name, utcnow(), priority=DEFAULT_PRIORITY if priority is None else priority, submit_tps=tps,
         submit_burst=burst, actor=cli_actor()), prepare=True)
     typer.echo(f"tenant: {tid}\napi key: {key}\nkey id: {key_id}\n(store it now: only its hash is kept)")
 
@@ -140,7 +137,7 @@ def tenants_limits(tenant_id: TenantIdArg, priority: PriorityOpt = None, submit_
         before = await store.get(tenant_id)
         if before is None or not fields:
             return before, before or {}
-        return before, await store.update_limits(tenant_id, _now(), actor=cli_actor(), **fields)
+        return before, await store.update_limits(tenant_id, utcnow(), actor=cli_actor(), **fields)
 
     before, after = _with_store("limits", apply)
     if before is None:
@@ -158,14 +155,14 @@ def tenants_suspend(tenant_id: TenantIdArg,
                     reason: Annotated[str, typer.Option("--reason", help="Why (recorded)")]) -> None:
     """Suspend a tenant: its API calls are refused (403 tenant_suspended); its accepted messages are
     held by the workers, not lost."""
-    t = _with_store("suspend", lambda store: store.suspend(tenant_id, reason, _now(), actor=cli_actor()))
+    t = _with_store("suspend", lambda store: store.suspend(tenant_id, reason, utcnow(), actor=cli_actor()))
     typer.echo(f"tenant {tenant_id} suspended since {t['suspended_at'].isoformat()}: {t['suspend_reason']}")
 
 
 @tenants_app.command("resume")
 def tenants_resume(tenant_id: TenantIdArg) -> None:
     """Make a suspended tenant active again; its held messages go on."""
-    _with_store("resume", lambda store: store.resume(tenant_id, _now(), actor=cli_actor()))
+    _with_store("resume", lambda store: store.resume(tenant_id, utcnow(), actor=cli_actor()))
     typer.echo(f"tenant {tenant_id} active")
 
 
@@ -187,7 +184,7 @@ def tenants_rotate_key(
 ) -> None:
     """Issue a new API key and print it (shown only this once). The other keys keep working until
     revoked, unless --revoke-existing."""
-    key_id, key = _with_store("rotate-key", lambda store: store.rotate_key(tenant_id, _now(), revoke_existing,
+    key_id, key = _with_store("rotate-key", lambda store: store.rotate_key(tenant_id, utcnow(), revoke_existing,
                                                                            actor=cli_actor()))
     typer.echo(f"tenant: {tenant_id}\napi key: {key}\nkey id: {key_id}\n(store it now: only its hash is kept)")
     if revoke_existing:
@@ -198,7 +195,7 @@ def tenants_rotate_key(
 def tenants_revoke_key(tenant_id: TenantIdArg,
                        key_id: Annotated[str, typer.Argument(help="Key id (see `msgcore tenants keys`)")]) -> None:
     """Revoke an API key; requests with it are refused (within 10 s on running API processes)."""
-    k = _with_store("revoke-key", lambda store: store.revoke_key(tenant_id, key_id, _now(), actor=cli_actor()))
+    k = _with_store("revoke-key", lambda store: store.revoke_key(tenant_id, key_id, utcnow(), actor=cli_actor()))
     typer.echo(f"key {key_id} of tenant {tenant_id} revoked at {k['revoked_at'].isoformat()}")
 
 

@@ -1,8 +1,12 @@
-"""What every `msgcore` command group needs: settings resolved for a command, and who is acting."""
+"""What every `msgcore` command group needs: settings resolved for a command, who is acting, and how
+a component's run or a missing store becomes a message and an exit code."""
 
 from __future__ import annotations
 
+import asyncio
 import getpass
+from collections.abc import Coroutine
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -36,3 +40,23 @@ def cli_actor() -> str:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):  # no user name in this environment (e.g. a container without one)
         return "cli"
+
+
+def run_component(component: str, coro: Coroutine[Any, Any, None]) -> None:
+    """Run a component until it stops: a configuration error exits 2 with its message, Ctrl-C quietly."""
+    try:
+        asyncio.run(coro)
+    except components.ConfigError as e:
+        typer.echo(f"msgcore {component}: {e}", err=True)
+        raise typer.Exit(2) from e
+    except KeyboardInterrupt:
+        pass
+
+
+def need_pg(s: Settings, command: str) -> str:
+    """The PostgreSQL URL, or exit 2 naming what to set."""
+    if not s.pg_url:
+        typer.echo(f"msgcore {command}: no PostgreSQL: set MSGCORE_PG_URL, or start the embedded default with "
+                   "`msgcore up`", err=True)
+        raise typer.Exit(2)
+    return s.pg_url
