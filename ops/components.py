@@ -191,7 +191,7 @@ async def simulator_main(settings: Settings, port: int, receipt_delay_s: float, 
     """Run the SMSC simulator until SIGTERM/SIGINT; `faults` are FaultSettings fields (validated here)."""
     from pydantic import ValidationError
 
-    from smsc.simulator import Simulator
+    from smsc.sim.server import Simulator
 
     stop = stop_on_signals()
     try:

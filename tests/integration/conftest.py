@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 
 
 @pytest.fixture

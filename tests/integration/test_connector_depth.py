@@ -30,7 +30,7 @@ from core.workers.loop import run_until_stopped
 from core.workers.router import Router
 from core.workers.timers import TimerReleaser
 from smsc.connector import Connector
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 from tests.integration.test_inbound import FakeSmsc, acked, make_connector, running
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for

@@ -35,7 +35,7 @@ from core.store.routes import RouteStore
 from core.workers.loop import run_until_stopped
 from core.workers.router import Router
 from smsc.connector import Connector
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 from tests.integration.test_unknown_outcome import dead_owner
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for

@@ -22,7 +22,7 @@ from core.store.topics import Write
 from core.workers.loop import run_until_stopped
 from core.workers.router import Router
 from smsc.connector import Connector
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for
 

@@ -21,7 +21,7 @@ from core.store.routes import RouteStore
 from core.workers.loop import run_until_stopped
 from core.workers.router import Router
 from smsc.route_manager import RouteManager
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for
 

@@ -35,7 +35,7 @@ from core.workers.router import ROUTES_TTL_S, Router
 from core.workers.timers import TimerReleaser
 from smsc.connector import Connector
 from smsc.pdu import ESME_RSYSERR
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for
 

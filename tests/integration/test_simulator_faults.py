@@ -28,8 +28,8 @@ from smsc.pdu import (
     MESSAGE_STATES,
 )
 from smsc.session import BindFailed, DeliverSm, SessionClosed, SmppSession, SubmitResult
-from smsc.sim_faults import MALFORMED_KINDS, FaultSettings
-from smsc.simulator import Simulator
+from smsc.sim.faults import MALFORMED_KINDS, FaultSettings
+from smsc.sim.server import Simulator
 
 TEMPORARY = {ESME_RMSGQFUL, ESME_RSYSERR}
 PERMANENT = {ESME_RINVDSTADR, ESME_RINVSRCADR}

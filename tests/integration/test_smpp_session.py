@@ -14,7 +14,7 @@ import pytest
 from core.domain.encoding import decode_short_message, encode_text, make_udh
 from smsc.pdu import ESM_CLASS_UDHI, ESME_RINVPASWD, ESME_ROK, build_receipt_text, parse_receipt
 from smsc.session import BindFailed, ConnectFailed, DeliverSm, SessionClosed, SmppSession
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 
 
 async def _eventually(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:

@@ -22,7 +22,7 @@ from core.store.routes import RouteStore
 from core.workers.router import Router
 from smsc.connector import Connector
 from smsc.session import SmppSession
-from smsc.simulator import Simulator
+from smsc.sim.server import Simulator
 from tests.support.factories import accepted
 from tests.support.waiting import wait_for
 

@@ -25,13 +25,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pydantic import ValidationError
 
-if TYPE_CHECKING:
-    from smsc.simulator import Simulator
+from smsc.sim.protocol import ControlledSimulator
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class _HttpError(Exception):
 class ControlServer:
     """Serves the control API of one simulator on 127.0.0.1:`port` (0 = ephemeral)."""
 
-    def __init__(self, sim: Simulator, port: int) -> None:
+    def __init__(self, sim: ControlledSimulator, port: int) -> None:
         self._sim = sim
         self._requested_port = port
         self._port: int | None = None

@@ -9,7 +9,7 @@ early after `--max-seconds`, after a short untimed warm-up; msg/s counts submit_
 - one bind, window 1, 10, 50, 100;
 - 1, 2 and 4 binds (each its own SmppSession and TCP connection, same system_id), window `--bind-window`.
 
-    python -m ops.bench_smpp [--count 20000] [--windows 1,10,50,100] [--binds 1,2,4] [--bind-window 50]
+    python -m ops.bench.smpp [--count 20000] [--windows 1,10,50,100] [--binds 1,2,4] [--bind-window 50]
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from smsc.sim.server import Simulator
+
 from smsc.session import DeliverSm, SmppSession
-from smsc.simulator import Simulator
 
 WARMUP = 300
 

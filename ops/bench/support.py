@@ -1,13 +1,17 @@
 """What the benchmarks share: the store servers a run starts (unless MSGCORE_MONGO_URL /
-MSGCORE_PG_URL name others), and percentiles."""
+MSGCORE_PG_URL name others), percentiles and CPU time of a process tree."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 from ops.embedded import EmbeddedMongo, EmbeddedPostgres
 
@@ -18,6 +22,30 @@ def pct(values: list[float], p: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
+
+
+def line(label: str, text: str) -> None:
+    """One figure: its label in a column of 30, then its text."""
+    print(f"  {label:30} {text}", flush=True)
+
+
+def note(text: str) -> None:
+    """Progress while the run goes on (the figures come at the end of each phase)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process and its children (the PostgreSQL server is a family of processes)."""
+    try:
+        root = psutil.Process(pid)
+        total = 0.0
+        for p in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+    except psutil.NoSuchProcess:
+        return 0.0
 
 
 def postgres_pid(pg: EmbeddedPostgres) -> int | None:
