@@ -23,14 +23,13 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
-
-from pymongo.errors import PyMongoError
 
 from core.domain.events import SCHEMA_VERSION
 from core.domain.outcomes import (
@@ -44,6 +43,7 @@ from core.domain.outcomes import (
 )
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
+from core.store.mongo import TRANSIENT_ERRORS
 from core.store.topics import Write, spend_updates
 from smsc.inbound import InboundRecorder
 from smsc.pdu import ReceiptFields
@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 RECEIPT_HOLD_S = 60.0
 PART_HOLD_S = 10.0  # a part receipt waits this long in memory for its siblings, then goes to `part_receipts`
 PART_FORGET_S = 3600.0  # persisted part progress is dropped from memory after this (it stays in the collection)
+RECENT_SENT_MAX = 20_000  # SMSC ids of our own recent `sent` events kept for matching receipts
+_SENT_FIELDS = ("smsc_message_ids", "route_id", "parts", "price_per_part", "currency")
 
 Pdus = list[tuple[DeliverSm, SmppSession]]
 T = TypeVar("T")
@@ -66,7 +68,9 @@ async def side(op: Awaitable[T]) -> T:
     # lives here so the connector's loops handle one error type.
     try:
         return await op
-    except PyMongoError as e:
+    except StoreUnavailable:
+        raise
+    except TRANSIENT_ERRORS as e:
         raise StoreUnavailable(str(e)) from e
 
 
@@ -107,7 +111,34 @@ class ReceiptDesk:
         self.held: dict[str, tuple[Pdus, datetime]] = {}
         self.parts: dict[str, dict[str, PartReceipt]] = {}  # message id -> smsc id -> part
         self.awaiting_commit: set[str] = set()
+        # The `sent` events this process committed, by SMSC id: most receipts match one of them without
+        # a query (a miss, e.g. after a restart or for an old message, asks the log).
+        self.recent_sent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._lock = asyncio.Lock()  # one flush at a time (the loop's and a stopping connector's final one)
+
+    def remember_sent(self, doc: dict[str, Any]) -> None:
+        """A `sent` event just committed by this process (only the fields a receipt needs are kept)."""
+        data = doc["data"]
+        slim = {"message_id": doc["message_id"], "seq": doc["seq"], "tenant_id": doc["tenant_id"],
+                "route_id": doc.get("route_id"), "channel": doc.get("channel", "sms"),
+                "data": {k: data[k] for k in _SENT_FIELDS if k in data}}
+        cache = self.recent_sent
+        for smsc_id in data.get("smsc_message_ids", ()):
+            cache[smsc_id] = slim
+        while len(cache) > RECENT_SENT_MAX:
+            cache.popitem(last=False)
+
+    def _sent_for(self, ask: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+        """(`sent` events known here for these SMSC ids, the ids to ask the log about)."""
+        found: dict[int, dict[str, Any]] = {}
+        missing = []
+        for smsc_id in ask:
+            doc = self.recent_sent.get(smsc_id)
+            if doc is None:
+                missing.append(smsc_id)
+            else:
+                found[id(doc)] = doc
+        return list(found.values()), missing
 
     def add(self, pdu: DeliverSm, session: SmppSession) -> None:
         self.fresh.append((pdu, session))
@@ -166,7 +197,9 @@ class ReceiptDesk:
         # wait without a query (pipelined commits make this the common case with a fast SMSC).
         ask = [i for i in pending if i not in self.awaiting_commit]
         if pending:
-            sent = await self.log.sent_by_smsc_ids(ask) if ask else []
+            sent, missing = self._sent_for(ask)
+            if missing:
+                sent += await self.log.sent_by_smsc_ids(missing)
             matched = await self._apply(sent, pending, now)
             await self._settle_unmatched(pending, matched, now)
         await self._persist_waiting_parts(now)

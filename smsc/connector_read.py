@@ -1,0 +1,150 @@
+"""The read path of a connector: how much to read (the claim room), reading a batch by position,
+deciding before sending and recording the batch's attempt before any submit_sm. Mixed into
+`Connector` (smsc/connector.py), whose state it uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+from core.aio import sleep_or_stop, wait_and_clear
+from core.domain.message import (
+    lane_of_topic,
+    state_of_routed,
+)
+from core.domain.outcomes import (
+    Before,
+    decide_before_send,
+)
+from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
+from core.store.lanes import ALL, Batch
+from core.store.owners import Ownership
+from smsc.connector_jobs import Item, Job
+
+log = logging.getLogger(__name__)
+
+# Read no more than the route's TPS lets out in this long: a read message waits for its token in read
+# order, so a one-time password arriving during a campaign waits behind at most this much bulk.
+CLAIM_AHEAD_S = 0.5
+MIN_CLAIM_AHEAD = 10
+# Transactional reads may exceed the claim-ahead by this much: an OTP arriving while bulk fills the
+# connector is read at once (it still queues behind at most CLAIM_AHEAD_S of bulk to be sent).
+TRANSACTIONAL_RESERVE = 20
+SMALL_READ_S = 0.05  # a read smaller than half the room waits this long after the previous read
+MAX_PENDING_BATCHES = 8  # read ahead of the commits at most this far (a store outage holds them in memory)
+REROUTE_AFTER_S = 5.0  # no bind for this long: read anyway, so queued messages go back to the router (NOT_SENT)
+
+
+class ReadPath:
+    """Reading, deciding and queueing batches for the send workers."""
+
+    async def _read_loop(self, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        while not stop.is_set() and self.owning:
+            if self.binds.capacity:
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = loop.time()
+            claim_room = self._claim_room()
+            room = claim_room - self.unfinished
+            down_long = self._down_since is not None and loop.time() - self._down_since >= REROUTE_AFTER_S
+            # Every batch costs a read, an attempt and a commit whatever its size: while the last read
+            # is recent, wait until half the room is free rather than read a handful at a time.
+            threshold = max(MIN_CLAIM_AHEAD, claim_room // 2)
+            small = room < threshold and loop.time() - self._read_at < SMALL_READ_S
+            if (not self.binds.capacity and not down_long) or room + TRANSACTIONAL_RESERVE <= 0 or small \
+                    or loop.time() < self.throttled_until or len(self.jobs) >= MAX_PENDING_BATCHES:
+                # Woken by the send workers only once that much room is free, not per message.
+                self._wake_below = claim_room - threshold
+                await wait_and_clear(self.wake, 0.01 if small else 0.05)
+                continue
+            self._read_at = loop.time()
+            try:
+                got = await self._read_batch(room)
+            except Fenced:
+                self._lose("fenced at attempt", "fenced")
+                return
+            except (StoreUnavailable, CheckpointMoved) as e:
+                log.warning("connector route=%s: read failed, store unavailable: %s", self.route.id, e)
+                await sleep_or_stop(stop, 1.0)
+                continue
+            if not got:
+                await wait_and_clear(self.wake, 0.05)
+
+    def _claim_room(self) -> int:
+        """How many messages may be read and not yet answered: two windows, and no more than the
+        route sends in CLAIM_AHEAD_S (at its TPS limit, or at the rate it achieved in the last two
+        seconds when the store or the SMSC is slower than that)."""
+        room = self.binds.capacity * 2
+        if self.route.tps:
+            room = min(room, max(1, int(self.route.tps * CLAIM_AHEAD_S)))
+        horizon = asyncio.get_running_loop().time() - 2.0
+        while self._done_at and self._done_at[0] < horizon:
+            self._done_at.popleft()
+        return min(room, max(MIN_CLAIM_AHEAD, int(len(self._done_at) / 2.0 * CLAIM_AHEAD_S)))
+
+    async def _read_batch(self, room: int) -> int:
+        """Read, decide, record the attempt, queue the sends. Returns the entries read."""
+        own = self.own
+        assert own is not None
+        batch = await self.reader.read(min(room + TRANSACTIONAL_RESERVE, self.batch_size), ALL,
+                                       bulk_limit=max(0, min(room, self.batch_size)))
+        if not batch:
+            return 0
+        try:
+            now = self.clock()
+            job = await self._prepare(batch, own, now)
+            if job.items:
+                # One attempt document per batch, BEFORE any submit_sm: a crash from here on leaves
+                # an open attempt for the next owner's policy.
+                await self.owners.record_attempt(own, batch.ranges, [i.state.message_id for i in job.items], now)
+        except BaseException:
+            self.reader.rewind(batch.ranges)
+            raise
+        if not self.owning or self.own is None or self.own.epoch != own.epoch:
+            self.reader.rewind(batch.ranges)  # lost meanwhile: this read will not be committed by us
+            return 0
+        self.stats["batches"] += 1
+        self.jobs.append(job)
+        job.left = len(job.items)
+        if not job.items:
+            job.done.set()
+        self.unfinished += len(job.items)
+        for item in job.items:
+            self.queue.put_nowait(item)
+        self._commit_wake.set()
+        return len(batch.entries)
+
+    async def _prepare(self, batch: Batch, own: Ownership, now: datetime) -> Job:
+        """Decide every entry before sending: what to send, and the writes that need no submit."""
+        job = Job(batch, own.epoch, [], [])
+        released = [e["message_id"] for e in batch.entries if e["type"] != "routed"]
+        folded = await self.store.states(released) if released else {}
+        book = self.reader.book
+        policy = self.route.on_unknown_outcome.value
+        seen: set[str] = set()
+        for entry in batch.entries:
+            mid = entry["message_id"]
+            state = state_of_routed(entry) if entry["type"] == "routed" else folded.get(mid)
+            if state is None or state.state != "routed" or state.version != entry["seq"] or mid in seen \
+                    or state.route_id != self.route.id:
+                log.info("connector route=%s: message=%s moved on after entry %s@%d; skipped", self.route.id, mid,
+                         entry["topic"], entry["pos"])
+                continue
+            seen.add(mid)
+            lane = lane_of_topic(entry["topic"])
+            earlier = self._attempted_before(entry["topic"], entry["pos"])
+            expires_at = state.expires_at
+            what = decide_before_send(canceling=lane in book.canceling, earlier_attempt=earlier, policy=policy,
+                                      expired=expires_at is not None and now >= expires_at,
+                                      suspended=state.tenant_id in book.suspended)
+            if what in (Before.SEND, Before.SEND_DUPLICATE):
+                job.items.append(Item(job, state, duplicate=what == Before.SEND_DUPLICATE))
+            else:
+                job.writes.append(self._unsent_write(what, state, entry, lane, earlier, now, job))
+        return job
+
+    def _attempted_before(self, topic: str, pos: int) -> bool:
+        return bool(self.unresolved) and any(start <= pos < end for start, end in self.unresolved.get(topic, ()))
+
