@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # order, so a one-time password arriving during a campaign waits behind at most this much bulk.
 CLAIM_AHEAD_S = 0.5
 MIN_CLAIM_AHEAD = 10
+ROOM_WINDOWS = 6  # read-ahead: at most this many windows (and CLAIM_AHEAD_S of the achieved rate)
 # Transactional reads may exceed the claim-ahead by this much: an OTP arriving while bulk fills the
 # connector is read at once (it still queues behind at most CLAIM_AHEAD_S of bulk to be sent).
 TRANSACTIONAL_RESERVE = 20
@@ -76,7 +77,7 @@ class ReadPath:
         """How many messages may be read and not yet answered: two windows, and no more than the
         route sends in CLAIM_AHEAD_S (at its TPS limit, or at the rate it achieved in the last two
         seconds when the store or the SMSC is slower than that)."""
-        room = self.binds.capacity * 2
+        room = self.binds.capacity * ROOM_WINDOWS
         if self.route.tps:
             room = min(room, max(1, int(self.route.tps * CLAIM_AHEAD_S)))
         horizon = asyncio.get_running_loop().time() - 2.0

@@ -84,6 +84,12 @@ class _Conflict(Exception):
         self.message_ids = message_ids
 
 
+# The fields of a `sent` event that receipt correlation reads (EventLog.sent_by_smsc_ids).
+SENT_FIELDS = {"_id": 0, "message_id": 1, "seq": 1, "type": 1, "tenant_id": 1, "route_id": 1, "channel": 1,
+               "data.smsc_message_ids": 1, "data.route_id": 1, "data.parts": 1, "data.price_per_part": 1,
+               "data.currency": 1}
+
+
 def checkpoint_id(consumer: str, topic: str) -> str:
     return f"{consumer}|{topic}"
 
@@ -285,12 +291,13 @@ class EventLog:
         return out
 
     async def sent_by_smsc_ids(self, smsc_ids: Sequence[str]) -> list[dict[str, Any]]:
-        """The `sent` events that recorded any of these SMSC message ids."""
+        """The `sent` events that recorded any of these SMSC message ids, slimmed to what a receipt's
+        outcome and bill need (SENT_FIELDS): decoding whole documents was a tenth of the connector."""
         if not smsc_ids:
             return []
         try:
-            return [d async for d in self.events.find({"data.smsc_message_ids": {"$in": list(smsc_ids)},
-                                                       "type": "sent"})]
+            return await self.events.find({"data.smsc_message_ids": {"$in": list(smsc_ids)}, "type": "sent"},
+                                          SENT_FIELDS).to_list(None)
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
 
