@@ -33,16 +33,19 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.deps import TenantCache
 from api.errors import ApiError, error_response, install_error_handlers
 from api.read_side import reporting_pool
 from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
+from core import metrics
 from core.config import Settings
 from core.domain.ratelimit import SubmissionLimiter
 from core.store.campaigns import CampaignStore
@@ -85,6 +88,7 @@ def create_app(settings: Settings, db: Database | None = None, *,
     app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
     install_error_handlers(app)  # api/errors.py: the one place errors become HTTP
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(MetricsMiddleware)  # inside CatchAll: it counts the 500s it turns bugs into
     app.add_middleware(CatchAllMiddleware)  # added last = outermost: also catches the others' bugs
     return app
 
@@ -155,6 +159,45 @@ class BodyLimitMiddleware:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+class MetricsMiddleware:
+    """Count requests by method, route TEMPLATE (`/v1/messages/{message_id}`) and status, and time
+    them. A path no route matches is `unmatched`: raw paths never become label values."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # an exception with no response: CatchAllMiddleware answers 500
+        started = time.perf_counter()
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            method, handler = scope.get("method", ""), _template(scope)
+            metrics.API_REQUESTS.labels(method=method, handler=handler, status=str(status)).inc()
+            metrics.API_REQUEST_SECONDS.labels(method=method, handler=handler).observe(
+                time.perf_counter() - started)
+
+
+def _template(scope: Scope) -> str:
+    """The path template of the route that served the request (set in the scope by the router); for
+    a request answered before routing (e.g. 413 by BodyLimitMiddleware), the first route that
+    matches it; `unmatched` if none."""
+    route = scope.get("route")
+    if route is None and "app" in scope:
+        route = next((r for r in scope["app"].routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
 
 
 class CatchAllMiddleware:

@@ -45,3 +45,15 @@ class Settings(BaseSettings):
     sim_receipt_delay_s: float = 0.2
 
     log_level: str = "INFO"
+    # "text" (default: one readable line) or "json" (one object per line: ops/logs.py).
+    log_format: str = Field(default="text", pattern="^(text|json)$")
+
+    # Metrics and probes of the worker processes (core/metrics_server.py): this process's port, or
+    # a base port + the component's offset (router +1, scheduler +2, connector +3, projector +4);
+    # 0 = off. The api serves them on its own port. Listen on 0.0.0.0 only inside a container.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_port_base: int = Field(default=0, ge=0, le=65530)
+    metrics_host: str = "127.0.0.1"
+    # Backlog gauges label lanes by class (shared, campaign, marketing); the N lanes with the most
+    # waiting are labelled by their key (campaign or tenant id) instead. 0: never (bounded labels).
+    metrics_lane_detail: int = Field(default=0, ge=0, le=50)

@@ -20,6 +20,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 
 from core.config import Settings
 from core.domain.events import utcnow
+from core.metrics_server import metrics_endpoint
 from core.store.campaigns import CampaignStore
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
@@ -98,7 +99,7 @@ async def router_main(settings: Settings) -> None:
     from core.workers.router import Router
 
     stop = stop_on_signals()
-    async with database(settings, "router") as db:
+    async with database(settings, "router") as db, metrics_endpoint(settings, "router", db):
         await prepare(db)
         routers = [Router(EventStore(db), RouteStore(db), utcnow, batch_size=settings.batch_size,
                           max_attempts=settings.max_attempts, scope=scope) for scope in (SHARED, BULK)]
@@ -114,7 +115,8 @@ async def scheduler_main(settings: Settings) -> None:
     `send_at`, suspended tenants) into their topics; release scheduled campaigns at their send_at (a
     date job each, plus a sweep every second), and mark canceling and finished campaigns."""
     stop = stop_on_signals()
-    async with database(settings, "scheduler") as db:
+    async with (database(settings, "scheduler") as db,
+                metrics_endpoint(settings, "scheduler", db, store_gauges=True)):
         await prepare(db)
         expirer = Expirer(EventStore(db), RouteStore(db), utcnow, batch_size=settings.batch_size,
                           default_validity_s=settings.default_validity_s)

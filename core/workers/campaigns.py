@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from core import metrics
 from core.store.campaigns import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class CampaignSweeper:
         for campaign_id in released:
             log.info("campaign=%s released: send_at reached", campaign_id)
         self.released += len(released)
+        metrics.CAMPAIGN_TRANSITIONS.labels(to="running").inc(len(released))
         return released
 
     async def sweep(self) -> int:
@@ -43,6 +45,8 @@ class CampaignSweeper:
         for campaign_id in canceled:
             log.info("campaign=%s canceled: nothing of its lane is left", campaign_id)
         completed = await self.campaigns.complete_finished(now)
+        metrics.CAMPAIGN_TRANSITIONS.labels(to="canceled").inc(len(canceled))
+        metrics.CAMPAIGN_TRANSITIONS.labels(to="completed").inc(len(completed))
         for campaign_id in completed:
             log.info("campaign=%s completed: nothing left to send", campaign_id)
         return len(released) + len(canceled) + len(completed)

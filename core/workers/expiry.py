@@ -24,6 +24,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from core import metrics
 from core.domain.events import EventType
 from core.domain.message import MessageState, await_topic, event_doc
 from core.domain.pricing import price_message
@@ -119,11 +120,14 @@ class Expirer:
                 ("tenants", spend_updates(_spend(batch), now))])
         except CheckpointMoved as e:
             # Another scheduler expired this range meanwhile: its commit holds the outcome.
+            metrics.CHECKPOINT_MOVED.labels(stage="expirer").inc()
             log.info("expirer: checkpoints %s moved meanwhile; reading again", e.checkpoints[:3])
             self._not_before.clear()
             return
         done = set(result.committed)
         self.expired += len(done)
+        metrics.count_committed(writes, done)
+        metrics.COMMIT_CONFLICTS.labels(stage="expirer").inc(len(result.conflicts))
         self.billed_minor += sum(_amount(w) for w in writes if w.message_id in done)
         for mid in result.conflicts:
             log.info("expirer: message=%s got its outcome while expiring; left to that writer", mid)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from core import metrics
 from core.domain.errors import NoRoute
 from core.domain.events import EventType
 from core.domain.message import (
@@ -100,10 +101,13 @@ class Router:
             result = await self.log.commit(writes, moves=batch.moves,
                                            redecide=self._dropped)
         except CheckpointMoved as e:
+            metrics.CHECKPOINT_MOVED.labels(stage="router").inc()
             log.info("router: another router moved %s; reading again", e.checkpoints[:3])
             self.reader.forget_positions()
             return len(batch.entries)
         self.routed += sum(1 for w in writes if w.events and w.events[0]["type"] == "routed")
+        metrics.BATCH_SIZE.labels(stage="router").observe(len(batch.entries))
+        metrics.count_committed(writes, result.committed)
         log.debug("router: %d entries, committed %d", len(batch.entries), len(result.committed))
         return len(batch.entries)
 
@@ -120,6 +124,7 @@ class Router:
     async def _dropped(ids: list[str]) -> list[Write]:
         """Messages whose next seq was taken meanwhile: whoever appended it moved the message on and
         owns what comes next; routing it too could send it twice. Dropped from the batch."""
+        metrics.COMMIT_CONFLICTS.labels(stage="router").inc(len(ids))
         log.warning("router: %d messages moved on while being routed, left alone (e.g. message=%s)",
                     len(ids), ids[0])
         return []
