@@ -21,7 +21,7 @@ import contextlib
 import copy
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -267,11 +267,12 @@ class MemoryTimers:
     async def any_for_lane(self, lane: str) -> bool:
         return any(t.get("lane") == lane for t in self.data.timers.values())
 
-    async def release_due(self, now: datetime, limit: int, suspended: Callable[[str], bool]) -> ReleaseResult:
+    async def release_due(self, now: datetime, limit: int, suspended: Callable[[str], bool],
+                          canceling: Collection[str] = ()) -> ReleaseResult:
         """See `TimersPort.release_due` (the same steps as timers.Timers.release_due)."""
         result = ReleaseResult()
         due = await self.due(now, limit)
-        held, go, writes = release_plan(due, now, suspended)
+        held, go, writes = release_plan(due, now, suspended, canceling)
         if held:
             async with self.data.lock:
                 for t in held:

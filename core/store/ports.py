@@ -20,7 +20,7 @@ Errors (core/store/errors.py) are the same for every adapter: `CheckpointMoved`,
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -146,10 +146,12 @@ class TimersPort(Protocol):
         """Whether a timer waits in `lane`."""
         ...
 
-    async def release_due(self, now: datetime, limit: int, suspended: Callable[[str], bool]) -> ReleaseResult:
+    async def release_due(self, now: datetime, limit: int, suspended: Callable[[str], bool],
+                          canceling: Collection[str] = ()) -> ReleaseResult:
         """Release up to `limit` due timers: for each, a `released` event (seq = timer seq + 1) into
         the timer's topic and the timer deleted, in one commit. Released exactly once: a concurrent
         releaser (or anything that took seq + 1 meanwhile) loses on (message_id, seq), and such a
         timer is dropped as `obsolete`. A timer whose tenant is `suspended` is `postponed` to
-        `now + timers.HOLD_S` instead, with no event."""
+        `now + timers.HOLD_S` instead, with no event, unless its `lane` is in `canceling` (released:
+        the stage reading it cancels it, so a canceled campaign of a suspended tenant completes)."""
         ...

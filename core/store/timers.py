@@ -11,7 +11,7 @@ Nothing on the happy path writes a timer.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,12 +48,19 @@ class ReleaseResult:
     obsolete: list[str] = field(default_factory=list)  # the message moved on meanwhile: timer dropped
 
 
-def release_plan(due: list[dict[str, Any]], now: datetime, suspended: Callable[[str], bool]
+def release_plan(due: list[dict[str, Any]], now: datetime, suspended: Callable[[str], bool],
+                 canceling: Collection[str] = ()
                  ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[Write]]:
     """Split due timers into those held (suspended tenant) and those to release, with the writes
-    that release them (a `released` event into the timer's topic, the timer cleared)."""
-    held = [t for t in due if suspended(t["tenant_id"])]
-    go = {t["_id"]: t for t in due if not suspended(t["tenant_id"])}
+    that release them (a `released` event into the timer's topic, the timer cleared). A timer in a
+    `canceling` lane is released even for a suspended tenant: its stage cancels it on reading, and
+    the cancel completes without waiting for the tenant to come back."""
+
+    def holds(t: dict[str, Any]) -> bool:
+        return suspended(t["tenant_id"]) and t.get("lane", "") not in canceling
+
+    held = [t for t in due if holds(t)]
+    go = {t["_id"]: t for t in due if not holds(t)}
     writes = [Write(mid, [released_event(t, now)], [t["topic"]], clear_timer=True) for mid, t in go.items()]
     return held, go, writes
 
@@ -96,13 +103,15 @@ class Timers:
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
 
-    async def release_due(self, now: datetime, limit: int, suspended: Callable[[str], bool]) -> ReleaseResult:
-        """Release up to `limit` due timers into their topics; a suspended tenant's are postponed."""
+    async def release_due(self, now: datetime, limit: int, suspended: Callable[[str], bool],
+                          canceling: Collection[str] = ()) -> ReleaseResult:
+        """Release up to `limit` due timers into their topics; a suspended tenant's are postponed
+        (unless their lane is `canceling`)."""
         result = ReleaseResult()
         due = await self.due(now, limit)
         if not due:
             return result
-        held, go, writes = release_plan(due, now, suspended)
+        held, go, writes = release_plan(due, now, suspended, canceling)
         if held:
             try:
                 await self.timers.bulk_write([UpdateOne({"_id": t["_id"]}, {"$set": {

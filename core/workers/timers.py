@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 
+from core import metrics
 from core.store.errors import StoreUnavailable
 from core.store.lanes import LaneBook
 from core.store.timers import ReleaseResult, Timers
@@ -40,9 +41,13 @@ class TimerReleaser:
         await self.book.refresh()
         suspended = self.book.suspended
         result: ReleaseResult = await self.timers.release_due(self.clock(), self.batch_size,
-                                                              lambda tenant: tenant in suspended)
+                                                              lambda tenant: tenant in suspended,
+                                                              canceling=self.book.canceling)
         self.released += len(result.released)
         self.postponed += len(result.postponed)
+        metrics.TIMERS_RELEASED.inc(len(result.released))
+        metrics.TIMERS_POSTPONED.inc(len(result.postponed))
+        metrics.EVENTS_APPENDED.labels(type="released", route="").inc(len(result.released))
         if result.released:
             log.info("timers: %d released (e.g. message=%s)", len(result.released), result.released[0])
         if result.postponed:

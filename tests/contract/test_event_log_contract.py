@@ -391,6 +391,18 @@ async def test_a_suspended_tenants_timer_is_postponed_without_an_event(adapter: 
     assert res.released == [held] and await adapter.timers.count() == 0
 
 
+async def test_a_canceling_lanes_timer_is_released_even_for_a_suspended_tenant(adapter: Adapter) -> None:
+    now = utcnow()
+    canceled, held = new_id(), new_id()
+    await adapter.log.commit([
+        waiting(canceled, now, tenant="bravo", lane="c:9", topic="route~c:9", reason="tenant_suspended"),
+        waiting(held, now, tenant="bravo", lane="c:10", topic="route~c:10", reason="tenant_suspended")])
+    res = await adapter.timers.release_due(now, 10, lambda tenant: tenant == "bravo", canceling={"c:9"})
+    assert res.released == [canceled] and res.postponed == [held]
+    assert [e["type"] for e in await adapter.log.load_events(canceled)] == ["accepted", "released"]
+    assert [d["message_id"] for d in await adapter.log.read("route~c:9", 0, 1)] == [canceled]
+
+
 async def test_a_timer_of_a_message_that_moved_on_is_dropped(adapter: Adapter) -> None:
     now = utcnow()
     mid = new_id()

@@ -154,7 +154,8 @@ async def retry_later(world: World, mid: str, attempt: int) -> None:
 
 
 async def release(world: World, at: datetime) -> list[str]:
-    res = await world.mem.timers.release_due(at, 100, lambda tenant: tenant in world.book.suspended)
+    res = await world.mem.timers.release_due(at, 100, lambda tenant: tenant in world.book.suspended,
+                                             canceling=world.book.canceling)
     return res.released
 
 
@@ -213,6 +214,21 @@ async def test_a_suspended_tenants_message_waits_on_a_timer_and_comes_back(world
     assert await release(world, T0 + timedelta(seconds=2 * HOLD_S)) == [held]
     await router.step()
     assert await world.types(held) == ["accepted", "released", "routed"]
+    assert await world.mem.timers.count() == 0
+
+
+async def test_a_suspended_tenants_held_campaign_message_is_canceled_when_the_campaign_is(world: World) -> None:
+    world.book.lanes = [Lane("c:7", "bravo")]
+    world.book.suspended = frozenset({"bravo"})
+    [mid] = await world.accept(tenant="bravo", campaign_id="7", priority=0)
+    router = world.router()
+    assert await router.step() == 1 and router.held == 1
+    # The campaign is canceled while its tenant is still suspended: the held message is released
+    # into its lane's topic at the next due time, and the router cancels it there.
+    world.book.canceling = frozenset({"c:7"})
+    assert await release(world, T0 + timedelta(seconds=HOLD_S)) == [mid]
+    await router.step()
+    assert await world.types(mid) == ["accepted", "released", "canceled"]
     assert await world.mem.timers.count() == 0
 
 
