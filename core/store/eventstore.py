@@ -21,6 +21,7 @@ from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
+from core import metrics
 from core.domain.events import Event
 from core.domain.message import MessageState, fold
 from core.store.errors import StoreUnavailable
@@ -95,6 +96,7 @@ class EventStore:
             await self.log.write_timers(session, writes)
 
         await self.log.transaction(body)
+        metrics.count_committed(writes, (w.message_id for w in writes))
 
     # ---- reads ----------------------------------------------------------------------------------
 

@@ -41,6 +41,7 @@ from pymongo.errors import BulkWriteError, DuplicateKeyError, OperationFailure, 
 from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
+from core import metrics
 from core.store.errors import CheckpointMoved, Fenced, GapInTopic, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -156,6 +157,8 @@ class EventLog:
             else:
                 result.committed.extend(w.message_id for w in pending)
                 result.positions = positions
+                # Every writer's events are counted here, once, after the commit (core/metrics.py).
+                metrics.count_committed(pending, result.committed)
                 return result
             assert exc is not None
             pending = await drop_lost(pending, exc.message_ids, redecide, result)

@@ -126,7 +126,6 @@ class Expirer:
             return
         done = set(result.committed)
         self.expired += len(done)
-        metrics.count_committed(writes, done)
         metrics.COMMIT_CONFLICTS.labels(stage="expirer").inc(len(result.conflicts))
         self.billed_minor += sum(_amount(w) for w in writes if w.message_id in done)
         for mid in result.conflicts:

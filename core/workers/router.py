@@ -107,7 +107,6 @@ class Router:
             return len(batch.entries)
         self.routed += sum(1 for w in writes if w.events and w.events[0]["type"] == "routed")
         metrics.BATCH_SIZE.labels(stage="router").observe(len(batch.entries))
-        metrics.count_committed(writes, result.committed)
         log.debug("router: %d entries, committed %d", len(batch.entries), len(result.committed))
         return len(batch.entries)
 

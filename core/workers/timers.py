@@ -47,7 +47,6 @@ class TimerReleaser:
         self.postponed += len(result.postponed)
         metrics.TIMERS_RELEASED.inc(len(result.released))
         metrics.TIMERS_POSTPONED.inc(len(result.postponed))
-        metrics.EVENTS_APPENDED.labels(type="released", route="").inc(len(result.released))
         if result.released:
             log.info("timers: %d released (e.g. message=%s)", len(result.released), result.released[0])
         if result.postponed:
