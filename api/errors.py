@@ -24,7 +24,7 @@ from core.domain.campaign import CampaignTransitionError
 from core.domain.errors import DomainError
 from core.store.campaigns import CampaignClosed, CampaignNotFound
 from core.store.database import UNTRANSLATED_UNAVAILABLE
-from core.store.errors import StoreUnavailable
+from core.store.errors import RouteNotDrained, StoreUnavailable
 from core.store.tenants import InvalidTenantSetting, KeyNotFound, TenantExists, TenantNotFound
 from core.submission_service import IdempotencyKeyReused
 
@@ -89,6 +89,7 @@ TYPED_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
     InvalidTenantSetting: lambda e: ApiError(422, "validation_error", str(e), [
         {"field": f"body.{e.field}", "loc": ["body", e.field], "type": "value_error", "message": str(e)}]),
     DomainError: lambda e: ApiError(422, e.code, str(e)),
+    RouteNotDrained: lambda e: ApiError(409, "route_not_drained", str(e), {"route_id": e.route_id, "why": e.why}),
 }
 
 

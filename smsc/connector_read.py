@@ -79,7 +79,7 @@ class ReadPath:
         seconds when the store or the SMSC is slower than that)."""
         room = self.binds.capacity * ROOM_WINDOWS
         if self.route.tps:
-            room = min(room, max(1, int(self.route.tps * CLAIM_AHEAD_S)))
+            room = min(room, max(1, int(self.route.tps_per_owner * CLAIM_AHEAD_S)))
         horizon = asyncio.get_running_loop().time() - 2.0
         while self._done_at and self._done_at[0] < horizon:
             self._done_at.popleft()

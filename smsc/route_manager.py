@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from core.aio import sleep_or_stop
+from core.domain.message import PARTITION_SEPARATOR
 from core.domain.routing import Route
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
@@ -47,14 +48,15 @@ class _Running:
     task: asyncio.Task[None]
 
 
-ConnectorFactory = Callable[[Route], Connector]
+ConnectorFactory = Callable[[Route, int | None], Connector]
 
 
 class RouteManager:
     """Runs the connectors of the enabled SMPP routes (only `route_ids`, when given)."""
 
     def __init__(self, store: EventStore, routes: RouteStore, clock: Callable[[], datetime], *,
-                 owner_prefix: str, route_ids: Collection[str] = (), interval_s: float = RECONCILE_S,
+                 owner_prefix: str, route_ids: Collection[str] = (), partitions: Collection[int] = (),
+                 interval_s: float = RECONCILE_S,
                  lease_s: float = 30.0, batch_size: int = 500, max_attempts: int = 5,
                  grace_s: float = 10.0, factory: ConnectorFactory | None = None) -> None:
         self.store = store
@@ -62,6 +64,7 @@ class RouteManager:
         self.clock = clock
         self.owner_prefix = owner_prefix
         self.route_ids = frozenset(route_ids)
+        self.partitions = frozenset(partitions)  # of a partitioned route, the ones run here (empty: all)
         self.interval_s = interval_s
         self.lease_s = lease_s
         self.batch_size = batch_size
@@ -72,14 +75,27 @@ class RouteManager:
         self.stopping: dict[str, asyncio.Task[None]] = {}  # connectors told to stop, not yet stopped
         self.starts = 0  # connectors started since the manager started (restarts included)
 
-    def _connector(self, route: Route) -> Connector:
-        return Connector(self.store, self.routes, route, self.clock, owner=f"{self.owner_prefix}/{route.id}",
-                         lease_s=self.lease_s, batch_size=self.batch_size, max_attempts=self.max_attempts)
+    def _connector(self, route: Route, partition: int | None) -> Connector:
+        key = route.id if partition is None else f"{route.id}{PARTITION_SEPARATOR}{partition}"
+        return Connector(self.store, self.routes, route, self.clock, owner=f"{self.owner_prefix}/{key}",
+                         lease_s=self.lease_s, batch_size=self.batch_size, max_attempts=self.max_attempts,
+                         partition=partition)
 
     def wanted(self, routes: list[Route]) -> dict[str, Route]:
-        """The routes this manager should run connectors for."""
-        return {r.id: r for r in routes
-                if r.enabled and r.kind == "smpp" and (not self.route_ids or r.id in self.route_ids)}
+        """The connectors this manager should run, by key: the route id, or `<route id>#<partition>`
+        for each partition of a partitioned route (those in `partitions` when given). Every process
+        may run every partition: one owns each, the others stand by (smsc/connector.py)."""
+        out: dict[str, Route] = {}
+        for r in routes:
+            if not (r.enabled and r.kind == "smpp" and (not self.route_ids or r.id in self.route_ids)):
+                continue
+            if r.partitions <= 1:
+                out[r.id] = r
+                continue
+            for p in range(r.partitions):
+                if not self.partitions or p in self.partitions:
+                    out[f"{r.id}{PARTITION_SEPARATOR}{p}"] = r
+        return out
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile every `interval_s` until `stop` is set, then stop every connector gracefully."""
@@ -124,15 +140,16 @@ class RouteManager:
                     running.connector.route = route
                 else:
                     self._stop(rid, f"route changed ({', '.join(changed)}); restarting")
-        for rid, route in wanted.items():
-            if rid not in self.running and rid not in self.stopping:
-                self._start(route)
+        for key, route in wanted.items():
+            if key not in self.running and key not in self.stopping:
+                self._start(key, route)
 
-    def _start(self, route: Route) -> None:
+    def _start(self, key: str, route: Route) -> None:
         stop = asyncio.Event()
-        connector = self.factory(route)
-        task = asyncio.create_task(connector.run(stop, grace_s=self.grace_s), name=f"connector-{route.id}")
-        self.running[route.id] = _Running(route, connector, stop, task)
+        _, _, part = key.partition(PARTITION_SEPARATOR)
+        connector = self.factory(route, int(part) if part else None)
+        task = asyncio.create_task(connector.run(stop, grace_s=self.grace_s), name=f"connector-{key}")
+        self.running[key] = _Running(route, connector, stop, task)
         self.starts += 1
         log.info("route manager: started connector route=%s (%s:%d, %d binds, window %d, tps %s)", route.id,
                  route.host, route.port, route.binds, route.window, route.tps or "unlimited")

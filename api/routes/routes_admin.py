@@ -42,6 +42,8 @@ router = APIRouter(prefix="/v1/admin/routes", tags=["admin: routes"], responses=
 RouteId = Annotated[str, Path(pattern=Route.model_fields["id"].metadata[0].pattern, description="Route id")]
 NOT_FOUND = error_responses(404, described={404: "No such route (`not_found`)"})
 BODY_NOT_FOUND = NOT_FOUND | JSON_BODY_ERRORS
+CHANGE_ERRORS = BODY_NOT_FOUND | error_responses(409, described={
+    409: "`route_not_drained`: `partitions` changes only while the route is disabled and drained"})
 Count = Annotated[int, Field(strict=True)]  # a JSON integer: not "5", not 5.0, not true
 
 
@@ -69,6 +71,9 @@ class RouteDefinition(Route):
     dest_ton: Annotated[Count, Field(ge=0, le=6)] = 1
     dest_npi: Annotated[Count, Field(ge=0, le=18)] = 1
     window: Annotated[Count, Field(ge=1, le=1000)] = 20
+    partitions: Annotated[Count, Field(ge=1, le=64, description=(
+        "Send topics split by hash of message id, each owned by one connector process; changes only while "
+        "the route is disabled and drained (409 route_not_drained)"))] = 1
     price_per_part: Annotated[Count, Field(ge=0, le=10**12, description="Minor units")] = 0
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
     group: Annotated[str, Field(min_length=1, max_length=64)] = "default"
@@ -179,7 +184,7 @@ async def create_route(body: RouteDefinition, actor: AdminDep, store: RouteStore
     return await _save(store, body.as_route(), actor, "created")
 
 
-@router.put("/{route_id}", response_model=RouteOut, responses=BODY_NOT_FOUND, dependencies=[JsonBody],
+@router.put("/{route_id}", response_model=RouteOut, responses=CHANGE_ERRORS, dependencies=[JsonBody],
             summary="Replace a route's definition",
             openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": PUT_SCHEMA}}}})
 async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()], actor: AdminDep,
@@ -192,7 +197,7 @@ async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body(
     return await _save(store, _validate(data), actor, "replaced")
 
 
-@router.patch("/{route_id}", response_model=RouteOut, responses=BODY_NOT_FOUND, dependencies=[JsonBody],
+@router.patch("/{route_id}", response_model=RouteOut, responses=CHANGE_ERRORS, dependencies=[JsonBody],
               summary="Change some fields of a route",
               openapi_extra={"requestBody": {"required": True,
                                              "content": {"application/json": {"schema": PATCH_SCHEMA}}}})

@@ -24,6 +24,7 @@ the same queue.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -124,9 +125,34 @@ def route_topic(lane: str) -> str:
     return queue_name("route", lane)
 
 
-def send_topic(route_id: str, lane: str) -> str:
-    """The input topic of route `route_id`'s connector for `lane`."""
-    return queue_name(f"send:{route_id}", lane)
+PARTITION_SEPARATOR = "#"
+
+
+def partition_of(message_id: str, partitions: int) -> int | None:
+    """The partition of a route's send topics a message goes to: CRC-32 of its id modulo
+    `partitions` (stable across processes and restarts, unlike `hash`); None for an unpartitioned
+    route (partitions == 1)."""
+    if partitions <= 1:
+        return None
+    return zlib.crc32(message_id.encode()) % partitions
+
+
+def send_stage(route_id: str, partition: int | None = None) -> str:
+    """The connector stage of a route, or of one partition of it: "send:sim", "send:sim#3"."""
+    return f"send:{route_id}" if partition is None else f"send:{route_id}{PARTITION_SEPARATOR}{partition}"
+
+
+def send_topic(route_id: str, lane: str, partition: int | None = None) -> str:
+    """The input topic of route `route_id`'s connector (of `partition`, for a partitioned route) for
+    `lane`: "send:sim~c:42", "send:sim#3~c:42"."""
+    return queue_name(send_stage(route_id, partition), lane)
+
+
+def send_topics(route_id: str, lane: str, partitions: int) -> list[str]:
+    """Every send topic of a route for `lane`: one, or one per partition."""
+    if partitions <= 1:
+        return [send_topic(route_id, lane)]
+    return [send_topic(route_id, lane, p) for p in range(partitions)]
 
 
 def await_topic(route_id: str) -> str:

@@ -64,6 +64,10 @@ class Route(BaseModel):
     dest_ton: int = Field(default=1, ge=0, le=6)
     dest_npi: int = Field(default=1, ge=0, le=18)
     window: int = Field(default=20, ge=1, le=1000)
+    # Send topics split by hash of message id (core.domain.message.partition_of); each partition has
+    # its own owner, so several connector processes share the route. Changed only while the route is
+    # drained (core/store/routes.py).
+    partitions: int = Field(default=1, ge=1, le=64)
     price_per_part: int = Field(default=0, ge=0)  # minor units
     currency: str = "EUR"
     group: str = "default"
@@ -72,6 +76,12 @@ class Route(BaseModel):
     # How this SMSC's MO with data_coding 0 is to be read: GSM 03.38 (most), Latin-1 or ASCII.
     mo_alphabet: MoAlphabet = MoAlphabet.GSM
     enabled: bool = True
+
+    @property
+    def tps_per_owner(self) -> float:
+        """The TPS one connector may use: the route's limit (0 = none) split evenly between its
+        partitions' owners (a carrier's limit holds for the whole account, not per bind)."""
+        return self.tps / self.partitions if self.tps else 0.0
 
     def match_length(self, destination: str) -> int:
         """Length of the longest prefix of this route matching `destination`, or -1."""

@@ -21,7 +21,7 @@ from typing import Any
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from core.domain.message import await_topic, route_topic, send_topic
+from core.domain.message import await_topic, route_topic, send_topics
 from core.domain.routing import RouteStatus
 from core.store.errors import StoreUnavailable
 from core.store.lanes import LaneBook
@@ -45,27 +45,28 @@ async def topic_backlogs(db: AsyncDatabase[Any]) -> list[TopicBacklog]:
     try:
         book = LaneBook(db)
         await book.refresh(force=True)
-        routes = [r.id for r in await RouteStore(db).list(include_disabled=True)]
+        routes = {r.id: r.partitions for r in await RouteStore(db).list(include_disabled=True)}
     except PyMongoError as e:
         raise StoreUnavailable(f"backlog: {e!r}") from e
     lanes = sorted({"", *(lane.key for lane in book.lanes)})
     topics: dict[str, tuple[str, str, str]] = {}
     for lane in lanes:
         topics[route_topic(lane)] = ("route", "", lane)
-        for route in routes:
-            topics[send_topic(route, lane)] = ("send", route, lane)
+        for route, partitions in routes.items():
+            for topic in send_topics(route, lane, partitions):
+                topics[topic] = ("send", route, lane)
     for route in routes:
         topics[await_topic(route)] = ("await", route, "")
     log = EventLog(db)
     counters = await log.counters(topics)
-    out: list[TopicBacklog] = []
+    # A partitioned route's topics add up under one (stage, route, lane).
+    summed: dict[tuple[str, str, str], int] = {}
     for stage, consumer in CONSUMERS.items():
         mine = [t for t, (s, _, _) in topics.items() if s == stage]
         checkpoints = await log.load_checkpoints(consumer, mine)
         for t in mine:
-            _, route, lane = topics[t]
-            out.append(TopicBacklog(stage, route, lane, max(0, counters[t] - checkpoints[t])))
-    return out
+            summed[topics[t]] = summed.get(topics[t], 0) + max(0, counters[t] - checkpoints[t])
+    return [TopicBacklog(stage, route, lane, n) for (stage, route, lane), n in summed.items()]
 
 
 async def route_statuses(db: AsyncDatabase[Any], now: datetime) -> dict[str, str]:

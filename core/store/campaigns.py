@@ -40,7 +40,7 @@ from core.domain.campaign import (
     CampaignStatus,
     apply_action,
 )
-from core.domain.message import campaign_lane, route_topic, send_topic
+from core.domain.message import campaign_lane, route_topic, send_topics
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
 from core.ids import campaign_message_id, new_campaign_id
@@ -265,10 +265,12 @@ class CampaignStore:
         """The topics of `lane`, by consumer: the router's `route~<lane>` and each route's connector
         `send:<route>~<lane>` (every route, disabled ones too: their topics may still hold work)."""
         try:
-            routes = await self.db["routes"].distinct("_id")
+            routes = {d["_id"]: int(d.get("partitions") or 1)
+                      async for d in self.db["routes"].find({}, {"_id": 1, "partitions": 1})}
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
-        return {ROUTER: [route_topic(lane)], CONNECTOR: [send_topic(r, lane) for r in sorted(routes)]}
+        return {ROUTER: [route_topic(lane)],
+                CONNECTOR: [t for r in sorted(routes) for t in send_topics(r, lane, routes[r])]}
 
     async def lane_backlog(self, lane: str) -> dict[str, int]:
         """Entries of each topic of `lane` not yet read by its consumer (counter - checkpoint): exact."""

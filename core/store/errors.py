@@ -41,3 +41,20 @@ class GapInTopic(StoreError):
     def __init__(self, topic: str, start: int, end: int, found: int) -> None:
         super().__init__(f"topic {topic}: positions [{start}, {end}) hold {found} events, expected {end - start}")
         self.topic = topic
+
+
+class HistoryLost(StoreError):
+    """A change stream cannot resume where it was asked to: that point is no longer in the server's
+    oplog (or the server refused the resume). Following on from elsewhere would skip events."""
+
+
+
+class RouteNotDrained(StoreError):
+    """A route's partitioning may change only while nothing of it is in flight: the route disabled,
+    every message in its send topics sent (backlog 0) and none held on a timer for them. Otherwise
+    messages would wait in topics (or attempts) that no connector reads any more."""
+
+    def __init__(self, route_id: str, why: str) -> None:
+        super().__init__(f"route {route_id}: partitions can change only when the route is drained: {why}")
+        self.route_id = route_id
+        self.why = why

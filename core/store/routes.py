@@ -7,6 +7,7 @@ is older than STALE_S counts as DOWN, so a dead connector's route is seen as dow
 from __future__ import annotations
 
 import builtins
+import re
 import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -14,13 +15,18 @@ from typing import Any
 
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core.domain.message import LANE_SEPARATOR, PARTITION_SEPARATOR
 from core.domain.routing import Route, RouteStatus
+from core.store.errors import RouteNotDrained
+from core.store.topics import checkpoint_id
 
 STALE_S = 10.0
+SEND_CONSUMER = "connector"  # the consumer of the send topics (smsc/connector.py)
 
 
 class RouteStore:
     def __init__(self, db: AsyncDatabase) -> None:
+        self.db = db
         self.routes = db["routes"]
         self.status = db["route_status"]
         self.changes = db["route_changes"]
@@ -34,10 +40,31 @@ class RouteStore:
         return Route.model_validate(_without_id(doc)) if doc else None
 
     async def upsert(self, route: Route, *, actor: str, now: datetime) -> None:
-        """Create or replace a route and record who changed what, when."""
+        """Create or replace a route and record who changed what, when. A change of `partitions`
+        raises RouteNotDrained unless the route is disabled and drained (see `undrained`)."""
+        current = await self.get(route.id)
+        if current is not None and current.partitions != route.partitions:
+            why = "it is enabled: disable it first" if current.enabled else await self.undrained(route.id)
+            if why:
+                raise RouteNotDrained(route.id, why)
         doc = route.model_dump(mode="json")
         await self.routes.replace_one({"_id": route.id}, {"_id": route.id, **doc}, upsert=True)
         await self.changes.insert_one({"route_id": route.id, "actor": actor, "at": now, "route": doc})
+
+    async def undrained(self, route_id: str) -> str:
+        """Why route `route_id` is not drained ("" when it is): messages not yet read from its send
+        topics (every partition, every lane) or held on a timer for one of them."""
+        stage = re.escape(f"send:{route_id}")
+        pattern = {"$regex": f"^{stage}({re.escape(PARTITION_SEPARATOR)}|{re.escape(LANE_SEPARATOR)}|$)"}
+        counters = {d["_id"]: int(d["pos"]) async for d in self.db["topics"].find({"_id": pattern})}
+        if counters:
+            done = {d["_id"]: int(d["pos"]) async for d in self.db["checkpoints"].find(
+                {"_id": {"$in": [checkpoint_id(SEND_CONSUMER, t) for t in counters]}})}
+            waiting = sum(n - done.get(checkpoint_id(SEND_CONSUMER, t), 0) for t, n in counters.items())
+            if waiting > 0:
+                return f"{waiting} messages wait in its send topics"
+        held = await self.db["timers"].count_documents({"topic": pattern})
+        return f"{held} messages are held on timers for its send topics" if held else ""
 
     async def set_enabled(self, route_id: str, enabled: bool, *, actor: str, now: datetime) -> Route | None:
         """Enable or disable a route (recorded like any change); None if there is no such route. A

@@ -29,8 +29,10 @@ from core.domain.message import (
     event_doc,
     lane_of,
     lane_of_topic,
+    partition_of,
     routed_message,
     send_topic,
+    send_topics,
     state_of_accepted,
 )
 from core.domain.routing import Route, RouteStatus, choose_route
@@ -171,14 +173,14 @@ class Router:
         doc = event_doc(state, EventType.ROUTED, now,
                         {"route_id": route.id, "price_per_part": route.price_per_part, "currency": route.currency,
                          "strategy": route.strategy.value, "message": routed_message(state)}, route_id=route.id)
-        return doc, send_topic(route.id, lane_of(state))
+        return doc, send_topic(route.id, lane_of(state), partition_of(state.message_id, route.partitions))
 
     async def _backpressure(self) -> None:
         if time.monotonic() - self._backlog_checked < BACKLOG_CHECK_S:
             return
         self._backlog_checked = time.monotonic()
         lanes = [lane.key for lane in self.reader.book.lanes]
-        topics = {send_topic(r.id, lane): lane for r in self._routes for lane in lanes}
+        topics = {t: lane for r in self._routes for lane in lanes for t in send_topics(r.id, lane, r.partitions)}
         if not topics:
             self.reader.skip = set()
             return

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from core.domain.events import utcnow
 from core.domain.routing import Route, RouteStatus
+from core.store.errors import RouteNotDrained
 from core.store.routes import RouteStore
 from ops import components
 from ops.cli.common import cli_actor, cli_settings
@@ -51,6 +52,9 @@ class RouteOptions:
     binds: Annotated[int | None, typer.Option("--binds", help="Number of binds")] = None
     bind_type: Annotated[str | None, typer.Option("--bind-type", help="transceiver or transmitter_receiver")] = None
     window: Annotated[int | None, typer.Option("--window", help="Outstanding submit_sm per bind")] = None
+    partitions: Annotated[int | None, typer.Option(
+        "--partitions", help="Split the send topics by hash of message id, one owner each (1-64); changes only "
+                             "while the route is disabled and drained")] = None
     price_per_part: Annotated[int | None, typer.Option(
         "--price-per-part", help="Price per SMS part, minor units")] = None
     currency: Annotated[str | None, typer.Option("--currency", help="ISO currency of the price")] = None
@@ -130,7 +134,10 @@ def _route_store_call(fn: Callable[[RouteStore], Awaitable[T]]) -> T:
         async with components.database(s, "cli") as db:
             return await fn(RouteStore(db))
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except RouteNotDrained as e:
+        raise _fail("update", str(e)) from e
 
 
 def _show_value(key: str, value: Any) -> str:

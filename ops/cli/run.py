@@ -48,11 +48,14 @@ def scheduler() -> None:
 
 
 @app.command()
-def connector(route: Annotated[list[str] | None, typer.Option(help="Route id(s); default: all SMPP routes")] = None
+def connector(route: Annotated[list[str] | None, typer.Option(help="Route id(s); default: all SMPP routes")] = None,
+              partition: Annotated[list[int] | None, typer.Option(
+                  min=0, max=63, help="Of partitioned routes, run only these partitions (repeatable); default: all. "
+                                      "Each partition is owned by one process; the others stand by.")] = None
               ) -> None:
     """The SMPP connector(s): send routed messages, record receipts."""
     s = cli_settings("connector")
-    run_component("connector", components.connector_main(s, route or []))
+    run_component("connector", components.connector_main(s, route or [], partition or []))
 
 
 @app.command()
