@@ -75,14 +75,15 @@ SMPP_TPS_LIMIT = Gauge("msgcore_smpp_tps_limit", "Configured submit_sm per secon
 SMPP_SUBMITS = Counter("msgcore_smpp_submits", "submit_sm sent (rate() = TPS used)", ["route"])
 SMPP_RESPONSES = Counter("msgcore_smpp_submit_responses", "submit_sm_resp by command_status name",
                          ["route", "status"])
-SMPP_THROTTLED = Counter("msgcore_smpp_throttled", "ESME_RTHROTTLED answers and local token-bucket waits",
+SMPP_THROTTLED = Counter("msgcore_smpp_throttled", "ESME_RTHROTTLED answers of the SMSC",
                          ["route"])
 SMPP_RECONNECTS = Counter("msgcore_smpp_reconnects", "Binds lost and re-established", ["route"])
 ORPHAN_RECEIPTS = Counter("msgcore_orphan_receipts", "Receipts whose SMSC id matched no `sent` event",
                           ["route"])
 POSSIBLE_DUPLICATES = Counter("msgcore_possible_duplicates", "Messages resent after an unknown outcome "
                               "(the route's `resend` policy marks them)", ["route"])
-CONNECTOR_OWNER = Gauge("msgcore_connector_owner", "1 while this process owns the route (0: standby)",
+CONNECTOR_OWNER = Gauge("msgcore_connector_owner",
+                        "Partitions of the route this process owns (1 unpartitioned; 0: standby)",
                         ["route"])
 
 # ---- projector ---------------------------------------------------------------------------------

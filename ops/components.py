@@ -11,7 +11,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -150,14 +150,14 @@ async def scheduler_main(settings: Settings) -> None:
         log.info("scheduler stopped; expired %d, timers released %d", expirer.expired, releaser.released)
 
 
-async def connector_main(settings: Settings, route_ids: list[str]) -> None:
+async def connector_main(settings: Settings, route_ids: list[str], partitions: Sequence[int] = ()) -> None:
     """Run the connectors of the given routes (all enabled SMPP routes when none are named), kept in
     step with the `routes` collection by the route manager: routes added, enabled, disabled or changed
     at run time take effect within a few seconds, without a restart."""
     from smsc.route_manager import RouteManager
 
     stop = stop_on_signals()
-    async with database(settings, "connector") as db:
+    async with database(settings, "connector") as db, metrics_endpoint(settings, "connector", db):
         await prepare(db)
         routes = RouteStore(db)
         known = {r.id: r for r in await routes.list(include_disabled=True)}
@@ -166,7 +166,8 @@ async def connector_main(settings: Settings, route_ids: list[str]) -> None:
             # Named routes may be enabled later; a route that does not exist at all is most likely a typo.
             log.warning("connector: no route %s yet; its connector starts when it is added", ", ".join(unknown))
         manager = RouteManager(EventStore(db), routes, utcnow, owner_prefix=worker_id("connector"),
-                               route_ids=route_ids, lease_s=settings.lease_s, batch_size=settings.batch_size,
+                               route_ids=route_ids, partitions=partitions, lease_s=settings.lease_s,
+                               batch_size=settings.batch_size,
                                max_attempts=settings.max_attempts)
         active = sorted(manager.wanted(list(known.values())))
         log.info("connector started (%s) for routes %s%s", worker_id("connector"), active or "none yet",
@@ -181,7 +182,7 @@ async def projector_main(settings: Settings) -> None:
     if not settings.pg_url:
         raise ConfigError("no PostgreSQL: set MSGCORE_PG_URL, or start the embedded default with `msgcore up`")
     stop = stop_on_signals()
-    async with database(settings, "projector") as db:
+    async with database(settings, "projector") as db, metrics_endpoint(settings, "projector", db, pg=True):
         await migrate(settings.pg_url, settings.reporting_schema)
         projector = Projector(db["events"], settings.pg_url, settings.reporting_schema)
         log.info("projector started (%s) schema=%s", worker_id("projector"), settings.reporting_schema)

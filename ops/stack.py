@@ -18,6 +18,7 @@ import psutil
 
 from core.domain.events import utcnow
 from core.domain.routing import Route
+from core.metrics_server import PORT_OFFSETS
 from core.store.mongo import connect
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
@@ -38,6 +39,7 @@ class Stack:
     api_port: int = 0
     sim_port: int = 0
     receipt_delay_s: float = 0.2
+    metrics_port_base: int = 0  # the workers' /metrics on base + offset (core/metrics_server.py); 0: off
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -50,6 +52,12 @@ class Stack:
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
+    def metrics_url(self, component: str) -> str:
+        """A component's /metrics (the api's on its own port; a worker's needs `metrics_port_base`)."""
+        if component == "api":
+            return f"{self.api_url}/metrics"
+        return f"http://127.0.0.1:{self.metrics_port_base + PORT_OFFSETS[component]}/metrics"
+
     @property
     def journal(self) -> Path:
         return self.log_dir / "smsc-journal.jsonl"
@@ -60,7 +68,8 @@ class Stack:
             "MSGCORE_MONGO_URL": self.mongo_url, "MSGCORE_PG_URL": self.pg_url,
             "MSGCORE_MONGO_DB": self.mongo_db, "MSGCORE_REPORTING_SCHEMA": self.schema,
             "MSGCORE_API_PORT": str(self.api_port), "MSGCORE_ADMIN_KEY": self.admin_key,
-            "MSGCORE_DATA_DIR": str(self.log_dir / "data"), **self.extra_env,
+            "MSGCORE_DATA_DIR": str(self.log_dir / "data"),
+            "MSGCORE_METRICS_PORT_BASE": str(self.metrics_port_base), **self.extra_env,
         }
 
     def args_for(self, component: str) -> list[str]:

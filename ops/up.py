@@ -22,6 +22,7 @@ from core.config import Settings
 from core.domain.events import utcnow
 from core.domain.routing import Route
 from core.ids import new_token
+from core.metrics_server import PORT_OFFSETS
 from core.store.routes import RouteStore, load_routes_file
 from core.store.tenants import TenantStore
 from ops.components import database, prepare
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("smsc-sim", "api", "router", "connector", "scheduler", "projector")
 DEMO_TENANT = "demo"
 STOP_GRACE_S = 20.0
+# The workers serving /metrics, /healthz, /readyz on MSGCORE_METRICS_PORT_BASE + their offset
+# (core/metrics_server.py); the api serves them on its own port.
+METRICS_COMPONENTS = ("router", "scheduler", "connector", "projector")
+METRICS_BASE_DEFAULT = 9300
+METRICS_BASE_TRIES = 50  # 9300, 9310, ...: the first base whose worker ports are all free
 
 
 def _port_free(port: int) -> bool:
@@ -43,6 +49,25 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def metrics_base(settings: Settings) -> int:
+    """The metrics base port of the components: MSGCORE_METRICS_PORT_BASE if set, else the first of
+    9300, 9310, ... whose worker ports are free (0: none found, the workers serve no metrics)."""
+    if settings.metrics_port_base:
+        return settings.metrics_port_base
+    for base in range(METRICS_BASE_DEFAULT, METRICS_BASE_DEFAULT + 10 * METRICS_BASE_TRIES, 10):
+        if all(_port_free(base + PORT_OFFSETS[c]) for c in METRICS_COMPONENTS):
+            return base
+    return 0
+
+
+def metrics_lines(api_url: str, base: int) -> list[str]:
+    """One `metrics: <component> <url>` line per component that serves /metrics."""
+    lines = [f"metrics: api {api_url}/metrics"]
+    if base:
+        lines += [f"metrics: {c} http://127.0.0.1:{base + PORT_OFFSETS[c]}/metrics" for c in METRICS_COMPONENTS]
+    return lines
 
 
 def _secret_file(path: Path, make: str) -> str:
@@ -94,7 +119,7 @@ async def _bootstrap(settings: Settings, sim_port: int) -> str:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, sim_port: int) -> None:
+    def __init__(self, settings: Settings, sim_port: int, metrics_port_base: int = 0) -> None:
         self.settings = settings
         self.stopping = False
         env_args = ["--port", str(sim_port)]
@@ -102,7 +127,10 @@ class Supervisor:
                          for name in COMPONENTS]
         self.env = {**os.environ,
                     "MSGCORE_MONGO_URL": settings.mongo_url, "MSGCORE_PG_URL": settings.pg_url,
-                    "MSGCORE_ADMIN_KEY": settings.admin_key, "MSGCORE_DATA_DIR": str(settings.data_dir)}
+                    "MSGCORE_ADMIN_KEY": settings.admin_key, "MSGCORE_DATA_DIR": str(settings.data_dir),
+                    "MSGCORE_METRICS_PORT_BASE": str(metrics_port_base)}
+        # One port for every process cannot work on one host: each takes base + its offset.
+        self.env.pop("MSGCORE_METRICS_PORT", None)
 
     def start(self, child: Child) -> None:
         child.proc = subprocess.Popen(child.args, env=self.env, start_new_session=True, preexec_fn=die_with_parent)
@@ -180,9 +208,10 @@ def up(settings: Settings) -> None:
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         write_endpoints(data_dir, {"mongo": settings.mongo_url, "pg": settings.pg_url, "api": api_url,
                                    "admin_key": settings.admin_key, "smsc_sim": f"127.0.0.1:{sim_port}"})
-        supervisor = Supervisor(settings, sim_port)
+        base = metrics_base(settings)
+        supervisor = Supervisor(settings, sim_port, base)
         supervisor.watch()
-        _banner(api_url, demo_key, settings, data_dir, sim_port)
+        _banner(api_url, demo_key, settings, data_dir, sim_port, metrics_lines(api_url, base))
         while not stop_requested:
             time.sleep(0.5)
             supervisor.watch()
@@ -195,7 +224,8 @@ def up(settings: Settings) -> None:
         log.info("msgcore stopped")
 
 
-def _banner(api_url: str, key: str, settings: Settings, data_dir: Path, sim_port: int) -> None:
+def _banner(api_url: str, key: str, settings: Settings, data_dir: Path, sim_port: int, metrics: list[str]) -> None:
+    endpoints = "".join(f"\n  {line}" for line in metrics)
     print(
         f"""
 msgcore is up.
@@ -205,7 +235,7 @@ msgcore is up.
   PostgreSQL:  {settings.pg_url}   (schema "{settings.reporting_schema}")
   MongoDB:     {settings.mongo_url}
   SMSC sim:    127.0.0.1:{sim_port} (route "sim")
-  Data:        {data_dir}
+  Data:        {data_dir}{endpoints}
 Try:
   curl -s -X POST {api_url}/v1/messages -H "Authorization: Bearer {key}" \\
        -H 'Content-Type: application/json' -d '{{"to": "+4915112345678", "from": "msgcore", "text": "Hello"}}'

@@ -15,9 +15,11 @@ import logging
 import random
 from collections.abc import Callable
 
+from core import metrics
 from core.aio import sleep_or_stop
 from core.domain.retry import backoff_s
 from core.domain.routing import BindType, Route, RouteStatus
+from smsc.connector_metrics import bind_state, binds_closed
 from smsc.session import DeliverSm, SessionError, SmppSession
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,7 @@ class BindPool:
         sessions, self.sessions = self.sessions, []
         await asyncio.gather(*(s.close() for s in sessions), return_exceptions=True)
         self._malformed_closed += sum(s.malformed for s in sessions)
+        binds_closed(self.route.id, id(self))
 
     @property
     def malformed(self) -> int:
@@ -80,6 +83,10 @@ class BindPool:
 
     def transmitters(self) -> list[SmppSession]:
         return [s for s in self.sessions if s.is_up and s.can_submit]
+
+    def in_flight(self) -> float:
+        """submit_sm awaiting their response over every bind (read on scrape)."""
+        return float(sum(s.in_flight for s in self.sessions))
 
     @property
     def capacity(self) -> int:
@@ -120,11 +127,14 @@ class BindPool:
         loop = asyncio.get_running_loop()
         attempt = 0
         rid = self.route.id
+        bind = (id(self), index, kind)
         while not stop.is_set():
             session = self._session(kind)
+            bind_state(rid, bind, "binding")
             try:
                 await session.open()
             except (SessionError, OSError) as e:
+                bind_state(rid, bind, "down")
                 attempt += 1
                 delay = backoff_s(attempt, base_s=0.5, cap_s=30.0)
                 log.warning("connector route=%s bind=%d/%s failed (%s); retry in %.1fs", rid, index, kind, e, delay)
@@ -132,6 +142,7 @@ class BindPool:
                 continue
             up_at = loop.time()
             self.sessions.append(session)
+            bind_state(rid, bind, "bound")
             log.info("connector route=%s bind=%d/%s up %s:%d", rid, index, kind, self.route.host, self.route.port)
             self.on_up()
             while session.is_up and not stop.is_set():
@@ -142,9 +153,11 @@ class BindPool:
             if session in self.sessions:
                 self.sessions.remove(session)
             self._malformed_closed += session.malformed
+            bind_state(rid, bind, "down")
             attempt = 0 if loop.time() - up_at > BIND_STABLE_S else attempt + 1
             delay = backoff_s(attempt, base_s=0.2, cap_s=RELINK_CAP_S) if attempt else random.uniform(0.0, 0.2)
             self.reconnects += 1
+            metrics.SMPP_RECONNECTS.labels(route=rid).inc()
             log.warning("connector route=%s bind=%d/%s lost its connection%s; reconnect in %.1fs", rid, index, kind,
                         " (malformed PDU)" if session.malformed else "", delay)
             await sleep_or_stop(stop, delay)

@@ -33,6 +33,7 @@ from datetime import datetime
 from typing import Any
 
 from core.aio import sleep_or_stop, wait_and_clear
+from core.domain.message import send_stage
 from core.domain.routing import Route, RouteStatus
 from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
 from core.store.eventstore import EventStore
@@ -42,11 +43,13 @@ from core.store.routes import RouteStore
 from core.store.topics import CommitResult, Write
 from smsc.binds import BindPool
 from smsc.connector_jobs import Item, Job, OutcomeWrites
+from smsc.connector_metrics import RouteMetrics
 from smsc.connector_read import CLAIM_AHEAD_S, MIN_CLAIM_AHEAD, TRANSACTIONAL_RESERVE, ReadPath
 from smsc.connector_send import SendPath
 from smsc.inbound import InboundRecorder, ensure_inbound_indexes
 from smsc.receipt_loop import final_receipts, receipt_loop
 from smsc.receipts import PART_HOLD_S, RECEIPT_HOLD_S, ReceiptDesk, side
+from smsc.send_queue import SendQueue
 from smsc.session import DeliverSm, SmppSession
 from smsc.throttle import TokenBucket
 
@@ -66,20 +69,23 @@ DEFAULT_VALIDITY_S = 48 * 3600
 class Connector(ReadPath, SendPath, OutcomeWrites):
     def __init__(self, store: EventStore, routes: RouteStore, route: Route, clock: Callable[[], datetime], *,
                  owner: str, lease_s: float = 30.0, batch_size: int = 500, max_attempts: int = 5,
-                 default_validity_s: float = DEFAULT_VALIDITY_S) -> None:
+                 default_validity_s: float = DEFAULT_VALIDITY_S, partition: int | None = None) -> None:
+        """`partition`: of a partitioned route (route.partitions > 1), the one this connector owns and
+        sends; it reads only that partition's topics, and takes its share of the route's TPS."""
         self.store = store
         self.log = store.log
         self.routes = routes
         self.route = route  # the route manager swaps it for routing-only changes
         self.clock = clock
         self.owner = owner  # the holder id of the owner key
-        self.key = f"{CONSUMER}|send:{route.id}"
+        self.partition = partition
+        self.key = f"{CONSUMER}|{send_stage(route.id, partition)}"
         self.lease_s = lease_s
         self.batch_size = batch_size
         self.max_attempts = max_attempts  # the router dead-letters; kept for the components' wiring
         self.default_validity_s = default_validity_s
         self.owners = Owners(store.db)
-        self.reader = TopicReader(self.log, CONSUMER, f"send:{route.id}", LaneBook(store.db))
+        self.reader = TopicReader(self.log, CONSUMER, send_stage(route.id, partition), LaneBook(store.db))
         self.stats = {"sent": 0, "failed": 0, "retried": 0, "receipts": 0, "orphan_receipts": 0,
                       "possible_duplicates": 0, "throttled": 0, "held_unknown": 0, "generic_nacks": 0,
                       "receipts_intermediate": 0, "receipts_duplicate": 0, "part_receipts_persisted": 0, "mo": 0,
@@ -89,11 +95,12 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
         self.wake = asyncio.Event()
         self.binds = BindPool(route, self._on_deliver, self.wake.set)
         self.desk = ReceiptDesk(store, route.id, self.stats)
-        self.bucket = TokenBucket(route.tps)
+        self.meters = RouteMetrics(route.id)  # Prometheus (core/metrics.py)
+        self.bucket = TokenBucket(route.tps_per_owner)
         self.own: Ownership | None = None
         self.owning = False
         self.jobs: collections.deque[Job] = collections.deque()
-        self.queue: asyncio.Queue[Item] = asyncio.Queue()
+        self.queue: asyncio.Queue[Item] = SendQueue()  # transactional first (smsc/send_queue.py)
         self.unfinished = 0  # items read and not yet answered
         self.unresolved: dict[str, list[tuple[int, int]]] = {}  # an earlier owner's open attempts
         self.throttled_until = 0.0
@@ -189,6 +196,7 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
                         len(attempts), ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]),
                         self.route.on_unknown_outcome.value)
         self.binds.open()
+        self.meters.owning(self.route, self.binds.in_flight)
         loop = asyncio.get_running_loop()
         self._down_since = loop.time()
         workers = [asyncio.create_task(self._send_worker()) for _ in range(self.route.window * self.route.binds)]
@@ -201,6 +209,7 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
         finally:
             lost = not self.owning or self._lost.is_set()
             self.owning = False
+            self.meters.standby()
             for t in workers + helpers:
                 t.cancel()
             await asyncio.gather(*workers, *helpers, return_exceptions=True)
@@ -293,6 +302,7 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
     async def _heartbeat(self) -> None:
         while self.owning:
             self.stats["reconnects"], self.stats["malformed_pdus"] = self.binds.reconnects, self.binds.malformed
+            self.meters.flush()
             status, detail = self.binds.status()
             try:
                 await side(self.routes.set_status(self.route.id, status, self.clock(), detail))
@@ -309,7 +319,7 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
                 await wait_and_clear(self._commit_wake, 0.05)
                 continue
             job = self.jobs[0]
-            now = self.clock()
+            now, now_loop = self.clock(), asyncio.get_running_loop().time()  # the same instant, for metrics
             writes = job.writes + [self._outcome_write(item, now, job) for item in job.items]
             result = await self._commit(job, writes)
             if result is None:
@@ -318,6 +328,7 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
                 self.jobs.popleft()
             for key, n in job.counts.items():
                 self.stats[key] += n
+            self.meters.committed(job, len(result.conflicts), now, now_loop)
             committed = set(result.committed)
             for w in writes:  # receipts of these match in memory, without a query
                 if w.events and w.events[0]["type"] == "sent" and w.message_id in committed:

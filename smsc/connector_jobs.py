@@ -47,6 +47,7 @@ class Item:
     nack: bool = False
     error: str = ""
     maybe_sent: bool = False
+    submitted_at: float = 0.0  # loop time the SMSC took the first part (metrics: accepted -> submit_sm)
 
 
 @dataclass(eq=False)

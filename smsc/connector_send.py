@@ -8,12 +8,14 @@ import asyncio
 import logging
 import random
 
+from core import metrics
 from core.domain.encoding import encode_text, make_udh
 from core.domain.outcomes import (
     is_throttling,
 )
 from core.domain.retry import backoff_s
 from smsc.connector_jobs import Item
+from smsc.connector_metrics import RouteMetrics
 from smsc.session import SessionError
 from smsc.status import status_name
 
@@ -26,6 +28,8 @@ PART_THROTTLE_RETRIES = 50  # a part throttled this often in a row is given up (
 
 class SendPath:
     """Submitting the items of the batches read (`self.queue`), in read order."""
+
+    meters: RouteMetrics  # the connector's Prometheus counters (smsc/connector_metrics.py)
 
     async def _send_worker(self) -> None:
         """One window slot: sends queued messages one after the other, in read order across workers."""
@@ -80,6 +84,7 @@ class SendPath:
                         data_coding=encoded.data_coding, esm_class=0x40 if udh else 0, source_ton=source_ton,
                         source_npi=source_npi, dest_ton=self.route.dest_ton, dest_npi=self.route.dest_npi)
                     item.status, item.nack = result.status, result.generic_nack
+                    self.meters.responses[result.status] += 1
                     if not is_throttling(result.status, result.generic_nack):
                         break
                     # Not taken: wait out the route's pause and submit the same part again.
@@ -91,11 +96,14 @@ class SendPath:
                                     self.route.id, item.status, index)
                     return
                 self.throttle_level = 0
+                if index == 1:
+                    item.submitted_at = asyncio.get_running_loop().time()
                 if result.message_id:
                     item.smsc_ids.append(result.message_id)
                     self.desk.awaiting_commit.add(result.message_id)
         except (SessionError, OSError) as e:
             item.error, item.maybe_sent = f"{type(e).__name__}: {e}", True
+            self.meters.unanswered += 1
         except LookupError as e:  # no bind was up: nothing left this process
             item.error = str(e)
 
@@ -112,6 +120,7 @@ class SendPath:
     def _throttled(self, message_id: str, status: int) -> None:
         """The SMSC asked us to slow down: pause the whole route, longer each time in a row."""
         self.stats["throttled"] += 1
+        metrics.SMPP_THROTTLED.labels(route=self.route.id).inc()
         self.throttle_level = min(self.throttle_level + 1, 8)
         delay = backoff_s(self.throttle_level, base_s=THROTTLE_BASE_S, cap_s=THROTTLE_CAP_S)
         loop = asyncio.get_running_loop()

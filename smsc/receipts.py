@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
+from core import metrics
 from core.domain.events import SCHEMA_VERSION
 from core.domain.outcomes import (
     PartStat,
@@ -115,12 +116,13 @@ class ReceiptDesk:
         # a query (a miss, e.g. after a restart or for an old message, asks the log).
         self.recent_sent: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._lock = asyncio.Lock()  # one flush at a time (the loop's and a stopping connector's final one)
+        self._to_receipt = metrics.SUBMIT_TO_RECEIPT.labels(route=route_id)
 
     def remember_sent(self, doc: dict[str, Any]) -> None:
         """A `sent` event just committed by this process (only the fields a receipt needs are kept)."""
         data = doc["data"]
         slim = {"message_id": doc["message_id"], "seq": doc["seq"], "tenant_id": doc["tenant_id"],
-                "route_id": doc.get("route_id"), "channel": doc.get("channel", "sms"),
+                "route_id": doc.get("route_id"), "channel": doc.get("channel", "sms"), "at": doc.get("at"),
                 "data": {k: data[k] for k in _SENT_FIELDS if k in data}}
         cache = self.recent_sent
         for smsc_id in data.get("smsc_message_ids", ()):
@@ -286,6 +288,8 @@ class ReceiptDesk:
             if any(part.pdu is None for part in progress.values()):
                 persisted.append(mid)
             if mid in result.committed:
+                if (sent_at := complete[mid].sent.get("at")) is not None:  # sent -> receipt (a query's doc has none)
+                    self._to_receipt.observe(max(0.0, (now - sent_at).total_seconds()))
                 kind, data = finals[mid]
                 log.debug("connector message=%s route=%s: %s (%s)", mid, self.route_id, kind, data["stat"])
         if persisted:  # housekeeping only: a leftover is ignored once the message has its outcome
@@ -320,6 +324,7 @@ class ReceiptDesk:
             await side(self.store.db["orphan_receipts"].insert_many(
                 [orphan_doc(p, now, "unknown_id") for p, _ in orphans]))
             self.stats["orphan_receipts"] += len(orphans)
+            metrics.ORPHAN_RECEIPTS.labels(route=self.route_id).inc(len(orphans))
             log.warning("connector route=%s: %d receipts for unknown smsc ids (e.g. %s)", self.route_id,
                         len(orphans), orphans[0][0].receipted_message_id)
             for p, session in orphans:

@@ -87,7 +87,7 @@ class EventLogPort(Protocol):
 
     async def sent_by_smsc_ids(self, smsc_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The `sent` events whose `data.smsc_message_ids` holds any of `smsc_ids` (any order;
-        events of other types are never returned). An adapter may return only message_id, seq, type,
+        events of other types are never returned). An adapter may return only message_id, seq, type, at,
         tenant_id, route_id, channel and data.{smsc_message_ids, route_id, parts, price_per_part,
         currency}: nothing else of them may be relied on."""
         ...

@@ -86,7 +86,7 @@ class _Conflict(Exception):
 
 
 # The fields of a `sent` event that receipt correlation reads (EventLog.sent_by_smsc_ids).
-SENT_FIELDS = {"_id": 0, "message_id": 1, "seq": 1, "type": 1, "tenant_id": 1, "route_id": 1, "channel": 1,
+SENT_FIELDS = {"_id": 0, "message_id": 1, "seq": 1, "type": 1, "at": 1, "tenant_id": 1, "route_id": 1, "channel": 1,
                "data.smsc_message_ids": 1, "data.route_id": 1, "data.parts": 1, "data.price_per_part": 1,
                "data.currency": 1}
 

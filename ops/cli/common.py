@@ -24,7 +24,7 @@ def cli_settings(command: str, need_store: bool = True) -> Settings:
         settings = Settings()
     except ValidationError as e:
         raise typer.BadParameter(f"invalid MSGCORE_* setting: {e}") from e
-    configure(command.split()[0], settings.log_level)
+    configure(command.split()[0], settings.log_level, settings.log_format)
     if need_store:
         try:
             settings = components.resolve_urls(settings)
