@@ -41,6 +41,7 @@ from fastapi import FastAPI
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.dashboard import routes as dashboard
 from api.deps import TenantCache
 from api.errors import ApiError, error_response, install_error_handlers
 from api.read_side import reporting_pool
@@ -86,6 +87,7 @@ def create_app(settings: Settings, db: Database | None = None, *,
     app.include_router(numbers_admin.router)  # /v1/admin/numbers (api/routes/numbers_admin.py)
     app.include_router(tenants_admin.router)  # /v1/admin/tenants (api/routes/tenants_admin.py)
     app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
+    app.include_router(dashboard.router)  # /dashboard: operator web page, not in the OpenAPI document
     install_error_handlers(app)  # api/errors.py: the one place errors become HTTP
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware)  # inside CatchAll: it counts the 500s it turns bugs into
