@@ -123,6 +123,7 @@ class ReceiptDesk:
         data = doc["data"]
         slim = {"message_id": doc["message_id"], "seq": doc["seq"], "tenant_id": doc["tenant_id"],
                 "route_id": doc.get("route_id"), "channel": doc.get("channel", "sms"), "at": doc.get("at"),
+                "notify": doc.get("notify"),
                 "data": {k: data[k] for k in _SENT_FIELDS if k in data}}
         cache = self.recent_sent
         for smsc_id in data.get("smsc_message_ids", ()):
@@ -372,9 +373,12 @@ class ReceiptDesk:
 
 def _doc(sent: dict[str, Any], seq: int, kind: str, at: datetime, data: dict[str, Any]) -> dict[str, Any]:
     """An event document following a `sent` event (hot path: no model)."""
-    return {"message_id": sent["message_id"], "seq": seq, "type": kind, "at": at, "tenant_id": sent["tenant_id"],
-            "route_id": sent.get("route_id"), "channel": sent.get("channel", "sms"), "v": SCHEMA_VERSION,
-            "data": data}
+    doc = {"message_id": sent["message_id"], "seq": seq, "type": kind, "at": at, "tenant_id": sent["tenant_id"],
+           "route_id": sent.get("route_id"), "channel": sent.get("channel", "sms"), "v": SCHEMA_VERSION,
+           "data": data}
+    if sent.get("notify") is not None:
+        doc["notify"] = sent["notify"]
+    return doc
 
 
 def _spend(writes: Sequence[Write]) -> dict[str, int]:

@@ -89,9 +89,12 @@ class Event(BaseModel):
     channel: str = "sms"
     v: int = SCHEMA_VERSION
     data: dict[str, Any] = Field(default_factory=dict)
+    # Where the message's outcome is reported to its submitter (e.g. "dlr:<smpp account>"): set on
+    # every event of such a message; its final events take a position in that topic (NOTIFY_TYPES).
+    notify: str | None = None
 
     def to_doc(self) -> dict[str, Any]:
-        return {
+        doc = {
             "message_id": self.message_id,
             "seq": self.seq,
             "type": self.type.value,
@@ -102,6 +105,9 @@ class Event(BaseModel):
             "v": self.v,
             "data": self.data,
         }
+        if self.notify is not None:
+            doc["notify"] = self.notify
+        return doc
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Event:
@@ -118,6 +124,7 @@ class Event(BaseModel):
             channel=doc.get("channel", "sms"),
             v=doc.get("v", SCHEMA_VERSION),
             data=doc.get("data", {}),
+            notify=doc.get("notify"),
         )
 
 

@@ -84,6 +84,7 @@ class MessageState:
     smsc_message_ids: tuple[str, ...] = ()
     sent_at: datetime | None = None
     billed: bool = False
+    notify: str | None = None  # the topic its outcome is reported to (Event.notify)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -126,6 +127,16 @@ def route_topic(lane: str) -> str:
 
 
 PARTITION_SEPARATOR = "#"
+# The events that end a message (its outcome): a message submitted with `notify` (e.g. an SMPP
+# account's receipts topic, "dlr:<account>") has each of them handed to that topic.
+NOTIFY_TYPES = frozenset({"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered"})
+
+
+def notify_topic(doc: dict[str, Any]) -> str | None:
+    """The topic an event document is reported to: its `notify`, when it is an outcome."""
+    notify: str | None = doc.get("notify")
+    return notify if notify is not None and doc["type"] in NOTIFY_TYPES else None
+
 
 
 def partition_of(message_id: str, partitions: int) -> int | None:
@@ -243,6 +254,7 @@ def _new_stream(event: Event) -> MessageState:
         accepted_at=event.at,
         send_at=d.get("send_at"),
         campaign_id=d.get("campaign_id"),
+        notify=event.notify,
     )
 
 
@@ -276,10 +288,13 @@ def event_doc(state: MessageState, event_type: EventType, at: datetime, data: di
     """The document of the event that follows `state` (seq = version + 1 unless given), after
     checking the transition is allowed. Same shape as `Event.to_doc()`, without building a model."""
     check_allowed(state, event_type, state.message_id)
-    return {"message_id": state.message_id, "seq": state.version + 1 if seq is None else seq,
-            "type": event_type.value, "at": at, "tenant_id": state.tenant_id,
-            "route_id": route_id if route_id is not None else state.route_id, "channel": state.channel,
-            "v": SCHEMA_VERSION, "data": data}
+    doc = {"message_id": state.message_id, "seq": state.version + 1 if seq is None else seq,
+           "type": event_type.value, "at": at, "tenant_id": state.tenant_id,
+           "route_id": route_id if route_id is not None else state.route_id, "channel": state.channel,
+           "v": SCHEMA_VERSION, "data": data}
+    if state.notify is not None:
+        doc["notify"] = state.notify
+    return doc
 
 
 def state_of_accepted(doc: dict[str, Any]) -> MessageState:
@@ -290,7 +305,7 @@ def state_of_accepted(doc: dict[str, Any]) -> MessageState:
         channel=doc.get("channel", "sms"), to=d["to"], sender=d["sender"], text=d["text"],
         encoding=d.get("encoding", "gsm7"), parts=d.get("parts", 1), priority=d.get("priority", 0),
         validity_s=d.get("validity_s", 0), accepted_at=doc["at"], send_at=d.get("send_at"),
-        campaign_id=d.get("campaign_id"))
+        campaign_id=d.get("campaign_id"), notify=doc.get("notify"))
 
 
 def routed_message(state: MessageState) -> dict[str, Any]:
@@ -314,4 +329,4 @@ def state_of_routed(doc: dict[str, Any]) -> MessageState:
         encoding=m.get("encoding", "gsm7"), parts=m.get("parts", 1), priority=m.get("priority", 0),
         validity_s=validity_s, accepted_at=accepted_at, campaign_id=m.get("campaign_id"),
         route_id=d["route_id"], price_per_part=d.get("price_per_part", 0), currency=d.get("currency", "EUR"),
-        attempts=m.get("attempt", 0))
+        attempts=m.get("attempt", 0), notify=doc.get("notify"))

@@ -46,6 +46,12 @@ class Submission:
     campaign_id: str | None = None
     campaign_row: int | None = None
     channel: str = "sms"
+    # The topic its outcome is reported to (e.g. "dlr:<smpp account>": the SMPP server's receipts);
+    # None: nobody is told but the API's status and the reporting tables.
+    notify: str | None = None
+    # Extra fields of the `accepted` data an entry point records (e.g. the SMPP submit's
+    # registered_delivery and source TON/NPI); never read by the pipeline.
+    origin: dict[str, Any] | None = None
 
 
 def accepted(message_id: str, tenant_id: str, s: Submission, now: datetime) -> Write:
@@ -57,6 +63,8 @@ def accepted(message_id: str, tenant_id: str, s: Submission, now: datetime) -> W
     }
     if s.campaign_row is not None:
         data["campaign_row"] = s.campaign_row
+    if s.origin:
+        data["origin"] = dict(s.origin)
     event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
-                  channel=s.channel, data=data)
+                  channel=s.channel, data=data, notify=s.notify)
     return accepted_write(event, now)

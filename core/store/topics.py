@@ -42,6 +42,7 @@ from pymongo.read_concern import ReadConcern
 from pymongo.write_concern import WriteConcern
 
 from core import metrics
+from core.domain.message import notify_topic
 from core.store.errors import CheckpointMoved, Fenced, GapInTopic, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,9 @@ class Write:
     clear_timer: bool = False
 
     def __post_init__(self) -> None:
-        if not self.topics:
-            self.topics = [None] * len(self.events)
+        topics = list(self.topics) if self.topics else [None] * len(self.events)
+        # An outcome of a message submitted with `notify` goes to that topic (core.domain.message).
+        self.topics = [t if t is not None else notify_topic(e) for t, e in zip(topics, self.events, strict=True)]
 
 
 @dataclass
@@ -87,6 +89,7 @@ class _Conflict(Exception):
 
 # The fields of a `sent` event that receipt correlation reads (EventLog.sent_by_smsc_ids).
 SENT_FIELDS = {"_id": 0, "message_id": 1, "seq": 1, "type": 1, "at": 1, "tenant_id": 1, "route_id": 1, "channel": 1,
+               "notify": 1,
                "data.smsc_message_ids": 1, "data.route_id": 1, "data.parts": 1, "data.price_per_part": 1,
                "data.currency": 1}
 
