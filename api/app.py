@@ -46,6 +46,7 @@ from api.deps import TenantCache
 from api.errors import ApiError, error_response, install_error_handlers
 from api.read_side import reporting_pool
 from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
+from api.routes.smpp_accounts import router as smpp_accounts_router
 from core import metrics
 from core.config import Settings
 from core.domain.ratelimit import SubmissionLimiter
@@ -86,6 +87,7 @@ def create_app(settings: Settings, db: Database | None = None, *,
     app.include_router(inbound.router)  # /v1/inbound: the tenant's MO messages (api/routes/inbound.py)
     app.include_router(numbers_admin.router)  # /v1/admin/numbers (api/routes/numbers_admin.py)
     app.include_router(tenants_admin.router)  # /v1/admin/tenants (api/routes/tenants_admin.py)
+    app.include_router(smpp_accounts_router)  # /v1/admin/smpp-accounts (api/routes/smpp_accounts.py)
     app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
     app.include_router(dashboard.router)  # /dashboard: operator web page, not in the OpenAPI document
     install_error_handlers(app)  # api/errors.py: the one place errors become HTTP

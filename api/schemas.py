@@ -7,20 +7,17 @@ accept Arabic-Indic or full-width digits that no SMSC takes.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
+from core.domain.submission_rules import E164, MAX_VALIDITY_S, MIN_VALIDITY_S, SENDER_ID
+
 MAX_BATCH = 1000
 MAX_TEXT_CHARS = 255 * 153  # GSM-7 characters in the most parts any server allows (Settings.max_parts <= 255)
-MIN_VALIDITY_S = 60
-MAX_VALIDITY_S = int(timedelta(days=7).total_seconds())
 PRIORITY_VALUES: dict[str, int] = {"transactional": 10, "marketing": 0}
 
-E164 = r"^\+[1-9][0-9]{6,14}$"
-# Numeric sender (optionally with +) of up to 16 digits, or an alphanumeric sender id of up to 11.
-SENDER_ID = r"^(?:\+?[0-9]{1,16}|[A-Za-z0-9]{1,11})$"
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 

@@ -158,3 +158,15 @@ def render(*registries: CollectorRegistry) -> bytes:
     """The text exposition of the process-wide catalogue followed by `registries` (per-server
     collectors, e.g. the store gauges): metric families never repeat across them."""
     return b"".join(generate_latest(r) for r in (REGISTRY, *registries))
+
+
+# ---- SMPP server for ESMEs (smsc/esme_server/) -------------------------------------------------
+
+ESME_BINDS = Counter("msgcore_esme_binds", "Bind attempts of ESMEs by outcome (an SMPP status name)", ["status"])
+ESME_PDUS = Counter("msgcore_esme_pdus", "PDUs received from ESMEs by command", ["command"])
+ESME_SUBMITS_REFUSED = Counter("msgcore_esme_submits_refused", "submit_sm refused, by SMPP status", ["status"])
+ESME_SUBMITS_ACCEPTED = Counter("msgcore_esme_submits_accepted", "Messages accepted from ESMEs")
+ESME_GROUP_COMMITS = Counter("msgcore_esme_group_commits", "Transactions committing ESME submits (group commit)")
+ESME_RECEIPTS_SENT = Counter("msgcore_esme_receipts_sent", "deliver_sm receipts sent to ESMEs (first sends)")
+ESME_RECEIPTS_REDELIVERED = Counter("msgcore_esme_receipts_redelivered", "deliver_sm receipts sent again after "
+                                    "a time-out, a refusal or a lost bind")

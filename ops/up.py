@@ -30,7 +30,7 @@ from ops.embedded import EmbeddedMongo, EmbeddedPostgres, die_with_parent, free_
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("smsc-sim", "api", "router", "connector", "scheduler", "projector")
+COMPONENTS = ("smsc-sim", "api", "router", "connector", "scheduler", "projector", "smpp-server")
 DEMO_TENANT = "demo"
 STOP_GRACE_S = 20.0
 # The workers serving /metrics, /healthz, /readyz on MSGCORE_METRICS_PORT_BASE + their offset
@@ -118,12 +118,38 @@ async def _bootstrap(settings: Settings, sim_port: int) -> str:
     return key
 
 
+def _smpp_server(settings: Settings) -> tuple[int, list[str]]:
+    """The SMPP server's port (MSGCORE_SMPP_PORT, else 2776 when free, else any free port) and the
+    banner's lines: its address and the demo tenant's login."""
+    wanted = int(os.environ.get("MSGCORE_SMPP_PORT", "2776"))
+    port = wanted if _port_free(wanted) else free_port()
+    return port, [f"SMPP server: 127.0.0.1:{port}", asyncio.run(_demo_smpp_login(settings))]
+
+
+async def _demo_smpp_login(settings: Settings) -> str:
+    """`SMPP login: <system_id> <password>` of the demo tenant's SMPP account (created on the first
+    `up`; its password kept in the data dir)."""
+    from core.store.smpp_accounts import SmppAccountStore, new_password
+
+    async with database(settings, "up") as db:
+        accounts = SmppAccountStore(db)
+        password_file = settings.data_dir / "demo-smpp.password"
+        known = password_file.exists()
+        password = _secret_file(password_file, new_password())
+        if await accounts.get(DEMO_TENANT) is None:
+            await accounts.create(DEMO_TENANT, DEMO_TENANT, utcnow(), password=password)
+        elif not known:  # the account outlived its password file (a kept database): issue a new one
+            password = (await accounts.rotate_password(DEMO_TENANT, utcnow()))[1]
+            password_file.write_text(password)
+    return f"SMPP login: {DEMO_TENANT} {password}"
+
+
 class Supervisor:
-    def __init__(self, settings: Settings, sim_port: int, metrics_port_base: int = 0) -> None:
+    def __init__(self, settings: Settings, sim_port: int, metrics_port_base: int = 0, smpp_port: int = 0) -> None:
         self.settings = settings
         self.stopping = False
-        env_args = ["--port", str(sim_port)]
-        self.children = [Child(name, [sys.executable, "-m", "ops.cli", name, *(env_args if name == "smsc-sim" else [])])
+        port_args = {"smsc-sim": ["--port", str(sim_port)], "smpp-server": ["--port", str(smpp_port)]}
+        self.children = [Child(name, [sys.executable, "-m", "ops.cli", name, *port_args.get(name, [])])
                          for name in COMPONENTS]
         self.env = {**os.environ,
                     "MSGCORE_MONGO_URL": settings.mongo_url, "MSGCORE_PG_URL": settings.pg_url,
@@ -205,13 +231,14 @@ def up(settings: Settings) -> None:
         settings = settings.model_copy(update=updates)
         sim_port = settings.sim_port if _port_free(settings.sim_port) else free_port()
         demo_key = asyncio.run(_bootstrap(settings, sim_port))
+        smpp_port, smpp_lines = _smpp_server(settings)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         write_endpoints(data_dir, {"mongo": settings.mongo_url, "pg": settings.pg_url, "api": api_url,
                                    "admin_key": settings.admin_key, "smsc_sim": f"127.0.0.1:{sim_port}"})
         base = metrics_base(settings)
-        supervisor = Supervisor(settings, sim_port, base)
+        supervisor = Supervisor(settings, sim_port, base, smpp_port)
         supervisor.watch()
-        _banner(api_url, demo_key, settings, data_dir, sim_port, metrics_lines(api_url, base))
+        _banner(api_url, demo_key, settings, data_dir, sim_port, [*metrics_lines(api_url, base), *smpp_lines])
         while not stop_requested:
             time.sleep(0.5)
             supervisor.watch()

@@ -13,6 +13,8 @@ from ops.cli.campaigns import campaigns_app
 from ops.cli.deadletters import dead_letters_app
 from ops.cli.projections import projections_app, reporting_app
 from ops.cli.routes import routes_app
+from ops.cli.smpp_accounts import smpp_accounts_app
+from ops.cli.smpp_server import app as smpp_server_app
 from ops.cli.tenants import tenants_app
 
 __all__ = ["app", "main"]
@@ -28,6 +30,8 @@ app.add_typer(routes_app, name="routes")
 app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(projections_app, name="projections")
 app.add_typer(reporting_app, name="reporting")
+app.add_typer(smpp_accounts_app, name="smpp-accounts")
+app.add_typer(smpp_server_app)
 
 
 def main() -> None:

@@ -1,0 +1,287 @@
+"""The SMPP server ESMEs bind to: binds checked against `smpp_accounts`, submits into the pipeline
+through group commit, query_sm / cancel_sm, and one receipt sender per account with a receiver bind.
+
+Limits: `max_binds` is counted per server process (several processes each admit that many); the
+throughput limit (ESME_RTHROTTLED) is a token bucket per account per process, shared by its binds,
+plus the tenant's own `submit_tps` as the REST API applies it; the window (ESME_RMSGQFUL) is per bind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pymongo.asynchronous.database import AsyncDatabase
+
+from core import metrics
+from core.domain.ratelimit import SubmissionLimiter, effective_burst
+from core.store.errors import StoreError
+from core.store.eventstore import EventStore
+from core.store.lanes import LaneStore
+from core.store.smpp_accounts import SmppAccount, SmppAccountStore, password_matches
+from core.store.tenants import ACTIVE, TenantStore
+from core.submission_service import SubmissionService
+from smsc.esme_server import queries, wire
+from smsc.esme_server.committer import GroupCommitter
+from smsc.esme_server.concat import Reassembler
+from smsc.esme_server.receipts import ReceiptSender
+from smsc.esme_server.session import EsmeSession
+from smsc.esme_server.submit import SubmitRefused, SubmitRequest, parse_submit, to_submission
+from smsc.pdu import (
+    ESME_RALYBND,
+    ESME_RBINDFAIL,
+    ESME_RINVPASWD,
+    ESME_RINVSYSID,
+    ESME_ROK,
+    ESME_RSUBMITFAIL,
+    ESME_RSYSERR,
+    ESME_RTHROTTLED,
+    as_str,
+)
+
+log = logging.getLogger(__name__)
+
+TENANT_TTL_S = 10.0
+Waiter = tuple[EsmeSession, int]
+
+
+@dataclass(frozen=True)
+class EsmeServerConfig:
+    port: int = 2776
+    host: str = "127.0.0.1"
+    commit_window_s: float = 0.005  # group commit: submits within this share one transaction
+    max_parts: int = 10
+    default_validity_s: int = 48 * 3600
+    receipt_timeout_s: float = 10.0  # a deliver_sm without its resp by then is sent again
+    receipt_batch: int = 100
+    poll_s: float = 0.05
+    lease_s: float = 10.0
+    part_hold_s: float = 60.0  # parts of a long message wait this long for the others
+
+
+class EsmeServer:
+    def __init__(self, db: AsyncDatabase, config: EsmeServerConfig, clock: Callable[[], datetime]) -> None:
+        if config.host != "127.0.0.1":
+            raise ValueError("the SMPP server listens on 127.0.0.1 only")
+        self.db, self.config, self.clock = db, config, clock
+        self.accounts = SmppAccountStore(db)
+        self.tenants = TenantStore(db)
+        self.events = EventStore(db)
+        self.committer = GroupCommitter(SubmissionService(self.events, LaneStore(db), set()), clock,
+                                        config.commit_window_s)
+        self.parts: Reassembler[Waiter] = Reassembler(config.part_hold_s)
+        self.limiter = SubmissionLimiter()
+        self.binds: dict[str, set[EsmeSession]] = {}
+        self.holder = f"esme-server-{uuid.uuid4().hex[:8]}"
+        self.senders: dict[str, ReceiptSender] = {}
+        self._tenants: dict[str, tuple[str, float | None, int | None, float]] = {}
+        self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sessions: set[EsmeSession] = set()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("SMPP server not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port)
+        self._sweeper = asyncio.create_task(self._sweep_parts(), name="esme-parts")
+        log.info("esme-server listening on %s:%d", self.config.host, self.port)
+
+    async def stop(self) -> None:
+        """Stop listening, close every session, stop the receipt senders, flush group commits."""
+        if self._server is not None:
+            self._server.close()
+        for session in list(self._sessions):
+            session.send(wire.request("unbind", session.sequence.next_sequence()))
+            await session.close()
+        for sender in list(self.senders.values()):
+            await sender.stop()
+        await self.committer.drain()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        if self._server is not None:
+            await self._server.wait_closed()
+        log.info("esme-server stopped (%d transactions, %d messages accepted)", self.committer.transactions,
+                 self.committer.accepted)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session = EsmeSession(self, reader, writer)
+        self._sessions.add(session)
+        try:
+            await session.run()
+        except Exception:  # one session's bug must not take the server (or other sessions) down
+            log.exception("esme-server %s (system_id %s): session failed", session.peer, session.system_id)
+        finally:
+            self._sessions.discard(session)
+            await session.close()
+
+    # ---- binds -------------------------------------------------------------------------------------
+
+    async def bind(self, session: EsmeSession, pdu: Any, mode: str) -> None:
+        name = f"{pdu.command}_resp"
+        if session.mode is not None or session.binding:
+            session.send(wire.response(name, pdu.sequence, ESME_RALYBND))
+            return
+        session.binding = True
+        try:
+            status, account = await self._check_bind(session, as_str(pdu.system_id) or "",
+                                                     as_str(pdu.password) or "")
+        except StoreError as e:
+            log.warning("esme-server %s: bind failed, store unavailable: %s", session.peer, e)
+            status, account = ESME_RSYSERR, None
+        finally:
+            session.binding = False
+        metrics.ESME_BINDS.labels(status=f"0x{status:02x}").inc()
+        if status != ESME_ROK or account is None or session.closing:
+            session.send(wire.response(name, pdu.sequence, status))
+            return
+        session.account, session.mode = account, mode
+        self.binds.setdefault(account.system_id, set()).add(session)
+        session.send(wire.response(name, pdu.sequence, system_id="msgcore"))
+        log.info("esme-server %s bound as %s (system_id %s, tenant %s)", session.peer, mode, account.system_id,
+                 account.tenant_id)
+        if session.can_receive:
+            self._sender_for(account).wake()
+
+    async def _check_bind(self, session: EsmeSession, system_id: str,
+                          password: str) -> tuple[int, SmppAccount | None]:
+        found = await self.accounts.credentials(system_id)
+        if found is None:
+            log.info("esme-server %s: bind refused, unknown system_id %r", session.peer, system_id)
+            return ESME_RINVSYSID, None
+        account, stored = found
+        if not await asyncio.to_thread(password_matches, password, stored):
+            log.info("esme-server %s: bind refused for %s: wrong password", session.peer, system_id)
+            return ESME_RINVPASWD, None
+        reason = await self._refusal(session, account)
+        if reason:
+            log.info("esme-server %s: bind refused for %s: %s", session.peer, system_id, reason)
+            return ESME_RBINDFAIL, None
+        return ESME_ROK, account
+
+    async def _refusal(self, session: EsmeSession, account: SmppAccount) -> str | None:
+        if not account.enabled:
+            return "account disabled"
+        if not account.ip_allowed(session.ip):
+            return f"source address {session.ip} not allowed"
+        if len(self.binds.get(account.system_id, ())) >= account.max_binds:
+            return f"already {account.max_binds} bind(s) open (max_binds)"
+        status, _, _ = await self._tenant(account.tenant_id, fresh=True)
+        if status != ACTIVE:
+            return f"tenant {account.tenant_id} is {status}"
+        return None
+
+    async def _tenant(self, tenant_id: str, fresh: bool = False) -> tuple[str, float | None, int | None]:
+        """(status, submit_tps, burst) of a tenant, cached TENANT_TTL_S ("missing" for no tenant)."""
+        hit = self._tenants.get(tenant_id)
+        if hit is None or fresh or hit[3] <= time.monotonic():
+            doc = await self.tenants.get(tenant_id)
+            status = "missing" if doc is None else doc.get("status", ACTIVE)
+            tps = None if doc is None else doc.get("submit_tps")
+            burst = None if doc is None else effective_burst(tps, doc.get("submit_burst"))
+            hit = (status, tps, burst, time.monotonic() + TENANT_TTL_S)
+            self._tenants[tenant_id] = hit
+        return hit[0], hit[1], hit[2]
+
+    def unbound(self, session: EsmeSession) -> None:
+        if session.account is not None:
+            self.binds.get(session.account.system_id, set()).discard(session)
+        session.mode = None
+
+    def receivers(self, system_id: str) -> list[EsmeSession]:
+        return [s for s in self.binds.get(system_id, ()) if s.can_receive]
+
+    def _sender_for(self, account: SmppAccount) -> ReceiptSender:
+        sender = self.senders.get(account.system_id)
+        if sender is None or sender.finished:
+            sender = ReceiptSender(self, account)
+            self.senders[account.system_id] = sender
+            sender.start()
+        return sender
+
+    # ---- submit_sm ---------------------------------------------------------------------------------
+
+    async def submit(self, session: EsmeSession, pdu: Any) -> None:
+        account = session.account
+        assert account is not None
+        try:
+            await self._throttle(account)
+            req = parse_submit(pdu, account)
+        except SubmitRefused as e:
+            self._refuse(session, pdu.sequence, e)
+            return
+        if req.segment is None:
+            await self._accept(req, account, [(session, pdu.sequence)])
+            return
+        try:
+            whole = self.parts.add(account.system_id, req, (session, pdu.sequence), time.monotonic())
+        except OverflowError as e:
+            self._refuse(session, pdu.sequence, SubmitRefused(ESME_RTHROTTLED, str(e)))
+            return
+        if whole is not None:
+            await self._accept(whole[0], account, whole[1])
+
+    async def _throttle(self, account: SmppAccount) -> None:
+        now = self.limiter.clock()
+        if account.tps is not None:
+            own_burst = max(1, math.ceil(account.tps))
+            if self.limiter.check(f"esme:{account.system_id}", 1, account.tps, own_burst, now) is not None:
+                raise SubmitRefused(ESME_RTHROTTLED, f"over {account.tps:g} submit_sm/s")
+        status, tps, burst = await self._tenant(account.tenant_id)
+        if status != ACTIVE:
+            raise SubmitRefused(ESME_RSUBMITFAIL, f"tenant {account.tenant_id} is {status}")
+        if tps is not None and burst is not None and self.limiter.check(account.tenant_id, 1, tps, burst,
+                                                                        now) is not None:
+            raise SubmitRefused(ESME_RTHROTTLED, f"tenant {account.tenant_id} over {tps:g} messages/s")
+
+    async def _accept(self, req: SubmitRequest, account: SmppAccount, waiters: list[Waiter]) -> None:
+        try:
+            item = to_submission(req, account, self.clock(), self.config.max_parts, self.config.default_validity_s)
+            message_id = await self.committer.submit(account.tenant_id, item)
+        except SubmitRefused as e:
+            for session, seq in waiters:
+                self._refuse(session, seq, e)
+            return
+        except StoreError as e:
+            log.warning("esme-server %s: submit not accepted, store unavailable: %s", account.system_id, e)
+            for session, seq in waiters:
+                self._refuse(session, seq, SubmitRefused(ESME_RSYSERR, "store unavailable"))
+            return
+        for session, seq in waiters:
+            session.answer(wire.response("submit_sm_resp", seq, message_id=message_id))
+
+    def _refuse(self, session: EsmeSession, seq: int, e: SubmitRefused) -> None:
+        metrics.ESME_SUBMITS_REFUSED.labels(status=f"0x{e.status:02x}").inc()
+        log.info("esme-server %s (system_id %s): submit_sm seq %d refused 0x%02x: %s", session.peer,
+                 session.system_id, seq, e.status, e.reason)
+        session.answer(wire.response("submit_sm_resp", seq, e.status))
+
+    async def _sweep_parts(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for waiters in self.parts.expired(time.monotonic()):
+                for session, seq in waiters:
+                    self._refuse(session, seq, SubmitRefused(ESME_RSUBMITFAIL, "other parts never arrived"))
+
+    # ---- query_sm, cancel_sm -----------------------------------------------------------------------
+
+    async def query(self, session: EsmeSession, pdu: Any) -> None:
+        assert session.account is not None
+        session.answer(await queries.query_sm(self.events, session.account, pdu))
+
+    async def cancel(self, session: EsmeSession, request: wire.CancelSm, seq: int) -> None:
+        assert session.account is not None
+        session.answer(await queries.cancel_sm(self.events, session.account, request, seq, self.clock()))
