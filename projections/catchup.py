@@ -33,27 +33,16 @@ today: `Event.to_doc` leaves `_id` to the driver).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from bson import ObjectId
+from core.store.change_feed import IdBound, id_time, newest_id_time
+
+__all__ = ["CatchUp", "id_time", "newest_id_time", "wall_now"]
 
 
 def wall_now() -> datetime:
     return datetime.now(UTC)
-
-
-def id_time(doc: Mapping[str, Any]) -> datetime | None:
-    """When the writer's driver generated the document's `_id`; None if it is not an ObjectId."""
-    oid = doc.get("_id")
-    return oid.generation_time if isinstance(oid, ObjectId) else None
-
-
-def newest_id_time(docs: Iterable[Mapping[str, Any]]) -> datetime | None:
-    times = [t for t in (id_time(d) for d in docs) if t is not None]
-    return max(times) if times else None
 
 
 @dataclass
@@ -61,18 +50,11 @@ class CatchUp:
     """An unfinished catch-up scan: events with `_id` in [lo, hi], read in `_id` order.
 
     `opened_at` is the wall-clock time noted just before the change stream was (re)opened; once
-    the scan is done it becomes the checkpoint's `scan_from`.
+    the scan is done it becomes the checkpoint's `scan_from`. The bounds are opaque `_id` values
+    (`core.store.change_feed.id_bound`); `ChangeFeed.scan_ids` reads the next page.
     """
 
-    lo: ObjectId | None  # None: from the start of the log (a checkpoint that predates scan_from)
-    hi: ObjectId
+    lo: IdBound | None  # None: from the start of the log (a checkpoint that predates scan_from)
+    hi: IdBound
     opened_at: datetime
-    after: ObjectId | None = None  # the last `_id` applied by this scan
-
-    def query(self) -> dict[str, Any]:
-        bounds: dict[str, Any] = {"$lte": self.hi}
-        if self.after is not None:
-            bounds["$gt"] = self.after
-        elif self.lo is not None:
-            bounds["$gte"] = self.lo
-        return {"_id": bounds}
+    after: IdBound | None = None  # the last `_id` applied by this scan

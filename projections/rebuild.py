@@ -42,9 +42,8 @@ from datetime import UTC, datetime
 
 import psycopg
 from psycopg import sql
-from pymongo import DESCENDING
-from pymongo.asynchronous.collection import AsyncCollection
 
+from core.store.change_feed import ChangeFeed, EventsCollection, as_feed
 from projections.replay import replay_log
 from projections.runner import Projector
 from projections.schema import lock_key, migrate
@@ -151,7 +150,7 @@ async def take_projector_lock(
 
 
 async def replay_shadow(
-    events: AsyncCollection,
+    events: EventsCollection | ChangeFeed,
     pg_url: str,
     shadow: str,
     *,
@@ -166,7 +165,7 @@ async def replay_shadow(
     visible so that a progress bar can follow it.
     """
     stats = ProjectorStats()
-    estimate = await events.estimated_document_count()
+    estimate = await as_feed(events).estimated_count()
     writer = BatchWriter(shadow, name)
     async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
         await migrate(conn, shadow)
@@ -199,20 +198,21 @@ async def _has_event(pg_url: str, schema: str, message_id: str, seq: int) -> boo
 
 
 async def wait_caught_up(
-    events: AsyncCollection, projector: Projector, task: asyncio.Task[None], pg_url: str, *, timeout_s: float,
+    events: EventsCollection | ChangeFeed, projector: Projector, task: asyncio.Task[None], pg_url: str, *,
+    timeout_s: float,
     poll_s: float = 0.1,
 ) -> None:
     """Until `projector` has finished its catch-up scan and holds the newest event of the log as it
     was when this call started (by `_id`). Raises the projector's error if it stopped."""
     deadline = time.monotonic() + timeout_s
-    newest = await events.find({}, {"message_id": 1, "seq": 1}).sort("_id", DESCENDING).limit(1).to_list(1)
+    newest = await as_feed(events).newest_event()
     while True:
         if task.done():
             task.result()  # raises the projector's error
             raise RebuildError(f"the shadow projector on {projector.schema} stopped unexpectedly")
         st = projector.stats
         if st.active and not st.catchup_pending and st.catchups_done >= 1 and (
-            not newest or await _has_event(pg_url, projector.schema, newest[0]["message_id"], newest[0]["seq"])
+            newest is None or await _has_event(pg_url, projector.schema, newest["message_id"], newest["seq"])
         ):
             return
         if time.monotonic() > deadline:
@@ -302,7 +302,7 @@ async def swap_schemas(
 
 @dataclass
 class _Run:
-    events: AsyncCollection
+    events: EventsCollection | ChangeFeed
     pg_url: str
     schema: str
     name: str
@@ -338,7 +338,7 @@ async def _follow_and_swap(run: _Run, result: RebuildResult, lock_conn: psycopg.
 
 
 async def rebuild(
-    events: AsyncCollection,
+    events: EventsCollection | ChangeFeed,
     pg_url: str,
     schema: str,
     *,

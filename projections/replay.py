@@ -13,9 +13,8 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from bson import Timestamp
-from pymongo.asynchronous.collection import AsyncCollection
 
+from core.store.change_feed import ChangeFeed, ClusterTime, EventsCollection, as_feed
 from projections.catchup import wall_now
 from projections.rows import event_row
 from projections.schema import lock_key, migrate
@@ -24,25 +23,21 @@ from projections.writer import BatchWriter, ProjectorStats
 log = logging.getLogger(__name__)
 
 
-async def cluster_time_now(events: AsyncCollection) -> Timestamp:
+async def cluster_time_now(events: EventsCollection | ChangeFeed) -> ClusterTime:
     """The server's current cluster time (a change stream started here misses nothing after it)."""
-    reply = await events.database.command("hello")
-    ts = reply.get("operationTime") or reply.get("$clusterTime", {}).get("clusterTime")
-    if not isinstance(ts, Timestamp):
-        raise RuntimeError("MongoDB did not report a cluster time: is it a replica set?")
-    return ts
+    return await as_feed(events).cluster_time_now()
 
 
 async def replay_log(
-    events: AsyncCollection,
+    events: EventsCollection | ChangeFeed,
     conn: psycopg.AsyncConnection,
     writer: BatchWriter,
     *,
     batch_size: int = 1000,
     stats: ProjectorStats | None = None,
-    start: Timestamp | None = None,
+    start: ClusterTime | None = None,
     started_at: datetime | None = None,
-) -> Timestamp:
+) -> ClusterTime:
     """Scan the whole log into the writer's schema; return the cluster time noted before the scan.
 
     `start`, if given, is a cluster time the caller noted before anything else it did (e.g.
@@ -54,21 +49,16 @@ async def replay_log(
     time noted together with `start` (by the caller, or here): it becomes the checkpoint's
     `scan_from`, since every event the scan may have missed was committed after it.
     """
+    feed = as_feed(events)
     if start is None:
         started_at = wall_now()
-        start = await cluster_time_now(events)
+        start = await feed.cluster_time_now()
     elif started_at is None:
         raise ValueError("replay_log: `started_at` must come with `start`")
     log.info("projection %s schema %s: replaying the log (cluster time %s)", writer.name, writer.schema, start)
     stats = stats if stats is not None else ProjectorStats()
-    rows: list[tuple[Any, ...]] = []
-    cursor = events.find({}, sort=[("message_id", 1), ("seq", 1)], batch_size=batch_size)
-    async for doc in cursor:
-        rows.append(event_row(doc))
-        if len(rows) >= batch_size:
-            await _write_replay_batch(conn, writer, rows, stats)
-            rows = []
-    await _write_replay_batch(conn, writer, rows, stats)
+    async for page in feed.scan_all(batch_size):
+        await _write_replay_batch(conn, writer, [event_row(doc) for doc in page], stats)
     await writer.save_checkpoint(conn, None, start, scan_from=started_at)
     log.info("projection %s schema %s: replay done, %d events applied", writer.name, writer.schema, stats.applied)
     return start
@@ -90,7 +80,7 @@ class ReplayRefused(RuntimeError):
 
 
 async def replay_into(
-    events_collection: AsyncCollection,
+    events_collection: EventsCollection | ChangeFeed,
     pg_url: str,
     schema: str,
     *,

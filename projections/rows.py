@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
 
-import pydantic
-
-from core.domain.events import Event
+from core.domain.events import SCHEMA_VERSION, EventType
 
 
 class UnprojectableEvent(ValueError):
@@ -42,7 +40,11 @@ ROW_COLUMNS = (
     "amount", "smsc_message_id", "error_code", "attempt",
 )  # fmt: skip
 
+_EVENT_TYPES = frozenset(t.value for t in EventType)
 _PARTS_TYPES = frozenset({"accepted", "sent", "billed"})
+_PRICED_TYPES = frozenset({"routed", "billed"})
+_ERROR_TYPES = frozenset({"retry", "failed"})
+_ATTEMPT_TYPES = frozenset({"sent", "retry", "failed"})
 _BILLED_KEYS = ("parts", "price_per_part", "amount", "currency")
 
 
@@ -52,6 +54,9 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     return str(value)  # ObjectId and friends: keep the audit copy readable rather than fail
+
+
+_dumps = json.JSONEncoder(default=_json_default, separators=(",", ":")).encode
 
 
 def _int_or_none(data: Mapping[str, Any], key: str) -> int | None:
@@ -68,6 +73,31 @@ def _str_or_none(data: Mapping[str, Any], key: str) -> str | None:
     return None if value is None else str(value)
 
 
+def _header(doc: Mapping[str, Any]) -> tuple[str, int, str, datetime, str, str | None, str, dict[str, Any]]:
+    """The top-level fields, checked as `core.domain.events.Event` declares them (without pydantic:
+    this runs for every event; the log holds what `Event.to_doc` wrote, so no coercion is needed)."""
+    message_id, seq, kind, at, tenant_id = doc["message_id"], doc["seq"], doc["type"], doc["at"], doc["tenant_id"]
+    route_id, channel, data = doc.get("route_id"), doc.get("channel", "sms"), doc.get("data", {})
+    version = doc.get("v", SCHEMA_VERSION)
+    if type(message_id) is not str or type(tenant_id) is not str or type(channel) is not str:
+        raise TypeError("message_id, tenant_id and channel must be strings")
+    if type(seq) is not int or seq < 1:
+        raise ValueError(f"seq must be an integer >= 1, got {seq!r}")
+    if kind not in _EVENT_TYPES:
+        raise ValueError(f"unknown event type {kind!r}")
+    if not isinstance(at, datetime):
+        raise TypeError(f"at must be a datetime, got {at!r}")
+    if at.tzinfo is None:  # BSON dates come back naive unless the client is tz_aware
+        at = at.replace(tzinfo=UTC)
+    if route_id is not None and type(route_id) is not str:
+        raise TypeError(f"route_id must be a string or null, got {route_id!r}")
+    if type(version) is not int:
+        raise TypeError(f"v must be an integer, got {version!r}")
+    if not isinstance(data, dict):
+        raise TypeError(f"data must be a document, got {data!r}")
+    return message_id, seq, str(kind), at, tenant_id, route_id, channel, data
+
+
 def event_row(doc: Mapping[str, Any]) -> tuple[Any, ...]:
     """The temp-table row (columns `ROW_COLUMNS`) for one event document.
 
@@ -75,34 +105,34 @@ def event_row(doc: Mapping[str, Any]) -> tuple[Any, ...]:
     shape documented in `core.domain.events`.
     """
     try:
-        ev = Event.from_doc(dict(doc))
-        data = ev.data
-        kind = ev.type.value
-        route_id = ev.route_id if ev.route_id is not None else _str_or_none(data, "route_id")
+        message_id, seq, kind, at, tenant_id, route_id, channel, data = _header(doc)
+        if route_id is None:
+            route_id = _str_or_none(data, "route_id")
         smsc_ids = data.get("smsc_message_ids") or []
         smsc_id = str(smsc_ids[0]) if kind == "sent" and smsc_ids else _str_or_none(data, "smsc_message_id")
         if kind == "billed":
             missing = [k for k in _BILLED_KEYS if data.get(k) is None]
             if missing:
                 raise ValueError(f"billed event lacks data.{', data.'.join(missing)} (needed by billing_ledger)")
-        data_json = json.dumps(data, default=_json_default, separators=(",", ":"))
+        data_json = _dumps(data)
         if "\\u0000" in data_json:
             raise ValueError("data contains a NUL character, which PostgreSQL jsonb rejects")
+        accepted, priced = kind == "accepted", kind in _PRICED_TYPES
         return (
-            ev.message_id, ev.seq, kind, ev.at, ev.tenant_id, route_id, ev.channel, data_json,
-            _str_or_none(data, "campaign_id") if kind == "accepted" else None,
-            _str_or_none(data, "to") if kind == "accepted" else None,
-            _str_or_none(data, "sender") if kind == "accepted" else None,
-            _str_or_none(data, "encoding") if kind == "accepted" else None,
+            message_id, seq, kind, at, tenant_id, route_id, channel, data_json,
+            _str_or_none(data, "campaign_id") if accepted else None,
+            _str_or_none(data, "to") if accepted else None,
+            _str_or_none(data, "sender") if accepted else None,
+            _str_or_none(data, "encoding") if accepted else None,
             _int_or_none(data, "parts") if kind in _PARTS_TYPES else None,
-            _int_or_none(data, "price_per_part") if kind in ("routed", "billed") else None,
-            _str_or_none(data, "currency") if kind in ("routed", "billed") else None,
+            _int_or_none(data, "price_per_part") if priced else None,
+            _str_or_none(data, "currency") if priced else None,
             _int_or_none(data, "amount") if kind == "billed" else None,
             smsc_id,
-            _int_or_none(data, "error_code") if kind in ("retry", "failed") else None,
-            _int_or_none(data, "attempt") if kind in ("sent", "retry", "failed") else None,
+            _int_or_none(data, "error_code") if kind in _ERROR_TYPES else None,
+            _int_or_none(data, "attempt") if kind in _ATTEMPT_TYPES else None,
         )  # fmt: skip
-    except (pydantic.ValidationError, KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
         raise UnprojectableEvent(doc.get("message_id"), doc.get("seq"), str(e)) from e
 
 

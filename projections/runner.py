@@ -17,17 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
-from bson import ObjectId
-from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
-from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import ConnectionFailure, OperationFailure
 
 from core.aio import sleep_or_stop
-from projections.catchup import CatchUp, newest_id_time, wall_now
+from core.store.change_feed import (
+    Change,
+    ChangeFeed,
+    EventsCollection,
+    FeedStream,
+    as_feed,
+    id_bound,
+    id_bound_time,
+    newest_id_time,
+    ts_datetime,
+)
+from core.store.errors import HistoryLost, StoreUnavailable
+from projections.catchup import CatchUp, wall_now
 from projections.replay import cluster_time_now, replay_log
 from projections.rows import UnprojectableEvent, event_row
 from projections.schema import lock_key, migrate
@@ -36,12 +44,10 @@ from projections.writer import BatchWriter, Checkpoint, ProjectorStats
 log = logging.getLogger(__name__)
 
 REBUILD_HINT = "run `msgcore projections rebuild` to replay the log into a new schema and swap it in"
-# ChangeStreamHistoryLost, ChangeStreamFatalError, CappedPositionLost.
-_HISTORY_LOST_CODES = frozenset({286, 280, 136})
 _MIN_BACKOFF_S = 0.5
 # Errors worth a reconnect: the stores went away or a transaction lost a race. Everything else
 # (bad data, lost resume token, a bug) stops the projector.
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (ConnectionFailure, psycopg.OperationalError)
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (StoreUnavailable, psycopg.OperationalError)
 
 
 class ResumeTokenLost(RuntimeError):
@@ -65,24 +71,26 @@ class Projector:
 
     `run()` retries transient MongoDB/PostgreSQL errors with back-off, resuming from the stored
     checkpoint; it raises ResumeTokenLost, UnprojectableEvent or ChangeStreamInvalidated, which
-    need an operator.
+    need an operator. A batch closes at `batch_size` events or after `batch_wait_s` (1 s: a batch's
+    SQL costs as much CPU as hundreds of events, so the reporting tables trail by about a second).
     """
 
     def __init__(
         self,
-        events: AsyncCollection,
+        events: EventsCollection | ChangeFeed,
         pg_url: str,
         schema: str,
         *,
         name: str = "reporting",
         batch_size: int = 1000,
-        batch_wait_s: float = 0.2,
+        batch_wait_s: float = 1.0,
         checkpoint_interval_s: float = 5.0,
         standby_poll_s: float = 1.0,
         max_backoff_s: float = 30.0,
         catchup_margin_s: float = 300.0,
     ) -> None:
-        self.events = events
+        self.feed = as_feed(events)
+        self.events = self.feed.events
         self.pg_url = pg_url
         self.schema = schema
         self.name = name
@@ -99,6 +107,7 @@ class Projector:
         # The checkpoint's scan_from as this session knows it (it alone writes the checkpoint).
         self._scan_from: datetime | None = None
         self._catchup: CatchUp | None = None
+        self._largest_reply = 0  # changes in the largest reply of a round trip seen so far
 
     @property
     def applied(self) -> int:
@@ -186,7 +195,7 @@ class Projector:
             await sleep_or_stop(stop, self.standby_poll_s)
         return False
 
-    async def _replay_then_stream(self, conn: psycopg.AsyncConnection) -> AsyncCollectionChangeStream:
+    async def _replay_then_stream(self, conn: psycopg.AsyncConnection) -> FeedStream:
         """Replay the existing log, returning a change stream that continues without a gap.
 
         The stream is opened (at "now") BEFORE the scan rather than afterwards at the noted
@@ -197,11 +206,11 @@ class Projector:
         during that search; a stream opened at "now" has no such window.
         """
         started_at = wall_now()
-        start = await cluster_time_now(self.events)
+        start = await cluster_time_now(self.feed)
         stream = await self._open_stream(Checkpoint(None, None, 0))
         try:
             await replay_log(
-                self.events, conn, self._writer,
+                self.feed, conn, self._writer,
                 batch_size=self.batch_size, stats=self.stats, start=start, started_at=started_at,
             )  # fmt: skip
         except BaseException:
@@ -217,7 +226,7 @@ class Projector:
         if checkpoint.cluster_time is not None:
             # A checkpoint written before scan_from existed: the cluster time of the newest applied
             # change (or of a replay's start) is a commit time on the server's clock.
-            return datetime.fromtimestamp(checkpoint.cluster_time.time, UTC)
+            return ts_datetime(checkpoint.cluster_time)
         log.warning(
             "projection %s schema %s: checkpoint has no scan_from nor cluster time; the catch-up scan "
             "reads the whole log once", self.name, self.schema,
@@ -230,32 +239,26 @@ class Projector:
         Called once the change stream is open (again): what commits from now on, the stream
         delivers; what committed before, the scan finds (it runs after this point).
         """
-        lo = None if self._scan_from is None else ObjectId.from_datetime(self._scan_from - self.catchup_margin)
+        lo = None if self._scan_from is None else id_bound(self._scan_from - self.catchup_margin)
         if self._catchup is not None:
             # A reopen during an unfinished scan: keep its lower bound and progress, widen its end.
             lo, opened_at = self._catchup.lo, self._catchup.opened_at
-        hi = ObjectId.from_datetime(wall_now() + self.catchup_margin)
+        hi = id_bound(wall_now() + self.catchup_margin)
         after = self._catchup.after if self._catchup is not None else None
         self._catchup = CatchUp(lo=lo, hi=hi, opened_at=opened_at, after=after)
         self.stats.catchup_pending = True
         log.info(
             "projection %s schema %s: catch-up scan of events with _id time in [%s, %s]", self.name, self.schema,
-            "start of log" if lo is None else lo.generation_time.isoformat(), hi.generation_time.isoformat(),
+            "start of log" if lo is None else id_bound_time(lo).isoformat(), id_bound_time(hi).isoformat(),
         )  # fmt: skip
 
-    async def _open_stream(self, checkpoint: Checkpoint) -> AsyncCollectionChangeStream:
-        kwargs: dict[str, Any] = {
-            "pipeline": [{"$match": {"operationType": "insert"}}],
-            "batch_size": self.batch_size,
-            "max_await_time_ms": max(10, int(self.batch_wait_s * 1000)),
-        }
-        if checkpoint.resume_token is not None:
-            kwargs["resume_after"] = checkpoint.resume_token
-        elif checkpoint.cluster_time is not None:
-            kwargs["start_at_operation_time"] = checkpoint.cluster_time
+    async def _open_stream(self, checkpoint: Checkpoint) -> FeedStream:
         try:
-            stream = await self.events.watch(**kwargs)
-        except OperationFailure as e:
+            stream = await self.feed.open(
+                resume_token=checkpoint.resume_token, cluster_time=checkpoint.cluster_time,
+                batch_size=self.batch_size, max_await_ms=max(10, int(self.batch_wait_s * 1000)),
+            )  # fmt: skip
+        except HistoryLost as e:
             raise self._translate(e) from e
         self.stats.streams_opened += 1
         log.info(
@@ -264,14 +267,10 @@ class Projector:
         )  # fmt: skip
         return stream
 
-    def _translate(self, e: OperationFailure) -> Exception:
-        if e.code in _HISTORY_LOST_CODES or "resume" in str(e).lower():
-            return ResumeTokenLost(self.schema, self.name, f"code {e.code}: {e}")
-        return e
+    def _translate(self, e: HistoryLost) -> ResumeTokenLost:
+        return ResumeTokenLost(self.schema, self.name, str(e))
 
-    async def _follow(
-        self, conn: psycopg.AsyncConnection, stream: AsyncCollectionChangeStream, stop: asyncio.Event
-    ) -> None:
+    async def _follow(self, conn: psycopg.AsyncConnection, stream: FeedStream, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         saved_token: Mapping[str, Any] | None = None
         saved_at = loop.time()
@@ -290,8 +289,7 @@ class Projector:
 
     async def _catchup_step(self, conn: psycopg.AsyncConnection, catchup: CatchUp) -> None:
         """Apply the next page of the catch-up scan (one transaction); finish it on the last page."""
-        cursor = self.events.find(catchup.query(), sort=[("_id", 1)], limit=self.batch_size)
-        docs = await cursor.to_list(None)
+        docs = await self.feed.scan_ids(lo=catchup.lo, hi=catchup.hi, after=catchup.after, limit=self.batch_size)
         done = len(docs) < self.batch_size
         rows = [event_row(d) for d in docs]
         # The last page also moves scan_from, in the same transaction: the scan is then complete.
@@ -320,51 +318,71 @@ class Projector:
                 self.name, self.schema, self.stats.catchup_scanned,
             )  # fmt: skip
 
-    async def _collect(self, stream: AsyncCollectionChangeStream, stop: asyncio.Event) -> list[Mapping[str, Any]]:
-        """Changes until batch_size of them, or batch_wait_s has passed, or stop is set."""
+    async def _collect(self, stream: FeedStream, stop: asyncio.Event) -> list[Change]:
+        """Changes until batch_size of them, or batch_wait_s has passed, or stop is set.
+
+        Once caught up, the next round trip waits for the end of the window: a busy log then costs
+        two or three round trips (getMore) per batch, not one per handful of changes.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.batch_wait_s
-        batch: list[Mapping[str, Any]] = []
+        batch: list[Change] = []
         while len(batch) < self.batch_size:
             # The driver resumes a change stream by itself after some errors (a new server cursor
             # opened with resumeAfter): that reopen gets the same catch-up scan as ours.
-            cursor_before, opened_at = getattr(stream, "_cursor", None), wall_now()
+            resumes, opened_at = stream.resumes, wall_now()
             try:
-                change = await stream.try_next()
-            except OperationFailure as e:
+                got = await self._fetch(stream, batch)
+            except HistoryLost as e:
                 raise self._translate(e) from e
-            if getattr(stream, "_cursor", None) is not cursor_before:
+            if stream.resumes != resumes:
                 self.stats.streams_opened += 1
                 log.info("projection %s schema %s: the driver resumed the change stream", self.name, self.schema)
                 self._start_catchup(opened_at)
-            if change is not None:
-                batch.append(change)
+            if got:
+                wait = deadline - loop.time()
+                if wait <= 0 or len(batch) >= self.batch_size or stop.is_set():
+                    break
+                # Caught up (a reply shorter than the largest yet -- servers cap them, SecantusDB
+                # at 200 -- and its last change recent): let the rest of the window gather.
+                self._largest_reply = max(self._largest_reply, got)
+                age = stream.age_s(batch[-1])
+                if got < self._largest_reply and (age is None or age < self.batch_wait_s):
+                    await sleep_or_stop(stop, wait)
                 continue
             if not stream.alive:
                 raise ChangeStreamInvalidated(
                     f"projection {self.name} schema {self.schema}: the change stream on "
-                    f"{self.events.full_name} ended (collection dropped or renamed?)"
+                    f"{self.feed.full_name} ended (collection dropped or renamed?)"
                 )
             if stop.is_set() or loop.time() >= deadline:
                 break
         return batch
 
+    async def _fetch(self, stream: FeedStream, batch: list[Change]) -> int:
+        """Append the changes of one round trip (at most) to `batch`, up to batch_size; how many."""
+        got, change = 0, await stream.try_next()
+        while change is not None:
+            batch.append(change)
+            got += 1
+            if not stream.buffered() or len(batch) >= self.batch_size:
+                break
+            change = await stream.try_next()
+        return got
+
     async def _apply_changes(
-        self, conn: psycopg.AsyncConnection, changes: list[Mapping[str, Any]], token: Mapping[str, Any] | None
+        self, conn: psycopg.AsyncConnection, changes: list[Change], token: Mapping[str, Any] | None
     ) -> None:
-        rows = []
-        for change in changes:
-            doc = change.get("fullDocument")
-            if doc is None:
-                key = change.get("documentKey")
-                raise UnprojectableEvent(None, None, f"insert change without fullDocument (documentKey {key})")
-            rows.append(event_row(doc))
+        docs = [change["fullDocument"] for change in changes if change.get("fullDocument") is not None]
+        if len(docs) != len(changes):
+            raise UnprojectableEvent(None, None, "insert change without fullDocument")
+        rows = [event_row(doc) for doc in docs]
         cluster_time = changes[-1].get("clusterTime")
         # Everything committed after this batch has a later `_id` time, up to the margin; but
         # while a catch-up scan is unfinished, events it has yet to find may be older still.
         scan_from = None
         if self._catchup is None:
-            newest = newest_id_time(change["fullDocument"] for change in changes)
+            newest = newest_id_time(docs)
             if newest is not None and (self._scan_from is None or newest > self._scan_from):
                 self._scan_from = scan_from = newest
         applied = await self._writer.write(

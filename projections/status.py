@@ -17,19 +17,24 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 import psycopg
-from bson import ObjectId, Timestamp, decode, json_util
 from psycopg import sql
-from pymongo import DESCENDING
-from pymongo.asynchronous.collection import AsyncCollection
-from pymongo.errors import OperationFailure, PyMongoError
 
-from projections.replay import cluster_time_now
+from core.store.change_feed import (
+    ChangeFeed,
+    ClusterTime,
+    EventsCollection,
+    as_feed,
+    id_time,
+    int_to_ts,
+    token_cluster_time,
+    token_from_json,
+    ts_datetime,
+)
+from core.store.errors import StoreError
 from projections.runner import REBUILD_HINT
 from projections.schema import lock_key
-from projections.writer import int_to_ts
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +57,15 @@ class ProjectionStatus:
     events_applied: int | None = None
     last_event_at: datetime | None = None  # greatest `at` applied
     scan_from: datetime | None = None
-    position: Timestamp | None = None  # where the change stream resumes (token, else cluster time)
-    cluster_time: Timestamp | None = None  # the server's, now
+    position: ClusterTime | None = None  # where the change stream resumes (token, else cluster time)
+    cluster_time: ClusterTime | None = None  # the server's, now
     newest_event_id_at: datetime | None = None  # `_id` time of the newest event in the log
     newest_event_at: datetime | None = None  # its `at`
     newest_event: str | None = None  # "message_id seq"
     events_in_log: int | None = None  # estimate
     events_behind: int | None = None
     events_behind_capped: bool = False
-    oplog_oldest: Timestamp | None = None
+    oplog_oldest: ClusterTime | None = None
     oplog_error: str | None = None
     token_in_oplog: bool | None = None  # None: could not tell
     holder: LockHolder | None = None
@@ -71,31 +76,12 @@ class ProjectionStatus:
         return not self.problems
 
 
-def ts_time(ts: Timestamp | None) -> datetime | None:
-    return None if ts is None else datetime.fromtimestamp(ts.time, UTC)
+__all__ = ["LockHolder", "ProjectionStatus", "format_status", "lock_holder", "projection_status",
+           "token_cluster_time", "ts_time"]  # fmt: skip
 
 
-def token_cluster_time(token: Any) -> Timestamp | None:
-    """The cluster time encoded in a change stream resume token, if it can be read.
-
-    MongoDB's tokens (`_data` hex KeyString) start with 0x82 followed by the big-endian seconds and
-    increment; other servers (e.g. the embedded one) encode a BSON document holding a Timestamp.
-    """
-    data = token.get("_data") if isinstance(token, dict) else None
-    if not isinstance(data, str):
-        return None
-    try:
-        raw = bytes.fromhex(data)
-    except ValueError:
-        return None
-    if len(raw) >= 9 and raw[0] == 0x82:
-        return Timestamp(int.from_bytes(raw[1:5], "big"), int.from_bytes(raw[5:9], "big"))
-    try:
-        doc = decode(raw)
-    except Exception:  # not BSON: an opaque token we cannot read
-        return None
-    found = [v for v in doc.values() if isinstance(v, Timestamp)]
-    return found[0] if found else None
+def ts_time(ts: ClusterTime | None) -> datetime | None:
+    return ts_datetime(ts)
 
 
 def advisory_lock_parts(key: int) -> tuple[int, int]:
@@ -141,7 +127,7 @@ async def _read_pg(status: ProjectionStatus, pg_url: str) -> None:
         row = await cur.fetchone()
     if row is None:
         return
-    token = None if row[0] is None else json_util.loads(row[0])
+    token = None if row[0] is None else token_from_json(row[0])
     stored = None if row[1] is None else int_to_ts(row[1])
     status.has_checkpoint = token is not None or stored is not None
     status.events_applied, status.checkpoint_updated_at = row[2], row[3]
@@ -150,14 +136,12 @@ async def _read_pg(status: ProjectionStatus, pg_url: str) -> None:
     status.position = max(positions) if positions else None
 
 
-async def _read_log(status: ProjectionStatus, events: AsyncCollection, count_limit: int) -> None:
-    status.cluster_time = await cluster_time_now(events)
-    status.events_in_log = await events.estimated_document_count()
-    newest = await events.find({}, {"message_id": 1, "seq": 1, "at": 1}).sort("_id", DESCENDING).limit(1).to_list(1)
-    if newest:
-        doc = newest[0]
-        if isinstance(doc["_id"], ObjectId):
-            status.newest_event_id_at = doc["_id"].generation_time
+async def _read_log(status: ProjectionStatus, feed: ChangeFeed, count_limit: int) -> None:
+    status.cluster_time = await feed.cluster_time_now()
+    status.events_in_log = await feed.estimated_count()
+    doc = await feed.newest_event()
+    if doc is not None:
+        status.newest_event_id_at = id_time(doc)
         at = doc.get("at")
         if isinstance(at, datetime):
             status.newest_event_at = at if at.tzinfo else at.replace(tzinfo=UTC)
@@ -166,28 +150,26 @@ async def _read_log(status: ProjectionStatus, events: AsyncCollection, count_lim
     if since is None:
         status.events_behind = status.events_in_log
         return
-    behind = await events.count_documents({"_id": {"$gt": ObjectId.from_datetime(since)}}, limit=count_limit)
+    behind = await feed.count_since(since, count_limit)
     status.events_behind = behind
     status.events_behind_capped = behind >= count_limit
 
 
-async def _read_oplog(status: ProjectionStatus, events: AsyncCollection) -> None:
-    oplog = events.database.client["local"]["oplog.rs"]
+async def _read_oplog(status: ProjectionStatus, feed: ChangeFeed) -> None:
     try:
-        oldest = await oplog.find({}, {"ts": 1}).sort("$natural", 1).limit(1).to_list(1)
-    except (OperationFailure, PyMongoError) as e:
+        status.oplog_oldest = await feed.oplog_oldest()
+    except StoreError as e:
         status.oplog_error = f"cannot read local.oplog.rs: {e}"
         return
-    if not oldest or not isinstance(oldest[0].get("ts"), Timestamp):
+    if status.oplog_oldest is None:
         status.oplog_error = "local.oplog.rs is empty or has no `ts`"
         return
-    status.oplog_oldest = oldest[0]["ts"]
     if status.position is not None:
         status.token_in_oplog = status.position >= status.oplog_oldest
 
 
 async def projection_status(
-    events: AsyncCollection,
+    events: EventsCollection | ChangeFeed,
     pg_url: str,
     schema: str,
     *,
@@ -197,8 +179,9 @@ async def projection_status(
     """The projection's lag and health; `problems` names what needs an operator (empty if none)."""
     status = ProjectionStatus(schema=schema, name=name)
     await _read_pg(status, pg_url)
-    await _read_log(status, events, count_limit)
-    await _read_oplog(status, events)
+    feed = as_feed(events)
+    await _read_log(status, feed, count_limit)
+    await _read_oplog(status, feed)
     if not status.schema_exists:
         status.problems.append(
             f"schema {schema!r} has no reporting tables (fresh PostgreSQL?): start `msgcore projector` to "
@@ -223,7 +206,7 @@ def _fmt_time(value: datetime | None) -> str:
     return "-" if value is None else value.astimezone(UTC).isoformat(timespec="milliseconds")
 
 
-def _fmt_ts(ts: Timestamp | None) -> str:
+def _fmt_ts(ts: ClusterTime | None) -> str:
     return "-" if ts is None else f"{_fmt_time(ts_time(ts))} (Timestamp({ts.time}, {ts.inc}))"
 
 

@@ -13,15 +13,17 @@ of the whole log) and `projections.runner` (the change stream and its catch-up s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import psycopg
-from bson import Timestamp, json_util
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 
+from core.store.change_feed import ClusterTime, int_to_ts, token_from_json, token_to_json, ts_to_int
 from projections.rows import ROW_COLUMNS, dedupe_rows, event_row
 
 
@@ -46,15 +48,9 @@ class ProjectorStats:
             self.last_event_at = newest_at
 
 
-# --- BSON Timestamp <-> bigint (the checkpoint's cluster_time column) -------------------------------
-
-
-def ts_to_int(ts: Timestamp) -> int:
-    return (ts.time << 32) | ts.inc
-
-
-def int_to_ts(value: int) -> Timestamp:
-    return Timestamp(value >> 32, value & 0xFFFFFFFF)
+# The checkpoint's cluster_time column is a bigint: `ts_to_int` / `int_to_ts` (re-exported here).
+__all__ = ["FACTLESS_TYPES", "STATELESS_TYPES", "STATE_OF_TYPE", "BatchWriter", "Checkpoint", "ProjectorStats",
+           "apply_events", "int_to_ts", "ts_to_int"]  # fmt: skip
 
 
 # --- SQL -------------------------------------------------------------------------------------------
@@ -92,6 +88,17 @@ ON CONFLICT (day, tenant_id, route_id, channel, state) DO UPDATE SET
     parts = d.parts + EXCLUDED.parts,
     amount_minor = d.amount_minor + EXCLUDED.amount_minor
 """
+
+_FRESH_COUNT = sql.SQL("SELECT count(*) FROM pg_temp.batch_events WHERE fresh")
+_BEGIN, _COMMIT = sql.SQL("BEGIN"), sql.SQL("COMMIT")
+
+
+async def _rollback(conn: psycopg.AsyncConnection) -> None:
+    """End a failed batch's transaction (nothing of it is kept; the temp table is emptied with it)."""
+    if conn.closed or conn.info.transaction_status == TransactionStatus.IDLE:
+        return
+    with contextlib.suppress(psycopg.Error):
+        await conn.execute("ROLLBACK")
 
 # billing_ledger and inbound: one row per newly inserted `billed` / `inbound` event (never from a
 # duplicate: `fresh` is set only for rows message_events took). Run after the messages merge, so the
@@ -218,7 +225,7 @@ FROM a WHERE m.message_id = a.message_id
 _SAVE_CHECKPOINT = """
 INSERT INTO {s}.checkpoints AS c
     (projection, resume_token, cluster_time, events_applied, last_event_at, scan_from, updated_at)
-VALUES (%(name)s, %(token)s::jsonb, %(ct)s, %(n)s, %(last_at)s, %(scan_from)s, now())
+VALUES (%(name)s, %(token)s::jsonb, %(ct)s, {n}, %(last_at)s, %(scan_from)s, now())
 ON CONFLICT (projection) DO UPDATE SET
     resume_token = coalesce(EXCLUDED.resume_token, c.resume_token),
     cluster_time = coalesce(EXCLUDED.cluster_time, c.cluster_time),
@@ -238,7 +245,7 @@ class Checkpoint:
     """
 
     resume_token: Mapping[str, Any] | None
-    cluster_time: Timestamp | None
+    cluster_time: ClusterTime | None
     events_applied: int
     scan_from: datetime | None = None
     last_event_at: datetime | None = None
@@ -262,7 +269,12 @@ class BatchWriter:
         self._insert_ledger = sql.SQL(_INSERT_LEDGER).format(s=s)
         self._ledger_campaign = sql.SQL(_LEDGER_CAMPAIGN).format(s=s)
         self._insert_inbound = sql.SQL(_INSERT_INBOUND).format(s=s)
-        self._save_checkpoint = sql.SQL(_SAVE_CHECKPOINT).format(s=s)
+        # Statements run only when the batch holds an event of that type.
+        self._by_kind = (
+            ("billed", self._insert_ledger), ("accepted", self._ledger_campaign), ("inbound", self._insert_inbound),
+        )  # fmt: skip
+        self._save_counted = sql.SQL(_SAVE_CHECKPOINT).format(s=s, n=sql.SQL("({})").format(_FRESH_COUNT))
+        self._save_position = sql.SQL(_SAVE_CHECKPOINT).format(s=s, n=sql.Literal(0))
         self._load_checkpoint = sql.SQL(
             "SELECT resume_token::text, cluster_time, events_applied, scan_from, last_event_at"
             " FROM {s}.checkpoints WHERE projection = %s"
@@ -281,7 +293,7 @@ class BatchWriter:
         *,
         checkpoint: bool = True,
         resume_token: Mapping[str, Any] | None = None,
-        cluster_time: Timestamp | None = None,
+        cluster_time: ClusterTime | None = None,
         scan_from: datetime | None = None,
     ) -> int:
         """Apply `rows` (from `event_row`) in one transaction; return how many were new.
@@ -291,63 +303,69 @@ class BatchWriter:
         `at` in `rows`, and adds the new events to `events_applied`.
         """
         rows = dedupe_rows(rows)
-        async with conn.transaction():
-            applied = 0
-            if rows:
-                async with conn.cursor() as cur:
-                    async with cur.copy(self._copy) as copy:
-                        for row in rows:
-                            await copy.write_row(row)
-                    await cur.execute(self._insert_events)
-                    applied = max(cur.rowcount, 0)
-                    if applied:
-                        await cur.execute(self._upsert_daily)
-                        await cur.execute(self._insert_messages)
-                        await cur.execute(self._merge_messages)
-                        kinds = {row[2] for row in rows}
-                        if "billed" in kinds:
-                            await cur.execute(self._insert_ledger)
-                        if "accepted" in kinds:
-                            await cur.execute(self._ledger_campaign)
-                        if "inbound" in kinds:
-                            await cur.execute(self._insert_inbound)
-                    # ON COMMIT DELETE ROWS would do it too, but an explicit empty keeps the next
-                    # batch correct should this ever run inside a caller's longer transaction.
-                    await cur.execute("DELETE FROM pg_temp.batch_events")
+        if not rows:
             if checkpoint:
-                last_at = max((r[3] for r in rows), default=None)
-                await self._write_checkpoint(conn, resume_token, cluster_time, applied, last_at, scan_from)
-        return applied
+                await self.save_checkpoint(conn, resume_token, cluster_time, scan_from)
+            return 0
+        if not conn.autocommit or conn.info.transaction_status != TransactionStatus.IDLE:
+            raise ValueError("BatchWriter.write needs an autocommit connection outside a transaction")
+        kinds = {row[2] for row in rows}
+        async with conn.cursor() as cur:
+            try:
+                # One transaction, begun and committed by hand so that COMMIT travels with the
+                # statements: after the COPY they are pipelined (sent together, no wait for each
+                # result; psycopg prepares them once they repeat). The commit empties the temp table.
+                await cur.execute(_BEGIN)
+                async with cur.copy(self._copy) as copy:
+                    for row in rows:
+                        await copy.write_row(row)
+                async with conn.pipeline():
+                    for stmt in (self._insert_events, self._upsert_daily, self._insert_messages, self._merge_messages):
+                        await cur.execute(stmt)
+                    for kind, stmt in self._by_kind:
+                        if kind in kinds:
+                            await cur.execute(stmt)
+                    if checkpoint:
+                        last_at = max(r[3] for r in rows)
+                        await self._write_checkpoint(cur, resume_token, cluster_time, last_at, scan_from)
+                    count = await conn.execute(_FRESH_COUNT)
+                    await cur.execute(_COMMIT)
+                fresh = await count.fetchone()
+            except BaseException:
+                await _rollback(conn)
+                raise
+        return int(fresh[0]) if fresh is not None else 0
 
     async def save_checkpoint(
         self,
         conn: psycopg.AsyncConnection,
         resume_token: Mapping[str, Any] | None,
-        cluster_time: Timestamp | None = None,
+        cluster_time: ClusterTime | None = None,
         scan_from: datetime | None = None,
     ) -> None:
         """Record the position alone (an empty batch moved the resume token, a scan finished)."""
-        async with conn.transaction():
-            await self._write_checkpoint(conn, resume_token, cluster_time, 0, None, scan_from)
+        async with conn.cursor() as cur:
+            await self._write_checkpoint(cur, resume_token, cluster_time, None, scan_from, counted=False)
 
     async def _write_checkpoint(
         self,
-        conn: psycopg.AsyncConnection,
+        cur: psycopg.AsyncCursor[Any],
         resume_token: Mapping[str, Any] | None,
-        cluster_time: Timestamp | None,
-        applied: int,
+        cluster_time: ClusterTime | None,
         last_event_at: datetime | None,
         scan_from: datetime | None,
+        *,
+        counted: bool = True,
     ) -> None:
+        """Upsert the checkpoint; `counted` adds the batch's fresh events to `events_applied`."""
         params = {
             "name": self.name,
-            "token": None if resume_token is None else json_util.dumps(resume_token),
+            "token": None if resume_token is None else token_to_json(resume_token),
             "ct": None if cluster_time is None else ts_to_int(cluster_time),
-            "n": applied,
             "last_at": last_event_at,
             "scan_from": scan_from,
         }
-        await conn.execute(self._save_checkpoint, params)
+        await cur.execute(self._save_counted if counted else self._save_position, params)
 
     async def load_checkpoint(self, conn: psycopg.AsyncConnection) -> Checkpoint | None:
         """The stored position, or None when there is none (or only an unfinished replay's)."""
@@ -355,7 +373,7 @@ class BatchWriter:
         row = await cur.fetchone()
         if row is None or (row[0] is None and row[1] is None):
             return None
-        token = None if row[0] is None else json_util.loads(row[0])
+        token = None if row[0] is None else token_from_json(row[0])
         cluster_time = None if row[1] is None else int_to_ts(row[1])
         return Checkpoint(token, cluster_time, row[2], scan_from=row[3], last_event_at=row[4])
 

@@ -223,6 +223,14 @@ async def test_projects_full_lifecycles(mongo_db: AsyncDatabase, pg_url: str, pg
         await insert(events, by_seq(streams, range(3, 10)))
         await wait_projected(pg_url, pg_schema, len(docs))
 
+        # The replay's scan may take in events inserted while it runs before the stream's batches
+        # (duplicates by then) carry the first resume token: wait for that token, not just the rows.
+        async def token_saved() -> bool:
+            row = await checkpoint_row(pg_url, pg_schema)
+            return row is not None and row["resume_token"] is not None
+
+        await wait_until(token_saved, "a resume token in the checkpoint")
+
     audit = await fetch_message_events_rows(pg_url, pg_schema)
     assert set(audit) == {(d["message_id"], d["seq"]) for d in docs}
     sample = audit[(streams[1][0]["message_id"], 1)]

@@ -16,10 +16,10 @@ import psycopg
 import pytest
 from bson import json_util
 from psycopg import sql
-from pymongo.asynchronous.change_stream import AsyncCollectionChangeStream
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 
+from core.store.change_feed import FeedStream
 from projections.projector import Checkpoint, Projector, cluster_time_now
 from projections.queries import checkpoint_row, daily_stats_rows, recount_daily_stats
 from projections.replay import replay_into
@@ -92,7 +92,7 @@ class LossyResumeProjector(Projector):
     lose_s = 0.15
     lost = 0
 
-    async def _open_stream(self, checkpoint: Checkpoint) -> AsyncCollectionChangeStream:
+    async def _open_stream(self, checkpoint: Checkpoint) -> FeedStream:
         stream = await super()._open_stream(checkpoint)
         if checkpoint.resume_token is None and checkpoint.cluster_time is None:
             return stream
