@@ -22,9 +22,8 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
-from smsc.sim.server import Simulator
-
 from smsc.session import DeliverSm, SmppSession
+from smsc.sim.server import Simulator
 
 WARMUP = 300
 
