@@ -16,12 +16,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from pymongo.asynchronous.database import AsyncDatabase
 
 from core.config import Settings
 from core.domain.events import utcnow
 from core.metrics_server import metrics_endpoint
 from core.store.campaigns import CampaignStore
+from core.store.database import Database
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneBook
@@ -70,7 +70,7 @@ async def database(settings: Settings, component: str):  # type: ignore[no-untyp
         await client.close()
 
 
-async def prepare(db: AsyncDatabase) -> None:
+async def prepare(db: Database) -> None:
     """Indexes every component relies on; idempotent."""
     await EventStore(db).ensure_indexes()
     await TenantStore(db).ensure_indexes()
@@ -82,7 +82,7 @@ def worker_id(component: str) -> str:
 
 
 async def _run_stage(settings: Settings, component: str,
-                     build: Callable[[AsyncDatabase], Any]) -> None:
+                     build: Callable[[Database], Any]) -> None:
     stop = stop_on_signals()
     async with database(settings, component) as db:
         await prepare(db)

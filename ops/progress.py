@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from core.domain.message import LANE_SEPARATOR
 
 if TYPE_CHECKING:
-    from pymongo.asynchronous.database import AsyncDatabase
+    from core.store.database import Database
 
 # The consumer of each stage's topics (core/workers/router.py, smsc/connector.py, core/workers/expiry.py).
 CONSUMERS = {"route": "router", "send": "connector", "await": "expirer"}
@@ -74,7 +74,7 @@ def _lane(topic: str) -> str:
     return topic.split(LANE_SEPARATOR, 1)[1] if LANE_SEPARATOR in topic else ""
 
 
-async def read_progress(db: AsyncDatabase, *, with_timers: bool = True) -> Progress:
+async def read_progress(db: Database, *, with_timers: bool = True) -> Progress:
     """Counters of every topic, their consumers' checkpoints, and the number of timers."""
     counters = {d["_id"]: int(d["pos"]) async for d in db["topics"].find({})}
     wanted = {f"{c}|{t}": t for t in counters if (c := consumer_of(t)) is not None}
@@ -84,7 +84,7 @@ async def read_progress(db: AsyncDatabase, *, with_timers: bool = True) -> Progr
     return Progress(counters, checkpoints, timers)
 
 
-async def spent_minor(db: AsyncDatabase, tenant_id: str) -> int:
+async def spent_minor(db: Database, tenant_id: str) -> int:
     """The tenant's billed total (minor units)."""
     doc: dict[str, Any] | None = await db["tenants"].find_one({"_id": tenant_id}, {"spent_minor": 1})
     return int((doc or {}).get("spent_minor") or 0)

@@ -27,7 +27,7 @@ from core.domain.events import Event
 from core.domain.message import MessageState, fold
 
 if TYPE_CHECKING:
-    from pymongo.asynchronous.database import AsyncDatabase
+    from core.store.database import Database
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +67,12 @@ def normalise_phone(query: str) -> str | None:
     return compact if compact.startswith("+") else f"+{compact}"
 
 
-async def _ids_by_smsc_id(db: AsyncDatabase, smsc_id: str, limit: int) -> list[str]:
+async def _ids_by_smsc_id(db: Database, smsc_id: str, limit: int) -> list[str]:
     cursor = db["events"].find({"data.smsc_message_ids": smsc_id, "type": "sent"}, {"message_id": 1}).limit(limit)
     return list(dict.fromkeys([d["message_id"] async for d in cursor]))
 
 
-async def _ids_by_phone(db: AsyncDatabase, number: str, limit: int, scan_time_s: float, notes: list[str]) -> list[str]:
+async def _ids_by_phone(db: Database, number: str, limit: int, scan_time_s: float, notes: list[str]) -> list[str]:
     """Messages to `number`, newest first, from their `accepted` events."""
     indexed = PHONE_INDEX in await db["events"].index_information()
     query = {"type": "accepted", "data.to": number}
@@ -103,7 +103,7 @@ def fold_docs(docs: list[dict[str, Any]]) -> tuple[MessageState | None, str | No
 
 
 async def trace(
-    db: AsyncDatabase,
+    db: Database,
     query: str,
     *,
     max_messages: int = DEFAULT_MAX_MESSAGES,

@@ -38,7 +38,7 @@ from core.domain.routing import Route, RouteStatus
 from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneBook, TopicReader
-from core.store.owners import Owners, Ownership
+from core.store.owners import OpenAttempt, Owners, Ownership
 from core.store.routes import RouteStore
 from core.store.topics import CommitResult, Write
 from smsc.binds import BindPool
@@ -112,6 +112,8 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
         self._done_at: collections.deque[float] = collections.deque(maxlen=100_000)  # submit completions
         self._down_since: float | None = None
         self._read_at = float("-inf")
+        self._urgent_at = float("-inf")  # the last look at the shared lane while the room was full
+        self._small = False  # the last read decision waited for room (connector_read.py)
         self._wake_below = 0  # the send workers wake the reader once no more than this many are unanswered
 
     # ---- compatibility views ------------------------------------------------------------------------
@@ -188,13 +190,7 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
             await self.owners.release(own, self.clock())
             await sleep_or_stop(stop, 1.0)
             return
-        self.unresolved = {}
-        for a in attempts:
-            self.unresolved.setdefault(a.topic, []).append((a.start, a.end))
-        if attempts:
-            log.warning("connector route=%s: %d open attempts of earlier owners (%s); policy %s", self.route.id,
-                        len(attempts), ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]),
-                        self.route.on_unknown_outcome.value)
+        self._note_open_attempts(attempts)
         self.binds.open()
         self.meters.owning(self.route, self.binds.in_flight)
         loop = asyncio.get_running_loop()
@@ -213,20 +209,35 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
             for t in workers + helpers:
                 t.cancel()
             await asyncio.gather(*workers, *helpers, return_exceptions=True)
-            self._drop_jobs()
-            if not lost:
-                await final_receipts(self.desk, self.clock)
-            self.stats["reconnects"] = self.binds.reconnects
-            await self.binds.close()
-            self.stats["malformed_pdus"] = self.binds.malformed
-            await self.desk.forget_unacknowledged()
-            self.desk.awaiting_commit.clear()
-            if not lost:
-                with contextlib.suppress(StoreUnavailable):
-                    await side(self.routes.set_status(self.route.id, RouteStatus.DOWN, self.clock(),
-                                                      "connector stopped"))
-                await self.owners.release(own, self.clock())
-            self.own = None
+            await self._wind_down(own, lost)
+
+    def _note_open_attempts(self, attempts: list[OpenAttempt]) -> None:
+        """An earlier owner's attempts past the checkpoint: their messages get the route's policy."""
+        self.unresolved = {}
+        for a in attempts:
+            self.unresolved.setdefault(a.topic, []).append((a.start, a.end))
+        if attempts:
+            log.warning("connector route=%s: %d open attempts of earlier owners (%s); policy %s", self.route.id,
+                        len(attempts), ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]),
+                        self.route.on_unknown_outcome.value)
+
+    async def _wind_down(self, own: Ownership, lost: bool) -> None:
+        """After serving: drop what was not committed, unbind, and (unless the ownership was lost)
+        record the last receipts, mark the route DOWN and release the owner key."""
+        self._drop_jobs()
+        if not lost:
+            await final_receipts(self.desk, self.clock)
+        self.stats["reconnects"] = self.binds.reconnects
+        await self.binds.close()
+        self.stats["malformed_pdus"] = self.binds.malformed
+        await self.desk.forget_unacknowledged()
+        self.desk.awaiting_commit.clear()
+        if not lost:
+            with contextlib.suppress(StoreUnavailable):
+                await side(self.routes.set_status(self.route.id, RouteStatus.DOWN, self.clock(),
+                                                  "connector stopped"))
+            await self.owners.release(own, self.clock())
+        self.own = None
 
     def _lose(self, why: str, key: str) -> None:
         """Stop sending at once: in-memory batches are dropped, never committed."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 from core.aio import sleep_or_stop, wait_and_clear
@@ -18,7 +19,7 @@ from core.domain.outcomes import (
     decide_before_send,
 )
 from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
-from core.store.lanes import ALL, Batch
+from core.store.lanes import ALL, SHARED, Batch
 from core.store.owners import Ownership
 from smsc.connector_jobs import Item, Job
 
@@ -34,6 +35,7 @@ ROOM_WINDOWS = 6  # read-ahead: at most this many windows (and CLAIM_AHEAD_S of 
 TRANSACTIONAL_RESERVE = 20
 SMALL_READ_S = 0.05  # a read smaller than half the room waits this long after the previous read
 MAX_PENDING_BATCHES = 8  # read ahead of the commits at most this far (a store outage holds them in memory)
+URGENT_CHECK_S = 0.05  # while bulk fills the room, the shared lane is still read this often
 REROUTE_AFTER_S = 5.0  # no bind for this long: read anyway, so queued messages go back to the router (NOT_SENT)
 
 
@@ -43,26 +45,12 @@ class ReadPath:
     async def _read_loop(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         while not stop.is_set() and self.owning:
-            if self.binds.capacity:
-                self._down_since = None
-            elif self._down_since is None:
-                self._down_since = loop.time()
-            claim_room = self._claim_room()
-            room = claim_room - self.unfinished
-            down_long = self._down_since is not None and loop.time() - self._down_since >= REROUTE_AFTER_S
-            # Every batch costs a read, an attempt and a commit whatever its size: while the last read
-            # is recent, wait until half the room is free rather than read a handful at a time.
-            threshold = max(MIN_CLAIM_AHEAD, claim_room // 2)
-            small = room < threshold and loop.time() - self._read_at < SMALL_READ_S
-            if (not self.binds.capacity and not down_long) or room + TRANSACTIONAL_RESERVE <= 0 or small \
-                    or loop.time() < self.throttled_until or len(self.jobs) >= MAX_PENDING_BATCHES:
-                # Woken by the send workers only once that much room is free, not per message.
-                self._wake_below = claim_room - threshold
-                await wait_and_clear(self.wake, 0.01 if small else 0.05)
+            read = self._next_read(loop.time())
+            if read is None:
+                await wait_and_clear(self.wake, 0.01 if self._small else 0.05)
                 continue
-            self._read_at = loop.time()
             try:
-                got = await self._read_batch(room)
+                got = await read()
             except Fenced:
                 self._lose("fenced at attempt", "fenced")
                 return
@@ -72,6 +60,33 @@ class ReadPath:
                 continue
             if not got:
                 await wait_and_clear(self.wake, 0.05)
+
+    def _next_read(self, now: float) -> Callable[[], Awaitable[int]] | None:
+        """The read to make now, or None to wait (woken by the send workers once enough room is free).
+
+        Every batch costs a read, an attempt and a commit whatever its size: while the last read is
+        recent, wait until half the room is free rather than read a handful at a time. Meanwhile the
+        shared (transactional) lane is still looked at every URGENT_CHECK_S: a one-time password does
+        not wait for campaign traffic to free the room (it is sent first: smsc/send_queue.py)."""
+        if self.binds.capacity:
+            self._down_since = None
+        elif self._down_since is None:
+            self._down_since = now
+        claim_room = self._claim_room()
+        room = claim_room - self.unfinished
+        down_long = self._down_since is not None and now - self._down_since >= REROUTE_AFTER_S
+        threshold = max(MIN_CLAIM_AHEAD, claim_room // 2)
+        self._small = room < threshold and now - self._read_at < SMALL_READ_S
+        held = (not self.binds.capacity and not down_long) or now < self.throttled_until \
+            or len(self.jobs) >= MAX_PENDING_BATCHES
+        if not held and not self._small and room + TRANSACTIONAL_RESERVE > 0:
+            self._read_at = now
+            return lambda: self._read_batch(room)
+        self._wake_below = claim_room - threshold
+        if held or not self.binds.capacity or now - self._urgent_at < URGENT_CHECK_S:
+            return None
+        self._urgent_at = now
+        return lambda: self._read_batch(0, scope=SHARED)
 
     def _claim_room(self) -> int:
         """How many messages may be read and not yet answered: two windows, and no more than the
@@ -85,11 +100,11 @@ class ReadPath:
             self._done_at.popleft()
         return min(room, max(MIN_CLAIM_AHEAD, int(len(self._done_at) / 2.0 * CLAIM_AHEAD_S)))
 
-    async def _read_batch(self, room: int) -> int:
+    async def _read_batch(self, room: int, scope: str = ALL) -> int:
         """Read, decide, record the attempt, queue the sends. Returns the entries read."""
         own = self.own
         assert own is not None
-        batch = await self.reader.read(min(room + TRANSACTIONAL_RESERVE, self.batch_size), ALL,
+        batch = await self.reader.read(min(room + TRANSACTIONAL_RESERVE, self.batch_size), scope,
                                        bulk_limit=max(0, min(room, self.batch_size)))
         if not batch:
             return 0

@@ -32,7 +32,6 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from core import metrics
-from core.domain.events import SCHEMA_VERSION
 from core.domain.outcomes import (
     PartStat,
     StatKind,
@@ -48,6 +47,7 @@ from core.store.mongo import TRANSIENT_ERRORS
 from core.store.topics import Write, spend_updates
 from smsc.inbound import InboundRecorder
 from smsc.pdu import ReceiptFields
+from smsc.receipt_docs import billed_per_tenant, doc_after_sent, orphan_doc
 from smsc.session import DeliverSm, SessionError, SmppSession
 
 log = logging.getLogger(__name__)
@@ -277,8 +277,8 @@ class ReceiptDesk:
                 out.append(self._write(complete[mid].sent, s.version, *finals[mid], bill=bill, now=now))
             return out
 
-        result = await self.log.commit(writes, extra=lambda ws: [("tenants", spend_updates(_spend(ws), now))],
-                                       redecide=redecide)
+        result = await self.log.commit(
+            writes, extra=lambda ws: [("tenants", spend_updates(billed_per_tenant(ws), now))], redecide=redecide)
         persisted = []
         for mid in [*result.committed, *duplicates, *result.conflicts]:
             progress = self.parts.pop(mid, {})
@@ -302,9 +302,9 @@ class ReceiptDesk:
         """The final event (seq after_seq + 1) and, when `bill`, `billed` (+2) of a sent message."""
         sd = sent["data"]
         route_id = sd.get("route_id", self.route_id)
-        events = [_doc(sent, after_seq + 1, kind, now, {"route_id": route_id, **data})]
+        events = [doc_after_sent(sent, after_seq + 1, kind, now, {"route_id": route_id, **data})]
         if bill:
-            events.append(_doc(sent, after_seq + 2, "billed", now, billed_data(
+            events.append(doc_after_sent(sent, after_seq + 2, "billed", now, billed_data(
                 route_id, int(sd.get("parts") or len(sd.get("smsc_message_ids") or ()) or 1),
                 int(sd.get("price_per_part", 0)), sd.get("currency", "EUR"))))
         return Write(sent["message_id"], events)
@@ -371,25 +371,6 @@ class ReceiptDesk:
                 progress[d["_id"]] = PartReceipt(fields, d["stat"], None, None, d["at"])
 
 
-def _doc(sent: dict[str, Any], seq: int, kind: str, at: datetime, data: dict[str, Any]) -> dict[str, Any]:
-    """An event document following a `sent` event (hot path: no model)."""
-    doc = {"message_id": sent["message_id"], "seq": seq, "type": kind, "at": at, "tenant_id": sent["tenant_id"],
-           "route_id": sent.get("route_id"), "channel": sent.get("channel", "sms"), "v": SCHEMA_VERSION,
-           "data": data}
-    if sent.get("notify") is not None:
-        doc["notify"] = sent["notify"]
-    return doc
-
-
-def _spend(writes: Sequence[Write]) -> dict[str, int]:
-    per_tenant: dict[str, int] = {}
-    for w in writes:
-        for e in w.events:
-            if e["type"] == "billed":
-                per_tenant[e["tenant_id"]] = per_tenant.get(e["tenant_id"], 0) + int(e["data"]["amount"])
-    return per_tenant
-
-
 def ack(session: SmppSession, pdu: DeliverSm) -> None:
     """Acknowledge on the bind the deliver_sm came in on (sequence numbers are per bind)."""
     if session.is_up:
@@ -397,10 +378,3 @@ def ack(session: SmppSession, pdu: DeliverSm) -> None:
             session.respond_deliver(pdu.sequence)
         except SessionError as e:
             log.warning("could not acknowledge deliver_sm seq=%d: %s (the SMSC will resend)", pdu.sequence, e)
-
-
-def orphan_doc(p: DeliverSm, now: datetime, kind: str) -> dict[str, object]:
-    return {"at": now, "kind": kind, "smsc_message_id": p.receipt.id if p.receipt else p.receipted_message_id,
-            "source": p.source, "destination": p.destination, "esm_class": p.esm_class,
-            "short_message": p.short_message, "stat": p.receipt.stat if p.receipt else None}
-

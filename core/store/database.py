@@ -9,12 +9,16 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, PyMongoError
 
 from core.store.errors import StoreUnavailable
 
 Database = AsyncDatabase[Any]
+Session = AsyncClientSession  # a transaction's session, for tools that read a consistent snapshot
+# Any error of the driver: what an operator tool reports as "the database failed" (ops/cli).
+DRIVER_ERRORS: tuple[type[Exception], ...] = (PyMongoError,)
 
 # Driver errors meaning "the database cannot be reached" that some store methods still let through
 # untranslated (tenant authentication, route and number reads, ...). An entry point maps them like

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 # A driver error at the boundary: core/store does not translate the projection status reads yet.
-from pymongo.errors import PyMongoError
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -25,6 +24,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from core.store.database import DRIVER_ERRORS
 from ops import components
 from ops.cli.common import cli_settings, need_pg
 
@@ -56,7 +56,7 @@ def projections_status(
 
     try:
         status = asyncio.run(go())
-    except (psycopg.Error, PyMongoError) as e:
+    except (psycopg.Error, *DRIVER_ERRORS) as e:
         typer.echo(f"msgcore projections status: {e.__class__.__name__}: {e}", err=True)
         raise typer.Exit(2) from e
     for line in format_status(status):

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-# A driver error at the boundary: core/store does not translate a failed connect for this reader yet.
-from pymongo.errors import ConnectionFailure
-
 from core.domain.events import utcnow
+
+# A driver error at the boundary: core/store does not translate a failed connect for this reader yet.
+from core.store.database import UNTRANSLATED_UNAVAILABLE
 from ops import components
 from ops.cli.common import cli_settings
 
@@ -79,7 +79,8 @@ def verify(
 
     try:
         report = asyncio.run(go())
-    except (VerifyError, ConnectionFailure, psycopg.OperationalError) as e:  # config: unreachable or wrong schema
+    # Configuration: a store unreachable or a wrong schema.
+    except (VerifyError, *UNTRANSLATED_UNAVAILABLE, psycopg.OperationalError) as e:
         typer.echo(f"msgcore verify: {e}", err=True)
         raise typer.Exit(2) from e
     _print_findings(report, show)

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,13 +39,12 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from core.domain.events import Event, utcnow
-from core.domain.message import TERMINAL_STATES, MessageState, fold
+from core.domain.events import utcnow
 from core.domain.routing import Route
-from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from ops.embedded import EmbeddedMongo, EmbeddedPostgres
 from ops.faults.client import SubmitProgress, submit_batches
+from ops.faults.counting import explained_duplicates, finished, fold_all
 from ops.progress import read_progress, spent_minor
 from ops.stack import WORKERS, Stack, seed
 
@@ -61,9 +60,7 @@ DEFAULT_VALIDITY_S = 300
 ROUTE = "sim"
 OWNER_KEY = f"connector|send:{ROUTE}"
 HOLDER_PID = re.compile(r":(\d+)(?:/|$)")  # holder ids are "connector@<host>:<pid>/<route>"
-BILLABLE = frozenset({"delivered", "undelivered", "expired"})
 PRICE = 5  # per part; every fault scenario text is one GSM-7 part
-FEW = 200  # up to this many messages are folded one indexed read each, more in one pass over the log
 QUIET_S = 5.0  # nothing moved for this long: look at the messages themselves
 FOLD_EVERY_S = 15.0
 
@@ -270,37 +267,6 @@ async def run_scenario(sc: Scenario, servers: Servers, n: int, work: Path, deadl
     return out
 
 
-def finished(state: MessageState | None) -> bool:
-    """A terminal state, billed if a send preceded it."""
-    if state is None or state.state not in TERMINAL_STATES:
-        return False
-    return state.billed or state.state not in BILLABLE or state.sent_at is None
-
-
-async def fold_all(db: Any, ids: Collection[str]) -> dict[str, MessageState | None]:
-    """The fold of each of `ids`: one pass over `events` in (message_id, seq) order, or, for a few
-    messages, one indexed read each. (A `$in` of many ids is no cheaper than the pass on the embedded
-    server: it matches every document against the list.)"""
-    wanted = set(ids)
-    if len(wanted) <= FEW:
-        store = EventStore(db)
-        return {m: await store.state(m) for m in wanted}
-    out: dict[str, MessageState | None] = dict.fromkeys(wanted)
-    group: list[dict[str, Any]] = []
-
-    def close() -> None:
-        if group and group[0]["message_id"] in wanted:
-            out[group[0]["message_id"]] = fold([Event.from_doc(d) for d in group])
-
-    async for d in db["events"].find({}, {"_id": 0}, batch_size=2000).sort([("message_id", 1), ("seq", 1)]):
-        if group and d["message_id"] != group[0]["message_id"]:
-            close()
-            group = []
-        group.append(d)
-    close()
-    return out
-
-
 async def _settle(run: Run, ids: list[str], deadline_s: float) -> list[str]:
     """Wait (bounded) until every message is finished and the projector has every event; return the
     messages still unfinished at the deadline.
@@ -339,21 +305,6 @@ async def _settle(run: Run, ids: list[str], deadline_s: float) -> list[str]:
             break
         await asyncio.sleep(1)
     return left
-
-
-def explained_duplicates(events: Sequence[dict[str, Any]]) -> int:
-    """Submits beyond the first that one message's log explains: each `sent` marked possible_duplicate,
-    each retry after an OUTCOME_UNKNOWN (counted once when the resend after it is marked as well)."""
-    n, after_unknown = 0, False
-    for e in sorted(events, key=lambda d: d["seq"]):
-        data = e.get("data") or {}
-        if e["type"] == "retry" and data.get("error_name") == "OUTCOME_UNKNOWN":
-            n, after_unknown = n + 1, True
-        elif e["type"] == "sent":
-            if data.get("possible_duplicate") and not after_unknown:
-                n += 1
-            after_unknown = False
-    return n
 
 
 async def _count(out: Outcome, run: Run, ids: list[str], unfinished: list[str]) -> None:

@@ -4,15 +4,15 @@ or unresolved."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ops.verify.report import ASCENDING, VerifyReport, aware
 
 if TYPE_CHECKING:  # the driver's types only: the driver itself is core/store's business
-    from pymongo.asynchronous.database import AsyncDatabase
+    from core.store.database import Database
 
 
-async def check_attempts(report: VerifyReport, db: AsyncDatabase[Any], now: datetime, stale_after_s: float
+async def check_attempts(report: VerifyReport, db: Database, now: datetime, stale_after_s: float
                          ) -> None:
     """Every attempt whose range reaches past its consumer's checkpoint (read after the attempt, so a
     batch that committed meanwhile is not listed): a note while in flight, `attempt_unresolved` once

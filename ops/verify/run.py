@@ -24,8 +24,7 @@ from ops.verify.streams import ReadAhead, Sorted, fetch_server_side, grouped, ke
 from ops.verify.topics import check_topics
 
 if TYPE_CHECKING:  # the driver's types only: the driver itself is core/store's business
-    from pymongo.asynchronous.client_session import AsyncClientSession
-    from pymongo.asynchronous.database import AsyncDatabase
+        from core.store.database import Database, Session
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ class Context:
     """One run's inputs and running totals, shared by the checks of each message."""
 
     report: VerifyReport
-    db: AsyncDatabase[Any]
+    db: Database
     snap: LogSnapshot
     now: datetime
     stale_after_s: float
@@ -44,7 +43,7 @@ class Context:
     rechecks: int = 0
 
 
-async def verify(db: AsyncDatabase[Any], pg_url: str | None, schema: str, now: datetime, *,
+async def verify(db: Database, pg_url: str | None, schema: str, now: datetime, *,
                  stale_after_s: float = DEFAULT_STALE_AFTER_S, lag_grace_s: float = DEFAULT_LAG_GRACE_S,
                  projection: str = "reporting", keep_per_kind: int = 1000) -> VerifyReport:
     """Check the log of `db` (topics, checkpoints, attempts, every message, the tenants' spend) and,
@@ -79,7 +78,7 @@ async def verify(db: AsyncDatabase[Any], pg_url: str | None, schema: str, now: d
     return report
 
 
-async def _check_log(report: VerifyReport, db: AsyncDatabase[Any], now: datetime, stale_after_s: float,
+async def _check_log(report: VerifyReport, db: Database, now: datetime, stale_after_s: float,
                      pending_after: datetime | None, conn: psycopg.AsyncConnection | None, schema: str | None) -> None:
     snap = await read_snapshot(db)
     await check_topics(report, db, snap)
@@ -183,10 +182,10 @@ def _record(report: VerifyReport, mid: str, j: Judgement) -> None:
         report.add(kind, mid, detail)
 
 
-async def _reread(db: AsyncDatabase[Any], mid: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+async def _reread(db: Database, mid: str) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
     """One message's events and timer, read in one snapshot transaction."""
 
-    async def body(session: AsyncClientSession) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    async def body(session: Session) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         docs = [d async for d in db["events"].find({"message_id": mid}, {"_id": 0}, session=session)
                 .sort("seq", ASCENDING)]
         return docs, await db["timers"].find_one({"_id": mid}, session=session)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from core.domain.message import lane_of_topic
 
 if TYPE_CHECKING:  # the driver's types only: the driver itself is core/store's business
-    from pymongo.asynchronous.database import AsyncDatabase
+    from core.store.database import Database
 
 READABLE_LANE_STATES = frozenset({"active", "canceling"})
 
@@ -41,11 +41,11 @@ class LogSnapshot:
         return self.lane_states.get(lane) == "canceling" or self.lane_tenants.get(lane) not in self.suspended
 
 
-async def read_spend(db: AsyncDatabase[Any]) -> dict[str, int]:
+async def read_spend(db: Database) -> dict[str, int]:
     return {d["_id"]: int(d.get("spent_minor") or 0) async for d in db["tenants"].find({}, {"spent_minor": 1})}
 
 
-async def read_snapshot(db: AsyncDatabase[Any]) -> LogSnapshot:
+async def read_snapshot(db: Database) -> LogSnapshot:
     spend = await read_spend(db)
     checkpoints = {d["_id"]: int(d["pos"]) async for d in db["checkpoints"].find({})}
     counters = {d["_id"]: int(d["pos"]) async for d in db["topics"].find({})}

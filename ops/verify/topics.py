@@ -4,16 +4,16 @@ counter) and no checkpoint ahead of its topic's counter."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ops.verify.report import ASCENDING, BATCH, VerifyReport
 from ops.verify.snapshot import LogSnapshot
 
 if TYPE_CHECKING:  # the driver's types only: the driver itself is core/store's business
-    from pymongo.asynchronous.database import AsyncDatabase
+    from core.store.database import Database
 
 
-async def check_topics(report: VerifyReport, db: AsyncDatabase[Any], snap: LogSnapshot) -> None:
+async def check_topics(report: VerifyReport, db: Database, snap: LogSnapshot) -> None:
     """Positions 0 .. counter-1 of every topic, each exactly once; nothing at or past a counter that a
     fresh read of the counters does not cover; no checkpoint ahead of its counter."""
     report.counts["topics"] = len(snap.counters)
@@ -42,7 +42,7 @@ async def check_topics(report: VerifyReport, db: AsyncDatabase[Any], snap: LogSn
                            f"its counter ({fresh.get(topic, 'none')})")
 
 
-async def _scan_topic(report: VerifyReport, db: AsyncDatabase[Any], topic: str, end: int) -> list[int]:
+async def _scan_topic(report: VerifyReport, db: Database, topic: str, end: int) -> list[int]:
     """Check positions [0, end) of `topic` through the (topic, pos) index; return the positions found
     at or past `end`."""
     expected = 0

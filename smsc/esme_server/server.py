@@ -19,10 +19,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from pymongo.asynchronous.database import AsyncDatabase
-
 from core import metrics
 from core.domain.ratelimit import SubmissionLimiter, effective_burst
+from core.store.database import Database
 from core.store.errors import StoreError
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneStore
@@ -68,7 +67,7 @@ class EsmeServerConfig:
 
 
 class EsmeServer:
-    def __init__(self, db: AsyncDatabase, config: EsmeServerConfig, clock: Callable[[], datetime]) -> None:
+    def __init__(self, db: Database, config: EsmeServerConfig, clock: Callable[[], datetime]) -> None:
         if config.host != "127.0.0.1":
             raise ValueError("the SMPP server listens on 127.0.0.1 only")
         self.db, self.config, self.clock = db, config, clock
