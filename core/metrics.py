@@ -25,7 +25,7 @@ Store-derived values (backlog per topic) are read on scrape by core/metrics_stor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -95,6 +95,25 @@ PROJECTOR_LAG_EVENTS = Gauge("msgcore_projector_lag_events", "Events in the log 
 PROJECTOR_BATCH_SECONDS = Histogram("msgcore_projector_batch_seconds", "One PostgreSQL transaction of a batch",
                                     buckets=REQUEST_BUCKETS)
 PROJECTOR_ACTIVE = Gauge("msgcore_projector_active", "1 while this process holds the projection lock")
+
+
+def watch_projector(stats: Any, clock: Callable[[], datetime]) -> None:
+    """Read the projector's gauges from its stats (projections.writer.ProjectorStats) when Prometheus
+    scrapes: nothing on its hot path. Lag: wall clock minus the newest event received, 0 when no
+    event arrived since the previous scrape (caught up and idle: the stream delivers within a
+    second)."""
+    PROJECTOR_ACTIVE.set_function(lambda: 1.0 if stats.active else 0.0)
+    seen = [-1]
+
+    def lag() -> float:
+        newest, received = stats.last_event_at, stats.received
+        idle = received == seen[0]
+        seen[0] = received
+        if newest is None or not stats.active or idle:
+            return 0.0
+        return max(0.0, (clock() - newest).total_seconds())
+
+    PROJECTOR_LAG_SECONDS.set_function(lag)
 
 # ---- scheduler ---------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
+from core import metrics
 from core.config import Settings
 from core.domain.events import utcnow
 from core.metrics_server import metrics_endpoint
@@ -185,6 +186,7 @@ async def projector_main(settings: Settings) -> None:
     async with database(settings, "projector") as db, metrics_endpoint(settings, "projector", db, pg=True):
         await migrate(settings.pg_url, settings.reporting_schema)
         projector = Projector(db["events"], settings.pg_url, settings.reporting_schema)
+        metrics.watch_projector(projector.stats, utcnow)
         log.info("projector started (%s) schema=%s", worker_id("projector"), settings.reporting_schema)
         await projector.run(stop)
 

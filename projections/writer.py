@@ -23,6 +23,7 @@ import psycopg
 from psycopg import sql
 from psycopg.pq import TransactionStatus
 
+from core import metrics
 from core.store.change_feed import ClusterTime, int_to_ts, token_from_json, token_to_json, ts_to_int
 from projections.rows import ROW_COLUMNS, dedupe_rows, event_row
 
@@ -334,7 +335,9 @@ class BatchWriter:
             except BaseException:
                 await _rollback(conn)
                 raise
-        return int(fresh[0]) if fresh is not None else 0
+        applied = int(fresh[0]) if fresh is not None else 0
+        metrics.PROJECTOR_EVENTS.inc(applied)
+        return applied
 
     async def save_checkpoint(
         self,

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from pymongo import AsyncMongoClient
 from pymongo.asynchronous.database import AsyncDatabase
 
 from api.app import create_app
+from core import metrics
 from core.config import Settings
 from core.domain.events import utcnow
 from core.metrics_server import MetricsServer, metrics_endpoint, metrics_port_for
@@ -24,6 +26,7 @@ from core.store.eventstore import EventStore
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
 from core.workers.router import Router
+from projections.writer import ProjectorStats
 from tests.support.api import app_client
 
 MSG = {"to": "+4915112345678", "from": "Acme", "text": "Your code is 1234"}
@@ -174,3 +177,15 @@ async def test_metrics_endpoint_uses_the_component_port(mongo_db: AsyncDatabase)
         assert server is not None and server.port == free
         async with httpx.AsyncClient() as client:
             assert (await client.get(f"http://127.0.0.1:{free}/healthz")).status_code == 200
+
+
+def test_the_projector_gauges_read_its_stats_at_scrape_time() -> None:
+    stats = ProjectorStats()
+    now = utcnow()
+    metrics.watch_projector(stats, lambda: now)
+    assert REGISTRY.get_sample_value("msgcore_projector_active") == 0
+    stats.active, stats.received, stats.last_event_at = True, 10, now - timedelta(seconds=3)
+    # Each read is a scrape: the first after new events shows the lag, the next (none since) is idle.
+    assert REGISTRY.get_sample_value("msgcore_projector_lag_seconds") == 3.0
+    assert REGISTRY.get_sample_value("msgcore_projector_lag_seconds") == 0.0
+    assert REGISTRY.get_sample_value("msgcore_projector_active") == 1
