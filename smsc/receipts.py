@@ -41,9 +41,9 @@ from core.domain.outcomes import (
     receipt_events,
     stat_kind,
 )
+from core.store.database import TRANSIENT_ERRORS
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
-from core.store.mongo import TRANSIENT_ERRORS
 from core.store.topics import Write, spend_updates
 from smsc.inbound import InboundRecorder
 from smsc.pdu import ReceiptFields

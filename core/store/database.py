@@ -11,12 +11,15 @@ from typing import Any
 
 from pymongo.asynchronous.client_session import AsyncClientSession
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, OperationFailure, PyMongoError
 
 from core.store.errors import StoreUnavailable
 
 Database = AsyncDatabase[Any]
 Session = AsyncClientSession  # a transaction's session, for tools that read a consistent snapshot
+# What a poll loop may retry after a back-off: the store was unreachable or refused for a transient
+# reason (core/workers/loop.py, the connector's side writes).
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (ConnectionFailure, OperationFailure, StoreUnavailable)
 # Any error of the driver: what an operator tool reports as "the database failed" (ops/cli).
 DRIVER_ERRORS: tuple[type[Exception], ...] = (PyMongoError,)
 

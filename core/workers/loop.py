@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from core.aio import sleep_or_stop
-from core.store.mongo import TRANSIENT_ERRORS
+from core.store.database import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
