@@ -141,7 +141,7 @@ def _as_pg_user() -> dict[str, object]:
 
 
 def _open_path_for(path: Path) -> None:
-    """Let the PostgreSQL OS user traverse every parent of its data directory."""
+    """Let the PostgreSQL OS user traverse (and read) `path` and every parent of it."""
     for parent in [path, *path.parents]:
         mode = parent.stat().st_mode
         if mode & 0o005 != 0o005:
@@ -173,6 +173,9 @@ class EmbeddedPostgres:
             shutil.chown(self.pgdata, PG_OS_USER, PG_OS_USER)
             self.pgdata.chmod(0o700)
             _open_path_for(self.data_dir.resolve())
+            # Its binaries too: a checkout in a private directory (`mktemp -d` makes it 0700) holds
+            # the venv, and the PostgreSQL user must be able to run initdb and postgres from there.
+            _open_path_for(Path(_pg_bin("initdb")).resolve().parent)
         if not (self.pgdata / "PG_VERSION").exists():
             subprocess.run(
                 [_pg_bin("initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust", "--encoding=UTF8",
