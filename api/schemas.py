@@ -154,11 +154,6 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-class Health(BaseModel):
-    status: Literal["ok"] = "ok"
-    mongo: Literal["ok"] = "ok"
-
-
 # ---- search (read side: reporting.messages in PostgreSQL) -------------------------------------------
 
 MAX_SEARCH_LIMIT = 500

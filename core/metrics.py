@@ -25,9 +25,10 @@ Store-derived values (backlog per topic) are read on scrape by core/metrics_stor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -52,8 +53,6 @@ EVENTS_APPENDED = Counter("msgcore_events_appended", "Events committed to the lo
                           ["type", "route"])
 BATCH_SIZE = Histogram("msgcore_batch_size", "Entries read per batch by a stage (one transaction each)",
                        ["stage"], buckets=BATCH_BUCKETS)
-COMMIT_SECONDS = Histogram("msgcore_commit_seconds", "Duration of a stage's batch commit", ["stage"],
-                           buckets=REQUEST_BUCKETS)
 COMMIT_CONFLICTS = Counter("msgcore_commit_conflicts", "Messages dropped from a batch: another writer "
                            "took their next seq (a receipt racing an expiry, ...)", ["stage"])
 CHECKPOINT_MOVED = Counter("msgcore_checkpoint_moved", "Batches given up because another consumer moved "
@@ -91,17 +90,25 @@ CONNECTOR_OWNER = Gauge("msgcore_connector_owner",
 PROJECTOR_EVENTS = Counter("msgcore_projector_events", "Events applied to the reporting tables")
 PROJECTOR_LAG_SECONDS = Gauge("msgcore_projector_lag_seconds", "Wall clock minus the `at` of the newest "
                               "event applied (0 when caught up and idle)")
-PROJECTOR_LAG_EVENTS = Gauge("msgcore_projector_lag_events", "Events in the log not yet applied (estimate)")
-PROJECTOR_BATCH_SECONDS = Histogram("msgcore_projector_batch_seconds", "One PostgreSQL transaction of a batch",
-                                    buckets=REQUEST_BUCKETS)
+PROJECTOR_LAG_EVENTS = Gauge("msgcore_projector_lag_events", "Events in the log not yet applied (estimate: "
+                              "those whose _id is from a later second than the newest event seen; read on scrape)")
+PROJECTOR_BATCH_SECONDS = Histogram("msgcore_projector_batch_seconds", "One PostgreSQL transaction of a batch "
+                                    "(change stream or catch-up page)", buckets=REQUEST_BUCKETS)
 PROJECTOR_ACTIVE = Gauge("msgcore_projector_active", "1 while this process holds the projection lock")
+
+
+# The stats of the projector this process runs (at most one), for the readers that need the store
+# on scrape (PROJECTOR_LAG_EVENTS: core/metrics_server.py ProjectorLagEvents).
+_WATCHED: dict[str, Any] = {}
 
 
 def watch_projector(stats: Any, clock: Callable[[], datetime]) -> None:
     """Read the projector's gauges from its stats (projections.writer.ProjectorStats) when Prometheus
     scrapes: nothing on its hot path. Lag: wall clock minus the newest event received, 0 when no
     event arrived since the previous scrape (caught up and idle: the stream delivers within a
-    second)."""
+    second). The lag in events needs a count in the log: `watched_projector()` hands the stats to
+    the metrics server, which counts on scrape."""
+    _WATCHED["projector"] = stats
     PROJECTOR_ACTIVE.set_function(lambda: 1.0 if stats.active else 0.0)
     seen = [-1]
 
@@ -114,6 +121,11 @@ def watch_projector(stats: Any, clock: Callable[[], datetime]) -> None:
         return max(0.0, (clock() - newest).total_seconds())
 
     PROJECTOR_LAG_SECONDS.set_function(lag)
+
+
+def watched_projector() -> Any | None:
+    """The stats given to the last `watch_projector` of this process (None: it runs no projector)."""
+    return _WATCHED.get("projector")
 
 # ---- scheduler ---------------------------------------------------------------------------------
 
@@ -164,6 +176,24 @@ def observe_since(histogram: Histogram, route_id: str | None, start: datetime | 
     if start is None:
         return
     histogram.labels(route=route_id or "").observe(max(0.0, (end - start).total_seconds()))
+
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def timed(histogram: Histogram, call: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """`call` with each await's duration observed in `histogram`, also when it raises (a transaction
+    rolled back took its time too). For calls made once per batch, not per event."""
+
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        started = time.perf_counter()
+        try:
+            return await call(*args, **kwargs)
+        finally:
+            histogram.observe(time.perf_counter() - started)
+
+    return wrapper
 
 
 def lane_class(lane: str) -> str:

@@ -4,9 +4,11 @@ A tiny asyncio server in the worker's own event loop (not prometheus_client's th
 answered by the loop that runs the worker, so a blocked loop fails the liveness probe, and /readyz can
 await the store checks. One request per connection, GET only, nothing else served.
 
-    /healthz   200 {"status": "ok"}: the process and its loop are alive
-    /readyz    200 or 503 {"status": "ok" | "unavailable", "checks": {"mongo": "ok", ...}}
-    /metrics   the Prometheus text exposition (core/metrics.py, plus the store gauges if given)
+    /healthz   200 {"status": "ok"}: the process and its loop are alive (liveness: no store round trip)
+    /readyz    200 or 503 {"status": "ok" | "unavailable", "checks": {"mongo": "ok", ...}}: MongoDB;
+               PostgreSQL for the projector; the connector's SMPP binds (core/readiness.py)
+    /metrics   the Prometheus text exposition (core/metrics.py, plus the store gauges if given, plus
+               what the `refreshers` read on scrape: the projector's lag in events)
 
 The port comes from `metrics_port_for(settings, component)`; 0 = no server.
 """
@@ -16,16 +18,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
+from core import metrics
 from core.config import Settings
 from core.domain.events import utcnow
 from core.metrics import CONTENT_TYPE_LATEST, render
 from core.metrics_store import StoreGauges
-from core.readiness import Check, all_ok, mongo_check, pg_check, run_checks
+from core.readiness import Check, all_ok, mongo_check, pg_check, run_checks, smpp_check
+from core.store.change_feed import ChangeFeed
 from core.store.database import Database
+from core.store.errors import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,8 @@ log = logging.getLogger(__name__)
 PORT_OFFSETS = {"api": 0, "router": 1, "scheduler": 2, "connector": 3, "projector": 4}
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT_S = 5.0
+LAG_COUNT_LIMIT = 100_000  # the lag in events counts at most this many (a count costs what it reads)
+LAG_READ_TIMEOUT_S = 2.0
 REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 400: "Bad Request", 503: "Service Unavailable"}
 
 
@@ -55,6 +65,7 @@ class MetricsServer:
     port: int
     checks: dict[str, Check] = field(default_factory=dict)
     gauges: StoreGauges | None = None
+    refreshers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)  # run before /metrics
     _server: asyncio.Server | None = None
 
     async def start(self) -> int:
@@ -100,10 +111,43 @@ class MetricsServer:
             results = await run_checks(self.checks)
             ok = all_ok(results)
             return _json(200 if ok else 503, {"status": "ok" if ok else "unavailable", "checks": results})
+        for refresh in self.refreshers:
+            await refresh()
         if self.gauges is None:
             return 200, CONTENT_TYPE_LATEST, render()
         await self.gauges.refresh()
         return 200, CONTENT_TYPE_LATEST, render(self.gauges.registry)
+
+
+class ProjectorLagEvents:
+    """Sets msgcore_projector_lag_events on scrape: events in the log whose `_id` (the writer's clock at
+    insert) is from a later second than the `at` of the newest event the projector has seen
+    (`watched_projector()` stats: `at` is taken on the same clock a moment earlier). One bounded
+    count on the `_id` index per `ttl_s`, never on the projector's path. An estimate: ids have a
+    one-second grain, so events of the newest applied second that are still to come are not counted
+    (a caught-up, idle projector shows 0). 0 while no projector is active or nothing was applied
+    since it started; NaN when the store does not answer (a stale count would look healthy)."""
+
+    def __init__(self, feed: ChangeFeed, *, ttl_s: float = 5.0, limit: int = LAG_COUNT_LIMIT) -> None:
+        self.feed, self.ttl_s, self.limit = feed, ttl_s, limit
+        self._read_at = float("-inf")
+
+    async def refresh(self) -> None:
+        if time.monotonic() - self._read_at < self.ttl_s:
+            return
+        self._read_at = time.monotonic()
+        stats = metrics.watched_projector()
+        if stats is None or not stats.active or stats.last_event_at is None:
+            metrics.PROJECTOR_LAG_EVENTS.set(0)
+            return
+        try:
+            since = stats.last_event_at + timedelta(seconds=1)
+            behind = await asyncio.wait_for(self.feed.count_since(since, self.limit), LAG_READ_TIMEOUT_S)
+        except (TimeoutError, StoreUnavailable) as e:
+            log.warning("projector: lag in events not read: %r", e)
+            metrics.PROJECTOR_LAG_EVENTS.set(math.nan)
+            return
+        metrics.PROJECTOR_LAG_EVENTS.set(behind)
 
 
 def _json(status: int, doc: dict[str, object]) -> tuple[int, str, bytes]:
@@ -111,13 +155,14 @@ def _json(status: int, doc: dict[str, object]) -> tuple[int, str, bytes]:
 
 
 async def start_for(settings: Settings, component: str, checks: dict[str, Check],
-                    gauges: StoreGauges | None = None) -> MetricsServer | None:
+                    gauges: StoreGauges | None = None,
+                    refreshers: list[Callable[[], Awaitable[None]]] | None = None) -> MetricsServer | None:
     """Start the component's server if it has a port (None otherwise). A port already taken (a
     second copy on the same host) is logged and skipped: metrics never stop a worker."""
     port = metrics_port_for(settings, component)
     if not port:
         return None
-    server = MetricsServer(settings.metrics_host, port, checks, gauges)
+    server = MetricsServer(settings.metrics_host, port, checks, gauges, refreshers or [])
     try:
         await server.start()
     except OSError as e:
@@ -132,13 +177,19 @@ async def start_for(settings: Settings, component: str, checks: dict[str, Check]
 async def metrics_endpoint(settings: Settings, component: str, db: Database, *, pg: bool = False,
                            store_gauges: bool = False) -> AsyncIterator[MetricsServer | None]:
     """The component's metrics server for the duration of the block (None when it has no port):
-    readiness checks MongoDB (and PostgreSQL with `pg`); `store_gauges` adds the backlog and route
-    status (one process kind exposing them is enough: the scheduler does)."""
+    readiness checks MongoDB (and PostgreSQL with `pg`; the connector's SMPP binds); `store_gauges`
+    adds the backlog and route status (one process kind exposing them is enough: the scheduler does);
+    the projector's /metrics also counts its lag in events (ProjectorLagEvents)."""
     checks: dict[str, Check] = {"mongo": mongo_check(db)}
     if pg and settings.pg_url:
         checks["postgres"] = pg_check(settings.pg_url)
+    if component == "connector":
+        checks["smpp"] = smpp_check()
     gauges = StoreGauges(db, utcnow, lane_detail=settings.metrics_lane_detail) if store_gauges else None
-    server = await start_for(settings, component, checks, gauges)
+    refreshers: list[Callable[[], Awaitable[None]]] = []
+    if component == "projector":
+        refreshers.append(ProjectorLagEvents(ChangeFeed(db["events"])).refresh)
+    server = await start_for(settings, component, checks, gauges, refreshers)
     try:
         yield server
     finally:

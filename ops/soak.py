@@ -1,11 +1,15 @@
 """Soak test: the whole stack at a steady rate for a long time, sampled every interval, judged on drift.
 
-    python -m ops.soak [--rate 50] [--minutes 240] [--interval 60] [--kill-every 0] [--json out.json]
+    python -m ops.soak [--rate 50] [--minutes 240] [--interval 60] [--fault-every 0]
+                       [--faults kill,smsc-drop,store-restart] [--json out.json]
 
 Every component runs as its own process (ops/stack.py) with the simulator as SMSC; MSGCORE_MONGO_URL /
 MSGCORE_PG_URL name the servers, else embedded ones are started in a temp dir. Messages are posted at
-`--rate` msg/s in small batches on a fixed schedule. With `--kill-every N`, every N intervals one
-worker (router, connector, scheduler or projector, in turn) is killed with SIGKILL and started again.
+`--rate` msg/s in small batches on a fixed schedule, each batch with an Idempotency-Key and posted again
+until the api answers it (a batch committed before its answer was lost counts once). With
+`--fault-every N` (alias `--kill-every`), after every N-th interval comes the next fault of `--faults`
+in rotation (ops/soak_faults.py): kill -9 of a worker, an SMSC dropping every bind, a restart of the
+embedded MongoDB-wire server (skipped, saying why, when MongoDB is external).
 
 Each interval prints one row: messages accepted by the api (202) and billed, accepted->billed p50/p99
 of the messages billed in that interval (from the reporting tables, over a window shifted back by
@@ -17,13 +21,16 @@ verify` runs, and the verdict is printed. Exit status 1 when any check fails:
 - drained: the route and send backlogs are back to 0 within `--drain-timeout`;
 - verify: `msgcore verify` finds no discrepancy;
 - alive: no component died on its own;
+- unknown: every batch posted got an answer from the api (202 or a refusal);
+- fault: after each fault the stack came back (the connector bound again, the api ready again);
 - rss: a process's RSS grows faster than `--max-rss-mb-per-hour` (least-squares slope of the samples
   after warm-up) AND by more than `--rss-noise-mb` in total (a short run's warm-up is not a leak);
 - fds: a process's open file descriptors grow by more than `--max-fd-growth`;
 - p99: the median p99 of the last third of the samples exceeds `--max-p99-ratio` times that of the
   first third AND `--p99-floor-ms` (latency creeping up as the run goes on);
 - backlog: the median route+send backlog of the last third of the samples exceeds that of the first
-  third by more than `--max-backlog-growth` entries (default: one interval of traffic).
+  third by more than `--max-backlog-growth` entries (default: one interval of traffic). These two
+  trends leave out the warm-up and the sample right after each fault (its spike is not a trend).
 """
 
 from __future__ import annotations
@@ -32,11 +39,10 @@ import argparse
 import asyncio
 import json
 import signal
-import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -51,40 +57,16 @@ from core.domain.routing import Route
 from core.store.backlog import topic_backlogs
 from core.store.dashboard_reads import newest_event_at
 from core.store.mongo import connect
-from ops.bench.support import store_servers
 from ops.progress import spent_minor
-from ops.stack import WORKERS, Stack, seed
+from ops.soak_faults import FAULT_KINDS, Faults, SoakServers, SoakStack, soak_servers
+from ops.soak_report import Run, Sample, print_row, print_summary, verdict
+from ops.stack import Stack, seed
 from ops.verify.run import verify
 
 TENANT, PRICE = "soak", 1
 LAG_MARGIN_S = 10.0
-
-
-@dataclass
-class Sample:
-    t_s: float  # seconds since the start of posting
-    accepted: int  # in this interval
-    billed: int  # in this interval (reporting)
-    p50_ms: float | None
-    p99_ms: float | None
-    rss_mb: dict[str, float]
-    cpu_pct: dict[str, float]
-    fds: dict[str, int]
-    backlog: dict[str, int]  # stage -> waiting
-    lag_s: float | None
-
-
-@dataclass
-class Run:
-    samples: list[Sample] = field(default_factory=list)
-    accepted: int = 0
-    rejected: int = 0
-    billed_total: int = 0
-    drained: bool = False
-    verify_ok: bool = False
-    verify_counts: dict[str, int] = field(default_factory=dict)
-    restarts: dict[str, list[int]] = field(default_factory=dict)  # process -> sample indexes of restarts
-    died: dict[str, int | None] = field(default_factory=dict)
+RETRY_S = 0.5  # between posts of a batch the api did not answer
+RETRY_FOR_S = 120.0  # then its outcome counts as unknown
 
 
 # ---- load ------------------------------------------------------------------------------------------
@@ -95,21 +77,41 @@ async def post_forever(http: httpx.AsyncClient, rate: float, run: Run, stop: asy
     batch is sent late, never in a burst of catch-up. Counts 202s in `run.accepted`."""
     batch = max(1, round(rate / 20))
     interval, start, k, n = batch / rate, time.perf_counter(), 0, 0
+    stamp = int(time.time())
     while not stop.is_set():
         delay = start + k * interval - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
         body = {"messages": [{"to": f"+4917{n + i:09d}", "from": "soak", "text": f"soak {n + i}"}
                              for i in range(batch)]}
-        try:
-            r = await http.post("/v1/messages", json=body)
-            if r.status_code == 202:
-                run.accepted += batch
-            else:
-                run.rejected += batch
-        except httpx.HTTPError:
-            run.rejected += batch  # not accepted: the api did not answer (e.g. restarting)
+        outcome = await post_batch(http, body, f"soak-{stamp}-{k}")
+        if outcome is None:
+            run.unknown += batch
+        elif outcome:
+            run.accepted += batch
+        else:
+            run.rejected += batch
         n, k = n + batch, k + 1
+
+
+async def post_batch(http: httpx.AsyncClient, body: dict[str, Any], key: str) -> bool | None:
+    """True once the api answers 202, False when it refuses the batch (4xx other than 429), None when
+    it gave no answer for RETRY_FOR_S. A 5xx, a 429 or no answer (a store restart, a lost connection)
+    is posted again with the same Idempotency-Key: the api answers a batch it already committed with
+    its first answer, so a batch is never counted twice nor lost from the count."""
+    deadline = time.monotonic() + RETRY_FOR_S
+    while True:
+        try:
+            r = await http.post("/v1/messages", json=body, headers={"Idempotency-Key": key})
+            if r.status_code == 202:
+                return True
+            if r.status_code < 500 and r.status_code != 429:
+                return False
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            return None
+        await asyncio.sleep(RETRY_S)
 
 
 # ---- sampling --------------------------------------------------------------------------------------
@@ -174,120 +176,13 @@ async def take_sample(ctx: dict[str, Any], window: tuple[datetime, datetime], t_
                   await projector_lag(ctx["db"], ctx["pg"], ctx["stack"].schema))
 
 
-# ---- verdict ---------------------------------------------------------------------------------------
-
-
-def slope_per_hour(ts: list[float], ys: list[float]) -> float:
-    """Least-squares slope of ys over ts (seconds), per hour; 0 with fewer than two points."""
-    if len(ts) < 2 or len(set(ts)) < 2:
-        return 0.0
-    return statistics.linear_regression(ts, ys).slope * 3600
-
-
-def verdict(run: Run, args: argparse.Namespace) -> list[str]:
-    """The failed checks, each as one line; empty when the run passes."""
-    fails = []
-    if run.billed_total != run.accepted:
-        fails.append(f"lost: {run.accepted} accepted, {run.billed_total} billed")
-    if not run.drained:
-        fails.append(f"drained: backlog not back to 0 within {args.drain_timeout:.0f}s")
-    if not run.verify_ok:
-        fails.append(f"verify: discrepancies {run.verify_counts}")
-    if run.died:
-        fails.append(f"alive: components died: {run.died}")
-    fails += _memory_fails(run, args)
-    fails += _trend_fails(run, args)
-    return fails
-
-
-def _steady(run: Run, name: str, warmup: int) -> list[Sample]:
-    """The samples of `name` after warm-up and after its last restart (a restart resets its RSS)."""
-    first = max([warmup, *(i + warmup for i in run.restarts.get(name, []))])
-    return [s for s in run.samples[first:] if name in s.rss_mb]
-
-
-def _memory_fails(run: Run, args: argparse.Namespace) -> list[str]:
-    fails = []
-    names = sorted({n for s in run.samples for n in s.rss_mb})
-    for name in names:
-        steady = _steady(run, name, args.warmup)
-        if len(steady) < 2:
-            continue
-        rss = [s.rss_mb[name] for s in steady]
-        slope = slope_per_hour([s.t_s for s in steady], rss)
-        if slope > args.max_rss_mb_per_hour and rss[-1] - rss[0] > args.rss_noise_mb:
-            fails.append(f"rss: {name} grows {slope:.0f} MB/h ({rss[0]:.0f} -> {rss[-1]:.0f} MB)")
-        fds = [s.fds.get(name, 0) for s in steady]
-        if fds[-1] - fds[0] > args.max_fd_growth:
-            fails.append(f"fds: {name} open files {fds[0]} -> {fds[-1]}")
-    return fails
-
-
-def _trend_fails(run: Run, args: argparse.Namespace) -> list[str]:
-    fails = []
-    steady = run.samples[args.warmup:]
-    p99 = [s.p99_ms for s in steady if s.p99_ms is not None]
-    if len(p99) >= 3:
-        third = len(p99) // 3
-        first, last = statistics.median(p99[:third]), statistics.median(p99[-third:])
-        if last > args.max_p99_ratio * first and last > args.p99_floor_ms:
-            fails.append(f"p99: {first:.0f} ms in the first third -> {last:.0f} ms in the last")
-    waiting = [s.backlog["route"] + s.backlog["send"] for s in steady]
-    if len(waiting) >= 3:
-        # Medians of thirds: a spike (a restarted connector catching up) is not a trend.
-        third = len(waiting) // 3
-        first_b, last_b = statistics.median(waiting[:third]), statistics.median(waiting[-third:])
-        if last_b - first_b > args.max_backlog_growth:
-            fails.append(f"backlog: {first_b:.0f} waiting in the first third -> {last_b:.0f} in the last")
-    return fails
-
-
-# ---- report ----------------------------------------------------------------------------------------
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else f"{v:.0f}"
-
-
-def print_row(i: int, s: Sample) -> None:
-    if i == 0:
-        print(f"{'min':>5} {'acc':>6} {'billed':>6} {'p50ms':>6} {'p99ms':>6} {'route':>6} {'send':>6} {'lag s':>6}"
-              "  RSS MB / CPU % / fds per process", flush=True)
-    procs = "  ".join(f"{n}={s.rss_mb[n]:.0f}/{s.cpu_pct.get(n, 0):.0f}/{s.fds.get(n, 0)}" for n in sorted(s.rss_mb))
-    lag = "-" if s.lag_s is None else f"{s.lag_s:.1f}"
-    print(f"{s.t_s / 60:5.1f} {s.accepted:6d} {s.billed:6d} {_ms(s.p50_ms):>6} {_ms(s.p99_ms):>6} "
-          f"{s.backlog['route']:6d} {s.backlog['send']:6d} {lag:>6}  {procs}", flush=True)
-
-
-def print_summary(run: Run, args: argparse.Namespace, fails: list[str]) -> None:
-    print(f"\nsoak: {run.accepted} accepted ({run.rejected} refused), {run.billed_total} billed, "
-          f"{len(run.samples)} samples of {args.interval:.0f}s, restarts {run.restarts or 'none'}")
-    for name in sorted({n for s in run.samples for n in s.rss_mb}):
-        steady = _steady(run, name, args.warmup)
-        if len(steady) >= 2:
-            slope = slope_per_hour([s.t_s for s in steady], [s.rss_mb[name] for s in steady])
-            print(f"  RSS {name:10} {steady[0].rss_mb[name]:6.0f} -> {steady[-1].rss_mb[name]:6.0f} MB"
-                  f"  ({slope:+.1f} MB/h after warm-up)")
-    print(f"  verify: {'clean' if run.verify_ok else 'DISCREPANCIES'} {run.verify_counts}")
-    print("VERDICT: " + ("PASS" if not fails else "FAIL\n  " + "\n  ".join(fails)), flush=True)
-
-
 # ---- the run ---------------------------------------------------------------------------------------
 
 
-def maybe_fault(stack: Stack, run: Run, args: argparse.Namespace, index: int) -> None:
-    if not args.kill_every or (index + 1) % args.kill_every:
-        return
-    name = WORKERS[((index + 1) // args.kill_every - 1) % len(WORKERS)]
-    print(f"  fault: kill -9 {name} and start it again", flush=True)
-    stack.kill(name)
-    stack.start(name)
-    run.restarts.setdefault(name, []).append(index + 1)
-
-
-async def sample_loop(ctx: dict[str, Any], run: Run, args: argparse.Namespace) -> None:
+async def sample_loop(ctx: dict[str, Any], run: Run, args: argparse.Namespace, faults: Faults) -> None:
     start, last_accepted = time.perf_counter(), 0
-    for i in range(max(1, round(args.minutes * 60 / args.interval))):
+    count = max(1, round(args.minutes * 60 / args.interval))
+    for i in range(count):
         window_start = utcnow()
         await asyncio.sleep(max(0.0, start + (i + 1) * args.interval - time.perf_counter()))
         accepted, last_accepted = run.accepted - last_accepted, run.accepted
@@ -295,7 +190,7 @@ async def sample_loop(ctx: dict[str, Any], run: Run, args: argparse.Namespace) -
                                    args.interval)
         run.samples.append(sample)
         print_row(i, sample)
-        maybe_fault(ctx["stack"], run, args, i)
+        await faults.after_sample(run, i, count - 1)
 
 
 async def drain(ctx: dict[str, Any], run: Run, timeout_s: float) -> None:
@@ -309,9 +204,9 @@ async def drain(ctx: dict[str, Any], run: Run, timeout_s: float) -> None:
         await asyncio.sleep(1.0)
 
 
-async def soak(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Path) -> Run:
-    stamp = int(time.time())
-    stack = Stack(mongo_url, pg_url, f"soak_{stamp}", f"soak_{stamp}", work / "stack", receipt_delay_s=0.2)
+async def soak(args: argparse.Namespace, servers: SoakServers, work: Path) -> Run:
+    stamp, mongo_url, pg_url = int(time.time()), servers.mongo_url, servers.pg_url
+    stack = SoakStack(mongo_url, pg_url, f"soak_{stamp}", f"soak_{stamp}", work / "stack", receipt_delay_s=0.2)
     keys = await seed(mongo_url, stack.mongo_db, [Route(id="sim", port=stack.sim_port, price_per_part=PRICE,
                                                         window=50)], [TENANT])
     client, run, stop = connect(mongo_url, "soak"), Run(), asyncio.Event()
@@ -322,8 +217,9 @@ async def soak(args: argparse.Namespace, mongo_url: str, pg_url: str, work: Path
         await asyncio.sleep(2)  # every worker connects and binds
         async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as pg:
             ctx: dict[str, Any] = {"stack": stack, "db": client[stack.mongo_db], "pg": pg, "cpu": stack.cpu_s()}
+            faults = Faults(stack, ctx["db"], args.faults, args.fault_every, servers.mongo)
             poster = asyncio.create_task(post_forever(http, args.rate, run, stop))
-            await sample_loop(ctx, run, args)
+            await sample_loop(ctx, run, args, faults)
             stop.set()
             await poster
             run.died = {n: p.returncode for n, p in stack.procs.items() if p.poll() is not None}
@@ -348,7 +244,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=240.0, help="how long to post")
     p.add_argument("--interval", type=float, default=60.0, help="seconds between samples")
     p.add_argument("--warmup", type=int, default=2, help="samples left out of the drift checks")
-    p.add_argument("--kill-every", type=int, default=0, help="kill -9 a worker every N samples (0: never)")
+    p.add_argument("--fault-every", "--kill-every", dest="fault_every", type=int, default=0,
+                   help="a fault after every N samples (0: never)")
+    p.add_argument("--faults", type=_fault_kinds, default=("kill",),
+                   help=f"fault kinds in rotation, comma-separated, of {','.join(FAULT_KINDS)} (default: kill)")
     p.add_argument("--drain-timeout", type=float, default=300.0)
     p.add_argument("--max-rss-mb-per-hour", type=float, default=20.0)
     p.add_argument("--rss-noise-mb", type=float, default=24.0)
@@ -365,11 +264,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _fault_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if not kinds or unknown:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(FAULT_KINDS)}; got {text!r}")
+    return kinds
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds like Ctrl-C: servers are stopped
-    with tempfile.TemporaryDirectory(prefix="msgcore-soak-") as tmp, store_servers(Path(tmp)) as servers:
-        run = asyncio.run(soak(args, servers.mongo_url, servers.pg_url, Path(tmp)))
+    with tempfile.TemporaryDirectory(prefix="msgcore-soak-") as tmp, soak_servers(Path(tmp)) as servers:
+        run = asyncio.run(soak(args, servers, Path(tmp)))
     fails = verdict(run, args)
     print_summary(run, args, fails)
     if args.json:

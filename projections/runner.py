@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 
+from core import metrics
 from core.aio import sleep_or_stop
 from core.store.change_feed import (
     Change,
@@ -102,6 +103,7 @@ class Projector:
         self.catchup_margin = timedelta(seconds=catchup_margin_s)
         self.stats = ProjectorStats()
         self._writer = BatchWriter(schema, name)
+        self._write = metrics.timed(metrics.PROJECTOR_BATCH_SECONDS, self._writer.write)  # one per batch
         self._lock_key = lock_key("projection", schema, name)
         self._backoff_s = _MIN_BACKOFF_S
         # The checkpoint's scan_from as this session knows it (it alone writes the checkpoint).
@@ -294,7 +296,7 @@ class Projector:
         rows = [event_row(d) for d in docs]
         # The last page also moves scan_from, in the same transaction: the scan is then complete.
         scan_from = catchup.opened_at if done else None
-        applied = await self._writer.write(conn, rows, scan_from=scan_from)
+        applied = await self._write(conn, rows, scan_from=scan_from)
         if docs:
             catchup.after = docs[-1]["_id"]
             self.stats.received += len(rows)
@@ -385,7 +387,7 @@ class Projector:
             newest = newest_id_time(docs)
             if newest is not None and (self._scan_from is None or newest > self._scan_from):
                 self._scan_from = scan_from = newest
-        applied = await self._writer.write(
+        applied = await self._write(
             conn, rows, resume_token=token, cluster_time=cluster_time, scan_from=scan_from
         )
         self.stats.received += len(rows)

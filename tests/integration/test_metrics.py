@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -19,15 +21,18 @@ from api.app import create_app
 from core import metrics
 from core.config import Settings
 from core.domain.events import utcnow
-from core.metrics_server import MetricsServer, metrics_endpoint, metrics_port_for
+from core.metrics_server import MetricsServer, ProjectorLagEvents, metrics_endpoint, metrics_port_for
 from core.metrics_store import StoreGauges
 from core.readiness import mongo_check
+from core.store.change_feed import ChangeFeed
 from core.store.eventstore import EventStore
 from core.store.routes import RouteStore
 from core.store.tenants import TenantStore
 from core.workers.router import Router
+from ops.embedded import free_port
 from projections.writer import ProjectorStats
 from tests.support.api import app_client
+from tests.support.waiting import wait_for
 
 MSG = {"to": "+4915112345678", "from": "Acme", "text": "Your code is 1234"}
 # Label values allowed to vary freely; every other label must come from a small set.
@@ -189,3 +194,55 @@ def test_the_projector_gauges_read_its_stats_at_scrape_time() -> None:
     assert REGISTRY.get_sample_value("msgcore_projector_lag_seconds") == 3.0
     assert REGISTRY.get_sample_value("msgcore_projector_lag_seconds") == 0.0
     assert REGISTRY.get_sample_value("msgcore_projector_active") == 1
+
+
+async def test_the_projector_times_its_batches_and_counts_its_lag_in_events(mongo_db: AsyncDatabase, pg_url: str,
+                                                                              pg_schema: str) -> None:
+    from projections.projector import Projector
+    from tests.integration.test_projector import events_collection, lifecycle
+
+    events = await events_collection(mongo_db)
+    now = utcnow()
+    docs = [{**d, "at": now} for i in range(5) for d in lifecycle(i)]
+    await events.insert_many(docs)
+    batches = REGISTRY.get_sample_value("msgcore_projector_batch_seconds_count") or 0
+    projector = Projector(events, pg_url, pg_schema, batch_wait_s=0.1)
+    metrics.watch_projector(projector.stats, utcnow)
+    stop = asyncio.Event()
+    task = asyncio.create_task(projector.run(stop))
+    try:
+        async with metrics_endpoint(Settings(metrics_port=free_port(), pg_url=pg_url), "projector", mongo_db,
+                                    pg=True) as server, httpx.AsyncClient() as client:
+            assert server is not None
+            await wait_for(lambda: asyncio.sleep(0, result=projector.applied == len(docs)), timeout_s=30)  # replayed
+            more = [{**d, "at": utcnow()} for d in lifecycle(99)]
+            await events.insert_many(more)  # through the change stream
+            await wait_for(lambda: asyncio.sleep(0, result=projector.applied == len(docs) + len(more)), timeout_s=30)
+            text = (await client.get(f"http://127.0.0.1:{server.port}/metrics")).text
+            assert (value(text, "msgcore_projector_batch_seconds_count") or 0) > batches
+            assert value(text, "msgcore_projector_lag_events") == 0  # caught up
+            assert value(text, "msgcore_projector_active") == 1
+    finally:
+        stop.set()
+        await task
+
+
+async def test_the_lag_in_events_counts_the_log_past_the_newest_applied(mongo_db: AsyncDatabase) -> None:
+    stats = ProjectorStats(active=True, last_event_at=utcnow() - timedelta(seconds=30))
+    metrics.watch_projector(stats, utcnow)
+    await mongo_db["events"].insert_many([{"message_id": f"m{i}", "seq": 1, "at": utcnow()} for i in range(7)])
+    await ProjectorLagEvents(ChangeFeed(mongo_db["events"]), ttl_s=0).refresh()
+    assert REGISTRY.get_sample_value("msgcore_projector_lag_events") == 7
+    stats.last_event_at = utcnow()  # everything seen: nothing from a later second
+    await ProjectorLagEvents(ChangeFeed(mongo_db["events"]), ttl_s=0).refresh()
+    assert REGISTRY.get_sample_value("msgcore_projector_lag_events") == 0
+
+    mongo: AsyncMongoClient = AsyncMongoClient(f"mongodb://127.0.0.1:{free_port()}/?serverSelectionTimeoutMS=200",
+                                               tz_aware=True)
+    try:
+        stats.last_event_at = utcnow() - timedelta(seconds=30)
+        await ProjectorLagEvents(ChangeFeed(mongo["x"]["events"]), ttl_s=0).refresh()
+        assert math.isnan(REGISTRY.get_sample_value("msgcore_projector_lag_events") or 0.0)  # unknown, not 0
+    finally:
+        await mongo.close()
+        metrics.watch_projector(ProjectorStats(), utcnow)
