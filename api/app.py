@@ -54,6 +54,7 @@ from core.store.campaigns import CampaignStore
 from core.store.database import Database
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
+from core.store.routes import RouteStore, RouteTable
 from core.store.tenants import TenantStore
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def create_app(settings: Settings, db: Database | None = None, *,
     app.state.tenant_cache = TenantCache()
     app.state.known_lanes = set()  # lanes this process registered (core/submission_service.py)
     app.state.limiter = SubmissionLimiter()  # per-tenant submission rate, per API process
+    # Routes and their statuses for routing one-time passwords at acceptance (core/store/submission.py).
+    app.state.route_table = RouteTable(RouteStore(db)) if db is not None else None
     app.include_router(health.router)
     app.include_router(messages.router)
     app.include_router(admin.router)  # /v1/admin: admin key, not tenant keys (api/routes/admin.py)
@@ -106,6 +109,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             raise RuntimeError("settings.mongo_url is empty: resolve the MongoDB URL before starting the api")
         client = connect(settings.mongo_url, "api")
         app.state.db = client[settings.mongo_db]
+        app.state.route_table = RouteTable(RouteStore(app.state.db))
     pool = None
     if settings.pg_url and app.state.pg_pool is None:
         pool = reporting_pool(settings.pg_url)

@@ -132,7 +132,8 @@ def get_inbound_reads(db: DbDep) -> InboundReads:
 
 
 def get_submission_service(request: Request, db: DbDep) -> SubmissionService:
-    return SubmissionService(EventStore(db), LaneStore(db), request.app.state.known_lanes)
+    return SubmissionService(EventStore(db), LaneStore(db), request.app.state.known_lanes,
+                             routes=request.app.state.route_table)
 
 
 EventStoreDep = Annotated[EventStore, Depends(get_event_store)]

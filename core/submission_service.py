@@ -5,12 +5,14 @@ message as a `Submission` (validated and measured, encoding and parts, by the en
 leaves the rest here: the message's `accepted` event (seq 1) is built by `accepted` and handed to
 the router's topic of its lane, or to a timer when it is scheduled (core/store/submission.py);
 `SubmissionService.submit` adds fresh ids, idempotency and the registration of a tenant's marketing
-lane, and commits the batch as one transaction.
+lane, routes transactional messages whose route is UP at once (`routed_at_acceptance`), and commits
+the batch as one transaction.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +21,8 @@ from core.domain.message import tenant_lane
 from core.ids import new_message_id
 from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
 from core.store.lanes import ACTIVE, LaneStore
-from core.store.submission import Submission, accepted
+from core.store.routes import RouteTable
+from core.store.submission import Submission, accepted, routed_at_acceptance
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,17 @@ class Submitted:
 
 class SubmissionService:
     """Accepts new messages for a tenant. `known_lanes` remembers, per process, the lanes already
-    registered (the stages claim only registered lanes, core/store/lanes.py)."""
+    registered (the stages claim only registered lanes, core/store/lanes.py). With `routes` (the
+    process's RouteTable), transactional messages whose route is UP are routed in the same
+    transaction; without, every message goes through the router."""
 
-    def __init__(self, events: EventStore, lanes: LaneStore, known_lanes: set[str]) -> None:
+    def __init__(self, events: EventStore, lanes: LaneStore, known_lanes: set[str],
+                 routes: RouteTable | None = None, rng: random.Random | None = None) -> None:
         self.events = events
         self.lanes = lanes
         self.known_lanes = known_lanes
+        self.routes = routes
+        self.rng = rng or random.Random()
 
     async def submit(self, tenant_id: str, submissions: Sequence[Submission], now: datetime,
                      idempotency: Idempotency | None = None) -> Submitted:
@@ -72,9 +80,12 @@ class SubmissionService:
                                        message_ids=ids)
         if any(not s.transactional and s.campaign_id is None for s in submissions):
             await self._ensure_marketing_lane(tenant_id, now)
+        writes = [accepted(mid, tenant_id, s, now) for mid, s in zip(ids, submissions, strict=True)]
+        if self.routes is not None:
+            await self.routes.refresh(now)
+            writes = [routed_at_acceptance(w, self.routes.routes, self.routes.status, self.rng, now) for w in writes]
         try:
-            await self.events.accept([accepted(mid, tenant_id, s, now)
-                                      for mid, s in zip(ids, submissions, strict=True)], record)
+            await self.events.accept(writes, record)
         except IdempotencyReplay as replay:
             assert idempotency is not None and record is not None  # only a keyed request can replay
             ids = _replayed_ids(replay, record, idempotency.key, len(submissions))

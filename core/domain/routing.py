@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from enum import StrEnum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from core.domain.encoding import MoAlphabet
 from core.domain.errors import NoRoute
+from core.domain.events import EventType
+from core.domain.message import MessageState, event_doc, lane_of, partition_of, routed_message, send_topic
 
 
 class Strategy(StrEnum):
@@ -135,3 +139,11 @@ def _smart(pool: list[Route], st: object, rng: random.Random) -> Route:
             free = [r for r in live if status_of(r) == RouteStatus.UP] or live  # type: ignore[operator]
             return rng.choices(free, weights=[r.weight for r in free])[0]
     return pool[0]
+
+
+def routed_event(state: MessageState, route: Route, now: datetime) -> tuple[dict[str, Any], str]:
+    """The `routed` event of `state` onto `route`, and the send topic (lane, partition) it goes to."""
+    doc = event_doc(state, EventType.ROUTED, now,
+                    {"route_id": route.id, "price_per_part": route.price_per_part, "currency": route.currency,
+                     "strategy": route.strategy.value, "message": routed_message(state)}, route_id=route.id)
+    return doc, send_topic(route.id, lane_of(state), partition_of(state.message_id, route.partitions))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import re
+import time
 import tomllib
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,7 @@ from core.store.errors import RouteNotDrained
 from core.store.topics import checkpoint_id
 
 STALE_S = 10.0
+ROUTES_TTL_S = 1.0
 SEND_CONSUMER = "connector"  # the consumer of the send topics (smsc/connector.py)
 
 
@@ -107,6 +109,25 @@ class RouteStore:
             fresh = d.get("heartbeat_at") and d["heartbeat_at"] >= now - timedelta(seconds=STALE_S)
             out[d["_id"]] = RouteStatus(d["status"]) if fresh else RouteStatus.DOWN
         return out
+
+
+class RouteTable:
+    """The enabled routes and their statuses as one process sees them, read again at most once per
+    `ttl_s`: routes change at run time through the admin API, and a short cache keeps these two reads
+    off the hot path of the router and of acceptance."""
+
+    def __init__(self, store: RouteStore, ttl_s: float = ROUTES_TTL_S) -> None:
+        self.store = store
+        self.ttl_s = ttl_s
+        self.routes: list[Route] = []
+        self.status: dict[str, RouteStatus] = {}
+        self._loaded_at = float("-inf")
+
+    async def refresh(self, now: datetime) -> None:
+        if time.monotonic() - self._loaded_at >= self.ttl_s:
+            self.routes = await self.store.list(include_disabled=False)
+            self.status = await self.store.statuses(now)
+            self._loaded_at = time.monotonic()
 
 
 def load_routes_file(path: Path) -> list[Route]:

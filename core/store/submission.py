@@ -2,16 +2,27 @@
 of its lane, or, when it is scheduled for later (`send_at`), to a timer that hands it over then.
 
 Every entry point (the messages API through core/submission_service.py, campaign uploads, any later
-one) describes a new message as a `Submission` and builds its write with `accepted`."""
+one) describes a new message as a `Submission` and builds its write with `accepted`.
+
+A transactional message whose route is UP may skip the router: `routed_at_acceptance` appends its
+`routed` event (seq 2, into the route's send topic) to the same write, so both commit in the
+acceptance transaction (DESIGN.md, "folding that keeps the five facts"). A one-time password then
+costs one transaction and one stage hop less on its way to the SMSC; everything else (campaigns,
+marketing, scheduled messages, no route, a route that is BUSY or DOWN) goes through the router,
+which keeps its decisions: strategies, holds, expiry, dead letters."""
 
 from __future__ import annotations
 
+import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from core.domain.errors import NoRoute
 from core.domain.events import Event, EventType
 from core.domain.message import TRANSACTIONAL_PRIORITY, lane_of, route_topic, state_of_accepted
+from core.domain.routing import Route, RouteStatus, choose_route, routed_event
 from core.store.timers import timer_doc
 from core.store.topics import Write
 
@@ -68,3 +79,24 @@ def accepted(message_id: str, tenant_id: str, s: Submission, now: datetime) -> W
     event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
                   channel=s.channel, data=data, notify=s.notify)
     return accepted_write(event, now)
+
+
+SHARED_ROUTE_TOPIC = route_topic("")
+
+
+def routed_at_acceptance(write: Write, routes: Sequence[Route], status: Mapping[str, RouteStatus],
+                         rng: random.Random, now: datetime) -> Write:
+    """`write` (an `accepted` write) with the message's `routed` event added when the message is
+    transactional, due now, and the strategies pick a route that is UP; otherwise `write` unchanged
+    (the router decides)."""
+    if write.timer is not None or write.topics != [SHARED_ROUTE_TOPIC]:
+        return write
+    state = state_of_accepted(write.events[0])
+    try:
+        route = choose_route(routes, state.to, status, (), rng)
+    except NoRoute:
+        return write
+    if status.get(route.id) != RouteStatus.UP:
+        return write
+    doc, topic = routed_event(state, route, now)
+    return Write(write.message_id, [write.events[0], doc], [None, topic])

@@ -24,29 +24,18 @@ from typing import Any
 from core import metrics
 from core.domain.errors import NoRoute
 from core.domain.events import EventType
-from core.domain.message import (
-    MessageState,
-    event_doc,
-    lane_of,
-    lane_of_topic,
-    partition_of,
-    routed_message,
-    send_topic,
-    send_topics,
-    state_of_accepted,
-)
-from core.domain.routing import Route, RouteStatus, choose_route
+from core.domain.message import MessageState, event_doc, lane_of_topic, send_topics, state_of_accepted
+from core.domain.routing import choose_route, routed_event
 from core.store.errors import CheckpointMoved
 from core.store.eventstore import EventStore
 from core.store.lanes import ALL, SHARED, LaneBook, TopicReader
-from core.store.routes import RouteStore
+from core.store.routes import RouteStore, RouteTable
 from core.store.timers import HOLD_S, timer_doc
 from core.store.topics import Write
 
 log = logging.getLogger(__name__)
 
 CONSUMER = "router"
-ROUTES_TTL_S = 1.0
 BULK_PER_BATCH = 200
 # Backpressure: a bulk lane is not routed further while this many of its messages wait in the send
 # topics (counter - connector checkpoint: exact, two small reads). Routing far ahead of what the SMSCs
@@ -73,30 +62,21 @@ class Router:
                                   bulk_limit=min(batch_size, BULK_PER_BATCH))
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
-        self._routes: list[Route] = []
-        self._status: dict[str, RouteStatus] = {}
-        self._loaded_at = float("-inf")
+        self.table = RouteTable(routes)
         self._backlog_checked = float("-inf")
         self.routed = 0
         self.canceled = 0
         self.held = 0
 
-    async def _refresh(self, now: datetime) -> None:
-        # Routes change at run time through the admin API; a short cache keeps reads off the hot path.
-        if time.monotonic() - self._loaded_at >= ROUTES_TTL_S:
-            self._routes = await self.routes.list(include_disabled=False)
-            self._status = await self.routes.statuses(now)
-            self._loaded_at = time.monotonic()
-
     async def step(self) -> int:
         now = self.clock()
         if self.scope != SHARED:
-            await self._refresh(now)
+            await self.table.refresh(now)
             await self._backpressure()
         batch = await self.reader.read(self.batch_size, self.scope)
         if not batch:
             return 0
-        await self._refresh(now)
+        await self.table.refresh(now)
         states = await self._states(batch.entries)
         writes = [w for e in batch.entries if (w := self._decide(e, states.get(e["message_id"]), now)) is not None]
         try:
@@ -164,23 +144,20 @@ class Router:
             return event_doc(state, EventType.DEAD_LETTERED, now,
                              {"reason": f"{state.attempts} attempts failed", "attempts": state.attempts}), None
         try:
-            route = choose_route(self._routes, state.to, self._status, state.excluded_routes, self.rng)
+            route = choose_route(self.table.routes, state.to, self.table.status, state.excluded_routes, self.rng)
         except NoRoute as e:
             log.info("router: message=%s tenant=%s no route for %s", state.message_id, state.tenant_id, state.to)
             return event_doc(state, EventType.FAILED, now,
                              {"route_id": None, "attempt": state.attempts, "error_code": None,
                               "error_name": "NO_ROUTE", "reason": str(e)}, route_id=None), None
-        doc = event_doc(state, EventType.ROUTED, now,
-                        {"route_id": route.id, "price_per_part": route.price_per_part, "currency": route.currency,
-                         "strategy": route.strategy.value, "message": routed_message(state)}, route_id=route.id)
-        return doc, send_topic(route.id, lane_of(state), partition_of(state.message_id, route.partitions))
+        return routed_event(state, route, now)
 
     async def _backpressure(self) -> None:
         if time.monotonic() - self._backlog_checked < BACKLOG_CHECK_S:
             return
         self._backlog_checked = time.monotonic()
         lanes = [lane.key for lane in self.reader.book.lanes]
-        topics = {t: lane for r in self._routes for lane in lanes for t in send_topics(r.id, lane, r.partitions)}
+        topics = {t: lane for r in self.table.routes for lane in lanes for t in send_topics(r.id, lane, r.partitions)}
         if not topics:
             self.reader.skip = set()
             return

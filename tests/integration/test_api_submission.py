@@ -9,8 +9,10 @@ import pytest
 from pymongo.asynchronous.database import AsyncDatabase
 
 from core.domain.events import utcnow
+from core.domain.routing import Route, RouteStatus
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneStore
+from core.store.routes import RouteStore, RouteTable
 from core.submission_service import (
     Idempotency,
     IdempotencyKeyReused,
@@ -66,3 +68,43 @@ def test_a_campaign_message_has_its_campaign_fields_and_no_validity() -> None:
     data = write.events[0]["data"]
     assert data["campaign_id"] == "c1" and data["campaign_row"] == 7 and data["validity_s"] == 0
     assert write.events[0]["seq"] == 1 and write.events[0]["tenant_id"] == "acme"
+
+
+async def _routed_service(db: AsyncDatabase, status: RouteStatus) -> SubmissionService:
+    routes, now = RouteStore(db), utcnow()
+    await routes.upsert(Route(id="r1", price_per_part=5), actor="test", now=now)
+    await routes.set_status("r1", status, now)
+    return SubmissionService(EventStore(db), LaneStore(db), set(), routes=RouteTable(routes))
+
+
+async def test_a_transactional_message_whose_route_is_up_is_routed_in_the_acceptance(mongo_db: AsyncDatabase) -> None:
+    service, now = await _routed_service(mongo_db, RouteStatus.UP), utcnow()
+    otp, marketing, scheduled = (await service.submit(
+        "acme", [_sms(), _sms(transactional=False), _sms(send_at=now + timedelta(hours=1))], now)).ids
+    docs = [d async for d in mongo_db["events"].find({"message_id": otp}).sort("seq", 1)]
+    assert [(d["type"], d.get("topic")) for d in docs] == [("accepted", None), ("routed", "send:r1")]
+    assert docs[1]["pos"] == 0 and docs[1]["data"]["route_id"] == "r1" and docs[1]["data"]["price_per_part"] == 5
+    # Not transactional, or not due: the router decides, as before.
+    for mid, topic in ((marketing, "route~t:acme"), (scheduled, None)):
+        only = [d async for d in mongo_db["events"].find({"message_id": mid})]
+        assert [(d["type"], d.get("topic")) for d in only] == [("accepted", topic)]
+    state = await EventStore(mongo_db).state(otp)
+    assert state is not None and state.state == "routed" and state.route_id == "r1" and state.version == 2
+
+
+@pytest.mark.parametrize("status", [RouteStatus.BUSY, RouteStatus.DOWN])
+async def test_a_route_that_is_not_up_leaves_the_choice_to_the_router(mongo_db: AsyncDatabase,
+                                                                     status: RouteStatus) -> None:
+    service, now = await _routed_service(mongo_db, status), utcnow()
+    (mid,) = (await service.submit("acme", [_sms()], now)).ids
+    docs = [d async for d in mongo_db["events"].find({"message_id": mid})]
+    assert [(d["type"], d.get("topic")) for d in docs] == [("accepted", "route")]
+
+
+async def test_no_route_for_the_destination_leaves_the_failure_to_the_router(mongo_db: AsyncDatabase) -> None:
+    routes, now = RouteStore(mongo_db), utcnow()
+    await routes.upsert(Route(id="uk", prefixes=("44",)), actor="test", now=now)
+    await routes.set_status("uk", RouteStatus.UP, now)
+    service = SubmissionService(EventStore(mongo_db), LaneStore(mongo_db), set(), routes=RouteTable(routes))
+    (mid,) = (await service.submit("acme", [_sms(to="+4915112345678")], now)).ids
+    assert [d["type"] async for d in mongo_db["events"].find({"message_id": mid})] == ["accepted"]

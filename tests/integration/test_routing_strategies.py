@@ -27,11 +27,11 @@ from core.domain.message import event_doc, evolve, lane_of, route_topic, routed_
 from core.domain.routing import Route, RouteStatus, Strategy
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneBook
-from core.store.routes import RouteStore
+from core.store.routes import ROUTES_TTL_S, RouteStore
 from core.store.timers import Timers, timer_doc
 from core.store.topics import Write
 from core.workers.loop import run_until_stopped
-from core.workers.router import ROUTES_TTL_S, Router
+from core.workers.router import Router
 from core.workers.timers import TimerReleaser
 from smsc.connector import Connector
 from smsc.pdu import ESME_RSYSERR
