@@ -6,8 +6,13 @@ For a batch of MO deliver_sm (one flush of the connector) this costs:
   each sender, through the partial index `accepted_to` (`data.to`, `tenant_id`, `at`; only
   `accepted` events are in it, so each entry is written once per message, on an insert-only
   collection);
-- one transaction appending every `inbound` event as the first event of a new stream (a fact only:
-  no topic, no head; its state is the fold of that one event).
+- one query on `smpp_accounts` for the tenants that receive MO over SMPP (core/store/smpp_accounts.py
+  `mo_topics`: the oldest account with `receive_mo`);
+- one transaction appending every `inbound` event as the first event of a new stream (a fact, no
+  head; its state is the fold of that one event). An MO of a tenant with such an account carries
+  `notify` = that account's topic (`dlr:<system_id>`) and takes a position there, in the same
+  transaction: smsc/esme_server/receipts.py sends it to the ESME as a deliver_sm. Other MO take no
+  position anywhere.
 
 MO to a number no tenant owns is kept in `orphan_receipts` (kind `mo_unassigned`), counted and logged.
 The caller acknowledges each deliver_sm only after this returns, i.e. after its event is committed:
@@ -36,14 +41,23 @@ from core.domain.encoding import DecodedMo, MoAlphabet, decode_mo, split_udh
 from core.domain.events import Event, EventType
 from core.ids import new_message_id
 from core.store.eventstore import EventStore
-from core.store.numbers import NumberStore, ensure_inbound_indexes
+from core.store.numbers import NumberStore
+from core.store.numbers import ensure_inbound_indexes as ensure_event_indexes
 from core.store.routes import RouteStore
+from core.store.smpp_accounts import SmppAccountStore
 from core.store.topics import Write
 from smsc.session import DeliverSm
 
 log = logging.getLogger(__name__)
 
 __all__ = ["InboundRecorder", "e164", "ensure_inbound_indexes", "mo_text"]
+
+
+async def ensure_inbound_indexes(db: Any) -> None:
+    """The indexes MO handling relies on (idempotent): those on `events` (core/store/numbers.py) and
+    the SMPP accounts' (`mo_topics` reads the partial index `tenant_mo`)."""
+    await ensure_event_indexes(db)
+    await SmppAccountStore(db).ensure_indexes()
 
 
 def e164(address: str) -> str:
@@ -79,6 +93,7 @@ class InboundRecorder:
         self.store = store
         self.numbers = NumberStore(store.db)
         self.routes = RouteStore(store.db)
+        self.smpp_accounts = SmppAccountStore(store.db)
         self.route_id = route_id
         self.mo_alphabet = mo_alphabet
 
@@ -103,6 +118,7 @@ class InboundRecorder:
         assigned = [(p, owners[p.destination]) for p in pdus if p.destination in owners]
         unassigned = [p for p in pdus if p.destination not in owners]
         replies = await self._reply_targets({(t, e164(p.source)) for p, t in assigned})
+        notify = await self.smpp_accounts.mo_topics(t for _, t in assigned)
         if unassigned:  # first: a failure after the commit below must not record the MO twice on retry
             await self.store.db["orphan_receipts"].insert_many([self._orphan(p, now, alphabet) for p in unassigned])
             result.unassigned = len(unassigned)
@@ -115,19 +131,22 @@ class InboundRecorder:
         ids = sorted(new_message_id() for _ in assigned)
         for message_id, (p, tenant) in zip(ids, assigned, strict=True):
             event = self._event(message_id, p, tenant, now, replies.get((tenant, e164(p.source))), alphabet)
-            events.append(event)
+            events.append(event.model_copy(update={"notify": notify.get(tenant)}))
         if events:
-            await self.store.accept([Write(message_id=e.message_id, events=[e.to_doc()]) for e in events])
+            # The topic is given explicitly: `inbound` is not an outcome (core.domain.message.NOTIFY_TYPES).
+            await self.store.accept([Write(message_id=e.message_id, events=[e.to_doc()], topics=[e.notify])
+                                     for e in events])
             result.committed = [e.message_id for e in events]
             for e in events:
-                log.info("inbound message=%s tenant=%s route=%s from=%s to=%s reply_to=%s", e.message_id,
-                         e.tenant_id, self.route_id, e.data["from"], e.data["to"], e.data.get("reply_to"))
+                log.info("inbound message=%s tenant=%s route=%s from=%s to=%s reply_to=%s notify=%s", e.message_id,
+                         e.tenant_id, self.route_id, e.data["from"], e.data["to"], e.data.get("reply_to"), e.notify)
         return result
 
     def _event(self, message_id: str, p: DeliverSm, tenant: str, now: datetime, reply_to: str | None,
                alphabet: MoAlphabet) -> Event:
         decoded, concat = mo_text(p, alphabet)
-        data: dict[str, Any] = {"from": e164(p.source), "to": e164(p.destination), "text": decoded.text}
+        data: dict[str, Any] = {"from": e164(p.source), "to": e164(p.destination), "text": decoded.text,
+                                "data_coding": p.data_coding}
         if decoded.undecodable is not None:
             data["undecodable"] = decoded.undecodable.hex()
             log.warning("route=%s message=%s tenant=%s: MO from=%s data_coding=%d (mo_alphabet %s) has bytes "

@@ -3,12 +3,16 @@
     POST /v1/admin/smpp-accounts                               create; answers its password, shown once
     GET  /v1/admin/smpp-accounts?tenant_id=                    every account (of a tenant)
     GET  /v1/admin/smpp-accounts/{system_id}                   one account
+    PATCH /v1/admin/smpp-accounts/{system_id}                  change settings (e.g. `receive_mo`)
     POST /v1/admin/smpp-accounts/{system_id}/disable           it can no longer bind
     POST /v1/admin/smpp-accounts/{system_id}/enable
     POST /v1/admin/smpp-accounts/{system_id}/rotate-password   a new password, shown once
 
 Errors: 404 `smpp_account_not_found` / `tenant_not_found`, 409 `smpp_account_exists`, 422
 `validation_error`. Passwords are stored as scrypt hashes (core/store/smpp_accounts.py).
+
+`receive_mo`: MO for the tenant's numbers go to this account as deliver_sm; with several such
+accounts per tenant, the oldest gets them (core/store/smpp_accounts.py `mo_topics`).
 """
 
 from __future__ import annotations
@@ -66,6 +70,26 @@ class SmppAccountCreate(BaseModel):
     transactional: Annotated[bool, Field(strict=True, description="Its messages' lane by default: transactional "
                                                                   "(true) or the tenant's marketing lane")] = True
     alphabet: Annotated[Literal["gsm", "latin1"], Field(description="What data_coding 0 means")] = "gsm"
+    receive_mo: Annotated[bool, Field(strict=True, description="MO for the tenant's numbers go to this account "
+                                                               "(the tenant's oldest such account gets them)")] = False
+
+
+class SmppAccountUpdate(BaseModel):
+    """Only the fields given change; `tps: null` means unlimited."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_ips: Annotated[list[Annotated[str, Field(max_length=50)]] | None, Field(max_length=100)] = None
+    max_binds: Annotated[int | None, Field(ge=1, le=MAX_BINDS_LIMIT, strict=True)] = None
+    window: Annotated[int | None, Field(ge=1, le=MAX_WINDOW, strict=True)] = None
+    tps: Annotated[float | None, Field(gt=0, le=MAX_TPS, allow_inf_nan=False, strict=True)] = None
+    transactional: Annotated[bool | None, Field(strict=True)] = None
+    alphabet: Literal["gsm", "latin1"] | None = None
+    receive_mo: Annotated[bool | None, Field(strict=True)] = None
+
+    def changes(self) -> dict[str, Any]:
+        """The fields set in the request; null is a value only for `tps`."""
+        return {k: getattr(self, k) for k in self.model_fields_set if getattr(self, k) is not None or k == "tps"}
 
 
 class SmppAccountPublic(BaseModel):
@@ -77,6 +101,7 @@ class SmppAccountPublic(BaseModel):
     tps: float | None
     transactional: bool
     alphabet: str
+    receive_mo: bool = False
     enabled: bool
     created_at: datetime | None = None
     changed_at: datetime | None = None
@@ -92,7 +117,7 @@ class SmppAccountWithPassword(BaseModel):
 
 
 def _out(doc: dict[str, Any]) -> SmppAccountPublic:
-    return SmppAccountPublic(**{k: doc.get(k) for k in SmppAccountPublic.model_fields})
+    return SmppAccountPublic(**{k: doc[k] for k in SmppAccountPublic.model_fields if k in doc})
 
 
 def _not_found(e: SmppAccountNotFound) -> ApiError:
@@ -109,7 +134,8 @@ async def create_account(body: SmppAccountCreate, actor: AdminDep, accounts: Acc
     try:
         doc, password = await accounts.create(
             body.system_id, body.tenant_id, utcnow(), allowed_ips=body.allowed_ips, max_binds=body.max_binds,
-            window=body.window, tps=body.tps, transactional=body.transactional, alphabet=body.alphabet)
+            window=body.window, tps=body.tps, transactional=body.transactional, alphabet=body.alphabet,
+            receive_mo=body.receive_mo)
     except SmppAccountExists as e:
         raise ApiError(409, "smpp_account_exists", str(e), {"system_id": e.system_id}) from e
     except InvalidSmppAccount as e:
@@ -129,6 +155,22 @@ async def get_account(system_id: SystemIdPath, _: AdminDep, accounts: AccountsDe
     doc = await accounts.get(system_id)
     if doc is None:
         raise _not_found(SmppAccountNotFound(system_id))
+    return _out(doc)
+
+
+@router.patch("/{system_id}", response_model=SmppAccountPublic, dependencies=[JsonBody],
+              responses=NOT_FOUND | JSON_BODY_ERRORS, summary="Change an SMPP account's settings",
+              description="Open binds keep the settings they bound with; `receive_mo` applies to the next MO.")
+async def update_account(system_id: SystemIdPath, body: SmppAccountUpdate, actor: AdminDep,
+                         accounts: AccountsDep) -> SmppAccountPublic:
+    changes = body.changes()
+    try:
+        doc = await accounts.update(system_id, changes, utcnow())
+    except SmppAccountNotFound as e:
+        raise _not_found(e) from e
+    except InvalidSmppAccount as e:
+        raise ApiError(422, "validation_error", str(e), [{"field": e.field, "message": str(e)}]) from e
+    log.info("admin: smpp account %s changed by %s: %s", system_id, actor, sorted(changes))
     return _out(doc)
 
 

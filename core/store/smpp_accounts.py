@@ -12,8 +12,15 @@ A document:
     tps             submit_sm per second (over it: ESME_RTHROTTLED); None = unlimited
     transactional   the lane of its messages: True = the shared transactional lane, False = the
                     tenant's marketing lane ("default priority"; priority_flag >= 1 is transactional)
-    alphabet        what data_coding 0 means in its submits: "gsm" (GSM 03.38) or "latin1"
+    alphabet        what data_coding 0 means in its submits (and in the MO it receives): "gsm" (GSM
+                    03.38) or "latin1"
+    receive_mo      MO for the tenant's numbers go to this account (its `dlr:<_id>` topic, beside the
+                    receipts); when several accounts of a tenant have it, the oldest (created_at, then
+                    _id) gets them all (`mo_topics`). Default false: MO are kept in the log only.
     enabled, created_at, changed_at
+
+A disabled account with `receive_mo` still gets MO in its topic: they wait there, like its receipts,
+until it is enabled and binds again.
 
 SMPP passwords are at most 8 characters (the field holds 9 octets with its NUL), so they are short:
 they are stretched with scrypt, unlike API keys (high-entropy tokens, SHA-256 is enough there).
@@ -28,6 +35,7 @@ import ipaddress
 import re
 import secrets
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -42,6 +50,7 @@ SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # system_id: 16 octets wit
 PASSWORD_LEN = 8
 ALPHABETS = ("gsm", "latin1")
 MAX_BINDS_LIMIT, MAX_WINDOW, MAX_TPS = 64, 1000, 100_000.0
+UPDATABLE = ("allowed_ips", "max_binds", "window", "tps", "transactional", "alphabet", "receive_mo")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _PASSWORD_CHARS = string.ascii_letters + string.digits
 
@@ -77,6 +86,7 @@ class SmppAccount:
     transactional: bool = True
     alphabet: str = "gsm"
     enabled: bool = True
+    receive_mo: bool = False
 
     @property
     def notify_topic(self) -> str:
@@ -127,6 +137,9 @@ def validate(fields: dict[str, Any]) -> dict[str, Any]:
         raise InvalidSmppAccount("tps", f"a number above 0 and at most {MAX_TPS:g}, or null")
     if "alphabet" in out and out["alphabet"] not in ALPHABETS:
         raise InvalidSmppAccount("alphabet", f"one of {', '.join(ALPHABETS)}")
+    for name in ("transactional", "receive_mo"):
+        if name in out and not isinstance(out[name], bool):
+            raise InvalidSmppAccount(name, "true or false")
     return out
 
 
@@ -140,26 +153,31 @@ def account_of(doc: dict[str, Any]) -> SmppAccount:
     return SmppAccount(system_id=doc["_id"], tenant_id=doc["tenant_id"], allowed_ips=tuple(doc.get("allowed_ips", ())),
                        max_binds=int(doc.get("max_binds", 4)), window=int(doc.get("window", 100)),
                        tps=doc.get("tps"), transactional=bool(doc.get("transactional", True)),
-                       alphabet=doc.get("alphabet", "gsm"), enabled=bool(doc.get("enabled", True)))
+                       alphabet=doc.get("alphabet", "gsm"), enabled=bool(doc.get("enabled", True)),
+                       receive_mo=bool(doc.get("receive_mo", False)))
 
 
 class SmppAccountStore:
-    def __init__(self, db: AsyncDatabase) -> None:
+    def __init__(self, db: AsyncDatabase[Any]) -> None:
         self.accounts = db["smpp_accounts"]
 
     async def ensure_indexes(self) -> None:
         await self.accounts.create_index("tenant_id", name="tenant")
+        # MO routing (`mo_topics`): only accounts that receive MO are in it.
+        await self.accounts.create_index([("tenant_id", 1), ("created_at", 1), ("_id", 1)], name="tenant_mo",
+                                         partialFilterExpression={"receive_mo": True})
 
     async def create(self, system_id: str, tenant_id: str, now: datetime, *, allowed_ips: list[str] | None = None,
                      max_binds: int = 4, window: int = 100, tps: float | None = None, transactional: bool = True,
-                     alphabet: str = "gsm", password: str | None = None) -> tuple[dict[str, Any], str]:
+                     alphabet: str = "gsm", receive_mo: bool = False,
+                     password: str | None = None) -> tuple[dict[str, Any], str]:
         """Create an account; returns (public document, password): the only time the password is
         visible. Raises InvalidSmppAccount or SmppAccountExists. The tenant is not checked here (the
         admin API and the CLI check it; the server refuses a bind of an unknown tenant)."""
         if not SYSTEM_ID_RE.match(system_id):
             raise InvalidSmppAccount("system_id", "1-15 of A-Z, a-z, 0-9, '_', '.' and '-'")
         settings = validate({"allowed_ips": allowed_ips or [], "max_binds": max_binds, "window": window, "tps": tps,
-                             "alphabet": alphabet})
+                             "alphabet": alphabet, "receive_mo": receive_mo})
         password = password or new_password()
         doc = {"_id": system_id, "tenant_id": tenant_id, **settings, "transactional": transactional,
                "password": hash_password(password), "enabled": True, "created_at": now, "changed_at": now}
@@ -185,6 +203,30 @@ class SmppAccountStore:
         """Enable or disable; a disabled account cannot bind (open binds are not cut: the server
         checks the account at every bind)."""
         return await self._update(system_id, {"$set": {"enabled": enabled, "changed_at": now}})
+
+    async def update(self, system_id: str, fields: dict[str, Any], now: datetime) -> dict[str, Any]:
+        """Change settings (any of UPDATABLE); raises InvalidSmppAccount or SmppAccountNotFound. Open
+        binds keep the settings they bound with; `receive_mo` applies to the next MO batch."""
+        unknown = set(fields) - set(UPDATABLE)
+        if unknown:
+            raise InvalidSmppAccount(sorted(unknown)[0], "cannot be changed")
+        return await self._update(system_id, {"$set": {**validate(fields), "changed_at": now}})
+
+    async def mo_topics(self, tenant_ids: Iterable[str]) -> dict[str, str]:
+        """tenant -> the topic its MO go to: that of its oldest account with `receive_mo` (created_at,
+        then system_id: deterministic, and stable while that account exists). Tenants with none are
+        absent. One query through the partial index `tenant_mo`."""
+        ids = sorted(set(tenant_ids))
+        if not ids:
+            return {}
+        out: dict[str, str] = {}
+        try:
+            async for d in self.accounts.find({"tenant_id": {"$in": ids}, "receive_mo": True},
+                                              {"_id": 1, "tenant_id": 1}).sort([("created_at", 1), ("_id", 1)]):
+                out.setdefault(d["tenant_id"], SmppAccount(system_id=d["_id"], tenant_id=d["tenant_id"]).notify_topic)
+        except PyMongoError as e:
+            raise StoreUnavailable(str(e)) from e
+        return out
 
     async def rotate_password(self, system_id: str, now: datetime) -> tuple[dict[str, Any], str]:
         password = new_password()

@@ -49,7 +49,8 @@ def _line(a: dict[str, Any]) -> str:
     ips = ",".join(a.get("allowed_ips") or []) or "any"
     return (f"{a['system_id']}\ttenant={a['tenant_id']}\t{'enabled' if a.get('enabled') else 'disabled'}\t"
             f"max_binds={a.get('max_binds')}\twindow={a.get('window')}\ttps={tps}\tips={ips}\t"
-            f"{'transactional' if a.get('transactional', True) else 'marketing'}\talphabet={a.get('alphabet')}")
+            f"{'transactional' if a.get('transactional', True) else 'marketing'}\talphabet={a.get('alphabet')}\t"
+            f"receive_mo={'yes' if a.get('receive_mo') else 'no'}")
 
 
 @smpp_accounts_app.command("create")
@@ -62,6 +63,8 @@ def create(
     tps: Annotated[float | None, typer.Option(help="submit_sm per second (default unlimited)")] = None,
     marketing: Annotated[bool, typer.Option("--marketing", help="Its messages go to the marketing lane")] = False,
     alphabet: Annotated[str, typer.Option(help="What data_coding 0 means: gsm or latin1")] = "gsm",
+    receive_mo: Annotated[bool, typer.Option("--receive-mo", help="MO for the tenant's numbers go to this "
+                                             "account (the tenant's oldest such account gets them)")] = False,
 ) -> None:
     """Create an account and print its password (shown only this once)."""
 
@@ -69,7 +72,8 @@ def create(
         if await tenants.get(tenant) is None:
             return None
         return await accounts.create(system_id, tenant, utcnow(), allowed_ips=allow_ip or [], max_binds=max_binds,
-                                     window=window, tps=tps, transactional=not marketing, alphabet=alphabet)
+                                     window=window, tps=tps, transactional=not marketing, alphabet=alphabet,
+                                     receive_mo=receive_mo)
 
     created = _with_store("create", go)
     if created is None:
@@ -82,6 +86,19 @@ def list_accounts(tenant: Annotated[str | None, typer.Option("--tenant", help="O
     """One line per account."""
     for a in _with_store("list", lambda accounts, _: accounts.list(tenant)):
         typer.echo(_line(a))
+
+
+@smpp_accounts_app.command("update")
+def update(
+    system_id: SystemIdArg,
+    receive_mo: Annotated[bool | None, typer.Option("--receive-mo/--no-receive-mo",
+                                                    help="Whether MO for the tenant's numbers go to it")] = None,
+) -> None:
+    """Change an account's settings (those given)."""
+    changes: dict[str, Any] = {} if receive_mo is None else {"receive_mo": receive_mo}
+    if not changes:
+        raise _fail("update", "nothing to change (e.g. --receive-mo or --no-receive-mo)", 2)
+    typer.echo(_line(_with_store("update", lambda a, _: a.update(system_id, changes, utcnow()))))
 
 
 @smpp_accounts_app.command("disable")

@@ -6,5 +6,6 @@
 - `concat.py`     long messages (UDH, SAR) held until complete, then accepted as one
 - `committer.py`  group commit: submits within a few ms share one transaction; resp after commit
 - `queries.py`    query_sm (the fold), cancel_sm (only a message not yet routed)
-- `receipts.py`   per account: the `dlr:<system_id>` topic read by position -> deliver_sm
+- `receipts.py`   per account: the `dlr:<system_id>` topic read by position -> deliver_sm (receipts, MO)
+- `mo.py`         the deliver_sm of an MO (`inbound` event) for an account with `receive_mo`
 """

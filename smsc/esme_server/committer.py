@@ -5,6 +5,13 @@ moment opens a batch and schedules its flush `window_s` later (or at once when `
 reached); the flush is ONE `SubmissionService.submit` (all or nothing), then every future gets its
 id, or the error. The submit_sm_resp is written only after that, so an id an ESME holds is always
 committed. A bigger window means fewer transactions and a longer submit_sm -> submit_sm_resp.
+
+One commit at a time per process: a batch due while another commits keeps growing and commits
+when that one is done (oldest due first). Every batch takes positions in the same topic counters
+(`route`, the lanes), so concurrent transactions of this process would only conflict on them and
+retry. Measured with ops/bench/esme.py (1 bind, ESME window 100, 500 messages, 5 ms, on a loaded
+2-core machine): commits in parallel made 9 messages per transaction, 42 submit/s and a p99 of 11.9
+s; one at a time, 45 per transaction, 188 submit/s and a p99 of 0.6 s.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ class GroupCommitter:
         self.accepted = 0
         self._open: dict[str, _Batch] = {}
         self._flushing: set[asyncio.Task[None]] = set()
+        self._busy = False  # a commit is in flight
+        self._due: list[str] = []  # tenants whose batch is due, waiting for the commit in flight
 
     async def submit(self, tenant_id: str, item: Submission) -> str:
         """The message id of `item` once its `accepted` event is committed; raises the store's error
@@ -59,14 +68,35 @@ class GroupCommitter:
     def _flush(self, tenant_id: str, batch: _Batch) -> None:
         if self._open.get(tenant_id) is not batch:
             return  # flushed already (full before its timer)
-        del self._open[tenant_id]
         if batch.timer is not None:
             batch.timer.cancel()
+            batch.timer = None
+        if self._busy:  # it grows until the commit in flight is done (see the module doc)
+            if tenant_id not in self._due:
+                self._due.append(tenant_id)
+            return
+        del self._open[tenant_id]
+        self._busy = True
         task = asyncio.create_task(self._commit(tenant_id, batch), name=f"esme-commit-{tenant_id}")
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
+    def _next(self) -> None:
+        """The commit in flight is done: start the oldest due batch."""
+        self._busy = False
+        while self._due and not self._busy:
+            tenant_id = self._due.pop(0)
+            batch = self._open.get(tenant_id)
+            if batch is not None:
+                self._flush(tenant_id, batch)
+
     async def _commit(self, tenant_id: str, batch: _Batch) -> None:
+        try:
+            await self._commit_batch(tenant_id, batch)
+        finally:
+            self._next()
+
+    async def _commit_batch(self, tenant_id: str, batch: _Batch) -> None:
         try:
             submitted = await self.service.submit(tenant_id, batch.items, self.clock())
         except Exception as e:  # every waiter gets the error; the submits are answered, not lost
@@ -85,8 +115,9 @@ class GroupCommitter:
                 fut.set_result(mid)
 
     async def drain(self) -> None:
-        """Flush what is open and wait for every commit in flight (at stop)."""
-        for tenant_id, batch in list(self._open.items()):
-            self._flush(tenant_id, batch)
-        if self._flushing:
-            await asyncio.gather(*self._flushing, return_exceptions=True)
+        """Flush what is open and wait for every commit, in flight or due (at stop)."""
+        while self._open or self._flushing:
+            for tenant_id, batch in list(self._open.items()):
+                self._flush(tenant_id, batch)
+            if self._flushing:
+                await asyncio.gather(*self._flushing, return_exceptions=True)

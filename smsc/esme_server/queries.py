@@ -21,13 +21,10 @@ from core.store.eventstore import EventStore
 from core.store.smpp_accounts import SmppAccount
 from core.store.topics import Write
 from smsc.esme_server import wire
-from smsc.pdu import MESSAGE_STATES, as_str
+from smsc.pdu import ESME_RCANCELFAIL, ESME_RINVMSGID, ESME_RQUERYFAIL, MESSAGE_STATES, as_str
 
 log = logging.getLogger(__name__)
 
-ESME_RINVMSGID = 0x0C
-ESME_RCANCELFAIL = 0x11
-ESME_RQUERYFAIL = 0x67
 MAX_ID_LEN = 64
 # msgcore state -> SMPP message_state (v3.4 section 5.2.28).
 SMPP_STATE = {"delivered": "DELIVRD", "expired": "EXPIRED", "canceled": "DELETED", "undelivered": "UNDELIV",

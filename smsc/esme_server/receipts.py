@@ -1,4 +1,4 @@
-"""Receipts to an ESME: the consumer of the account's topic `dlr:<system_id>`, read by position.
+"""Receipts and MO to an ESME: the consumer of the account's topic `dlr:<system_id>`, read by position.
 
 A message submitted over SMPP with registered_delivery carries `notify="dlr:<system_id>"`, so each
 of its final events (whatever stage writes it) takes a position in that topic. This sender, one per
@@ -16,6 +16,11 @@ account and process while the account has a receiver (or transceiver) bind here:
 So every position below the checkpoint was answered by the ESME; a crash between sending and the
 commit sends the range again (an ESME may see a receipt twice, never miss one). Intermediate
 notifications (registered_delivery bit 4) are not sent: only final events reach the topic.
+
+MO take the same path: an `inbound` event in the topic (smsc/inbound.py puts it there for the
+tenant's oldest account with `receive_mo`) goes out as a plain MO deliver_sm (mo.py) instead of a
+receipt, with the same guarantees: it waits while no receiver is bound, is sent again after a
+time-out or a reconnect, and is done only once its deliver_sm_resp (ESME_ROK) arrived.
 """
 
 from __future__ import annotations
@@ -32,8 +37,9 @@ from core import metrics
 from core.store.errors import CheckpointMoved, Fenced, StoreError
 from core.store.owners import Owners, Ownership
 from core.store.topics import checkpoint_id
+from smsc.esme_server.mo import mo_fields
 from smsc.esme_server.queries import SMPP_STATE
-from smsc.pdu import ESM_CLASS_RECEIPT, MESSAGE_STATES, build_receipt_text
+from smsc.pdu import ESM_CLASS_RECEIPT, ESME_ROK, MESSAGE_STATES, build_receipt_text
 
 if TYPE_CHECKING:
     from core.store.smpp_accounts import SmppAccount
@@ -48,8 +54,11 @@ RETRY_PAUSE_S = 1.0
 
 @dataclass(frozen=True)
 class Receipt:
+    """A deliver_sm to send: a receipt (kind "receipt") or an MO (kind "mo")."""
+
     message_id: str
     fields: dict[str, Any]
+    kind: str = "receipt"
 
 
 def receipt_of(event: dict[str, Any], accepted: dict[str, Any]) -> Receipt | None:
@@ -164,10 +173,17 @@ class ReceiptSender:
             self.stats["ranges"] += 1
 
     async def _receipts(self, start: int, end: int) -> list[Receipt]:
+        """The deliver_sm of [start, end): an MO carries all it needs; a receipt needs its message's
+        `accepted` event (one query for the range)."""
         docs = await self.log.read(self.topic, start, end)
-        streams = await self.log.load_many(d["message_id"] for d in docs)
+        streams = await self.log.load_many(d["message_id"] for d in docs if d["type"] != "inbound")
         out = []
         for d in docs:
+            if d["type"] == "inbound":
+                out.append(Receipt(d["message_id"], mo_fields(d, self.account.alphabet), kind="mo"))
+                log.info("esme-server %s: MO message=%s tenant=%s from=%s to deliver", self.topic,
+                         d["message_id"], d["tenant_id"], d.get("data", {}).get("from"))
+                continue
             accepted = next((e for e in streams.get(d["message_id"], []) if e["seq"] == 1), None)
             receipt = receipt_of(d, accepted) if accepted is not None else None
             if receipt is not None:
@@ -188,13 +204,15 @@ class ReceiptSender:
             counter = metrics.ESME_RECEIPTS_SENT if first else metrics.ESME_RECEIPTS_REDELIVERED
             counter.inc(len(sent))
             self.stats["sent" if first else "redelivered"] += len(sent)
+            self.stats["mo_sent" if first else "mo_redelivered"] += sum(r.kind == "mo" for r, _ in sent)
             await asyncio.wait(futures, timeout=self.server.config.receipt_timeout_s)
             pending = [r for (r, _), f in zip(sent, futures, strict=True) if not _acked(f)]
             answered = all(f.done() and not f.cancelled() for f in futures)
             for f in futures:
                 f.cancel()  # a late answer of an abandoned send is ignored
             if pending:
-                log.info("esme-server %s: %d receipt(s) not acknowledged; sending again", self.topic, len(pending))
+                log.info("esme-server %s: %d deliver_sm not acknowledged (e.g. message=%s); sending again",
+                         self.topic, len(pending), pending[0].message_id)
                 await self._keep()
                 if answered:
                     await asyncio.sleep(RETRY_PAUSE_S)  # refused, not lost: do not hammer the ESME
@@ -203,5 +221,5 @@ class ReceiptSender:
 
 
 def _acked(fut: asyncio.Future[int]) -> bool:
-    return fut.done() and not fut.cancelled() and fut.result() == 0
+    return fut.done() and not fut.cancelled() and fut.result() == ESME_ROK
 

@@ -25,6 +25,7 @@ from core.store.database import Database
 from core.store.errors import StoreError
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneStore
+from core.store.routes import RouteStore, RouteTable
 from core.store.smpp_accounts import SmppAccount, SmppAccountStore, password_matches
 from core.store.tenants import ACTIVE, TenantStore
 from core.submission_service import SubmissionService
@@ -74,7 +75,9 @@ class EsmeServer:
         self.accounts = SmppAccountStore(db)
         self.tenants = TenantStore(db)
         self.events = EventStore(db)
-        self.committer = GroupCommitter(SubmissionService(self.events, LaneStore(db), set()), clock,
+        # One-time passwords over SMPP are routed at acceptance too when their route is UP.
+        service = SubmissionService(self.events, LaneStore(db), set(), routes=RouteTable(RouteStore(db)))
+        self.committer = GroupCommitter(service, clock,
                                         config.commit_window_s)
         self.parts: Reassembler[Waiter] = Reassembler(config.part_hold_s)
         self.limiter = SubmissionLimiter()
@@ -93,6 +96,7 @@ class EsmeServer:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
+        await self.accounts.ensure_indexes()
         self._server = await asyncio.start_server(self._handle, self.config.host, self.config.port)
         self._sweeper = asyncio.create_task(self._sweep_parts(), name="esme-parts")
         log.info("esme-server listening on %s:%d", self.config.host, self.port)

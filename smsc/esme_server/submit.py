@@ -17,12 +17,16 @@ from core.domain.recipients import normalize_phone
 from core.domain.submission_rules import E164, MAX_VALIDITY_S, MIN_VALIDITY_S, SENDER_ID
 from core.store.smpp_accounts import SmppAccount
 from core.store.submission import Submission
-from smsc.pdu import ESME_RINVDSTADR, ESME_RINVMSGLEN, ESME_RINVSRCADR, as_str
-
-ESME_RINVDCS = 0x00000104  # SMPP v5.0's code for an unsupported data_coding (v3.4 has none); ESMEs know it
-ESME_RINVSCHED = 0x61
-ESME_RINVEXPIRY = 0x62
-ESME_RINVESMCLASS = 0x43
+from smsc.pdu import (
+    ESME_RINVDCS,
+    ESME_RINVDSTADR,
+    ESME_RINVESMCLASS,
+    ESME_RINVEXPIRY,
+    ESME_RINVMSGLEN,
+    ESME_RINVSCHED,
+    ESME_RINVSRCADR,
+    as_str,
+)
 
 TON_INTERNATIONAL, TON_NATIONAL, TON_ALPHANUMERIC = 1, 2, 5
 DC_DEFAULT, DC_ASCII, DC_LATIN1, DC_BINARY, DC_BINARY_8, DC_UCS2 = 0, 1, 3, 2, 4, 8

@@ -9,7 +9,7 @@ from typing import Any
 
 from smpplib import smpp
 
-from smsc.pdu import SequenceCounter
+from smsc.pdu import ESME_ROK, SequenceCounter
 
 HEADER = struct.Struct(">LLLL")
 HEADER_LEN = 16
@@ -27,14 +27,14 @@ BIND_MODES = {BIND_TRANSMITTER: "tx", BIND_RECEIVER: "rx", BIND_TRANSCEIVER: "tr
 _NO_CLIENT = SequenceCounter()
 
 
-def response(name: str, sequence: int, status: int = 0, **fields: Any) -> bytes:
+def response(name: str, sequence: int, status: int = ESME_ROK, **fields: Any) -> bytes:
     """A response PDU (`<command>_resp`, generic_nack) with the request's sequence number."""
     pdu = smpp.make_pdu(name, client=_NO_CLIENT, status=status, **fields)
     pdu.sequence = sequence
     return bytes(pdu.generate())
 
 
-def header_only(command_id: int, sequence: int, status: int = 0) -> bytes:
+def header_only(command_id: int, sequence: int, status: int = ESME_ROK) -> bytes:
     return HEADER.pack(HEADER_LEN, command_id, status, sequence)
 
 
