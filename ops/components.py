@@ -93,6 +93,9 @@ async def _run_stage(settings: Settings, component: str,
         log.info("%s stopped", component)
 
 
+ROUTER_MAX_IDLE_S = {"shared": 0.2, "bulk": 0.5}
+
+
 async def router_main(settings: Settings) -> None:
     """Two routing loops in one process: the shared (transactional) lane, and the campaign and
     marketing lanes, so that a one-time password is routed while a bulk batch commits."""
@@ -105,7 +108,11 @@ async def router_main(settings: Settings) -> None:
         routers = [Router(EventStore(db), RouteStore(db), utcnow, batch_size=settings.batch_size,
                           max_attempts=settings.max_attempts, scope=scope) for scope in (SHARED, BULK)]
         log.info("router started (%s)", worker_id("router"))
-        await asyncio.gather(*(run_until_stopped(f"router[{r.scope}]", r.step, stop, settings.poll_interval_s)
+        # Idle polls back off: one-time passwords whose route is UP do not pass through the router
+        # (routed at acceptance), so its shared lane waits for the exceptions (route BUSY or DOWN,
+        # retries, released timers) and its bulk lanes for campaigns; both may answer a little later.
+        await asyncio.gather(*(run_until_stopped(f"router[{r.scope}]", r.step, stop, settings.poll_interval_s,
+                                                 max_idle_s=ROUTER_MAX_IDLE_S[r.scope])
                                for r in routers))
         log.info("router stopped")
 

@@ -10,7 +10,7 @@ acquire the key. A graceful stop commits what is in flight and releases the key.
 
 One batch, in this order (commit order = read order, even while batches are pipelined):
 1. read: `TopicReader` over the route's lanes (transactional first, bulk limited to CLAIM_AHEAD_S of
-   the route's rate, so a one-time password waits behind at most ~0.5 s of bulk);
+   the route's rate; a one-time password read meanwhile is sent first, smsc/send_queue.py);
 2. decide before sending (canceling lane, an earlier owner's open attempt, validity passed, suspended
    tenant) and record ONE attempt document for the batch, before any submit_sm;
 3. submit through a fixed pool of send workers (one per window slot; no task per message) that keep

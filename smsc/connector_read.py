@@ -25,8 +25,12 @@ from smsc.connector_jobs import Item, Job
 
 log = logging.getLogger(__name__)
 
-# Read no more than the route's TPS lets out in this long: a read message waits for its token in read
-# order, so a one-time password arriving during a campaign waits behind at most this much bulk.
+# Read no more than the route's TPS lets out in this long. Every batch costs a read, an attempt and a
+# commit (about ten store round trips) whatever its size, so a longer horizon is cheaper per message:
+# 1 s instead of 0.5 s made the 100k campaign 15 % faster on a saturated store, but a one-time
+# password posted during it waited twice as long (p99 2.5 s instead of 1.3 s: the read loop is busy
+# with larger bulk reads and attempts when the OTP arrives). Kept at 0.5 s. It also bounds how much
+# bulk is attempted ahead, and so still sent after a pause or a cancel.
 CLAIM_AHEAD_S = 0.5
 MIN_CLAIM_AHEAD = 10
 ROOM_WINDOWS = 6  # read-ahead: at most this many windows (and CLAIM_AHEAD_S of the achieved rate)
