@@ -15,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,6 +240,7 @@ def up(settings: Settings) -> None:
         base = metrics_base(settings)
         supervisor = Supervisor(settings, sim_port, base, smpp_port)
         supervisor.watch()
+        _wait_until_ready(f"{api_url}/readyz", supervisor, lambda: stop_requested)
         _banner(api_url, demo_key, settings, data_dir, sim_port, [*metrics_lines(api_url, base), *smpp_lines])
         while not stop_requested:
             time.sleep(0.5)
@@ -249,6 +252,22 @@ def up(settings: Settings) -> None:
         for server in reversed(servers):
             server.stop()
         log.info("msgcore stopped")
+
+
+def _wait_until_ready(url: str, supervisor: Supervisor, stopped: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Print the banner only once the api answers: a newcomer pastes its `curl` at once, and the
+    api takes a few seconds to start (connection refused before, not a helpful first sight)."""
+    deadline = time.monotonic() + timeout_s
+    while not stopped() and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # not listening yet, or 503 while a store is still coming up
+            pass
+        supervisor.watch()
+        time.sleep(0.25)
+    log.warning("the api did not answer %s within %.0f s; see its log lines above", url, timeout_s)
 
 
 def _banner(api_url: str, key: str, settings: Settings, data_dir: Path, sim_port: int, metrics: list[str]) -> None:
