@@ -6,6 +6,12 @@ webhook call) keeps "one attempt per batch, nothing sent twice without the log s
   token); every commit of the owner is guarded by its epoch (`EventLog.commit(fence=...)`), so a
   paused or replaced owner can never commit over the new one. The holder renews its lease well
   before it ends and stops sending when it cannot.
+- `attempt_fences`: `{_id: owner key, epoch, at}`, the epoch again, written by `acquire` in the same
+  transaction as the owner document. `record_attempt` guards its insert by writing this document,
+  not the owner document: the attempt of the next batch and the commit of the previous one (which
+  writes the owner document) run at the same time, and on one document they conflicted (aborted and
+  retried transactions, seen in a profile of the server); a takeover still writes both, so either
+  write of a stale owner conflicts with it or finds a newer epoch.
 - `attempts`: one document per batch, inserted BEFORE the side effect: `{owner, epoch, ranges:
   {topic: [from, to]}, message_ids, at}`. It is never updated: the batch's commit moves the
   checkpoints past its ranges, which is what resolves it. A new owner that finds an attempt whose
@@ -59,6 +65,7 @@ class Owners:
     def __init__(self, db: AsyncDatabase) -> None:
         self.owners = db["owners"]
         self.attempts = db["attempts"]
+        self.fences = db["attempt_fences"]
         self.log = EventLog(db)
 
     async def ensure_indexes(self) -> None:
@@ -80,14 +87,15 @@ class Owners:
                 {"_id": owner, "$or": [{"lease_until": {"$lte": now}}, {"holder": holder}]},
                 {"$set": {"holder": holder, "lease_until": until, "acquired_at": now}, "$inc": {"epoch": 1}},
                 return_document=ReturnDocument.AFTER, session=session)
-            if doc is not None:
-                return dict(doc)
-            if await self.owners.find_one({"_id": owner}, {"_id": 1}, session=session) is not None:
-                return None  # somebody else holds it
-            fresh = {"_id": owner, "holder": holder, "lease_until": until, "acquired_at": now, "epoch": 1,
-                     "commits": 0}
-            await self.owners.insert_one(fresh, session=session)
-            return fresh
+            if doc is None:
+                if await self.owners.find_one({"_id": owner}, {"_id": 1}, session=session) is not None:
+                    return None  # somebody else holds it
+                doc = {"_id": owner, "holder": holder, "lease_until": until, "acquired_at": now, "epoch": 1,
+                       "commits": 0}
+                await self.owners.insert_one(doc, session=session)
+            await self.fences.update_one({"_id": owner}, {"$set": {"epoch": doc["epoch"], "at": now}}, upsert=True,
+                                         session=session)
+            return dict(doc)
 
         try:
             doc = await self.log.transaction(body)
@@ -119,12 +127,13 @@ class Owners:
 
     async def record_attempt(self, own: Ownership, ranges: dict[str, tuple[int, int]], message_ids: list[str],
                              now: datetime) -> str:
-        """Insert the attempt document of one batch, guarded by the epoch, before any side effect."""
+        """Insert the attempt document of one batch, guarded by the epoch (on `attempt_fences`, see the
+        module doc), before any side effect."""
         attempt_id = uuid.uuid4().hex
 
         async def body(session: Any) -> None:
-            res = await self.owners.update_one({"_id": own.owner, "epoch": own.epoch},
-                                               {"$set": {"last_attempt_at": now}}, session=session)
+            res = await self.fences.update_one({"_id": own.owner, "epoch": own.epoch}, {"$set": {"at": now}},
+                                               session=session)
             if res.matched_count != 1:
                 raise Fenced(own.owner, own.epoch)
             await self.attempts.insert_one(

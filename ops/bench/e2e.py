@@ -17,8 +17,8 @@ the end.
 Printed: accepted msg/s, delivered-and-billed msg/s, accepted->submit_sm (simulator journal) and
 accepted->billed p50/p95/p99, idle probes (single messages one at a time, each polled by folding its
 events until billed), projector lag at the end, MongoDB documents written per message (oplog entries
-for the run's database) split by collection (events, topic counters, checkpoints, attempts, owners,
-tenants, timers, other) and how many of them were updates of a per-message document, CPU seconds per
+for the run's database) split by collection (events, topic counters, checkpoints, attempts, attempt
+fences, owners, tenants, timers, other) and how many of them were updates of a per-message document, CPU seconds per
 1,000 messages per component and in total over the msgcore processes, peak RSS, and the STORE CEILING
 measured in the same run: the server's own rate for batched inserts of event-shaped documents in
 transactions into a collection with the events indexes, divided by 5 (five events per message), and
@@ -55,7 +55,7 @@ from ops.progress import read_progress, spent_minor
 from ops.stack import Stack, seed
 
 # The collections a message's life writes to, in print order; anything else is "other".
-COLLECTIONS = ("events", "topics", "checkpoints", "attempts", "owners", "tenants", "timers")
+COLLECTIONS = ("events", "topics", "checkpoints", "attempts", "attempt_fences", "owners", "tenants", "timers")
 PER_MESSAGE = ("events", "timers")  # documents keyed by message: an update of one is a per-message rewrite
 
 
