@@ -13,6 +13,7 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
     405 method_not_allowed      (with `Allow`)
     409 invalid_campaign_transition  e.g. pausing a campaign that is not running
         campaign_closed         recipients uploaded to a canceled or completed campaign
+        suppression_conflict    the same suppression entries kept changing meanwhile (retry)
         tenant_exists, route_exists  (admin: creating what exists)
     413 payload_too_large       body over `max_body_bytes`
     415 unsupported_media_type  body sent with a non-JSON content type (a recipient upload: not CSV)
@@ -23,6 +24,8 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
         invalid_csv, invalid_csv_header, invalid_encoding  a recipient upload that cannot be used at all
         idempotency_key_reused  same Idempotency-Key, different body
         batch_exceeds_rate_limit  more messages in one request than the tenant's burst
+        invalid_address, invalid_csv_rows, import_too_large  suppressions: a bad number, bad import rows
+        invalid_email, header_injection, subject_too_long, body_too_large  an e-mail (details: {field})
     429 rate_limited            over the tenant's submission rate (with `Retry-After`)
     503 unavailable             MongoDB unreachable (retry later)
         reporting_unavailable   search: no PostgreSQL configured, unreachable, or no reporting tables yet
@@ -47,6 +50,8 @@ from api.errors import ApiError, error_response, install_error_handlers
 from api.read_side import reporting_pool
 from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
 from api.routes.smpp_accounts import router as smpp_accounts_router
+from api.routes.suppressions import router as suppressions_router
+from api.routes.webhooks import router as webhooks_router
 from core import metrics
 from core.config import Settings
 from core.domain.ratelimit import SubmissionLimiter
@@ -55,7 +60,10 @@ from core.store.database import Database
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from core.store.routes import RouteStore, RouteTable
+from core.store.smpp_accounts import SmppAccountStore
+from core.store.suppressions import SuppressionStore
 from core.store.tenants import TenantStore
+from core.store.webhooks import WebhookStore
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +100,8 @@ def create_app(settings: Settings, db: Database | None = None, *,
     app.include_router(tenants_admin.router)  # /v1/admin/tenants (api/routes/tenants_admin.py)
     app.include_router(smpp_accounts_router)  # /v1/admin/smpp-accounts (api/routes/smpp_accounts.py)
     app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
+    app.include_router(suppressions_router)  # /v1/suppressions: opt-outs (api/routes/suppressions.py)
+    app.include_router(webhooks_router)  # /v1/webhooks: status webhooks (api/routes/webhooks.py)
     app.include_router(dashboard.router)  # /dashboard: operator web page, not in the OpenAPI document
     install_error_handlers(app)  # api/errors.py: the one place errors become HTTP
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -119,6 +129,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await EventStore(app.state.db).ensure_indexes()
         await TenantStore(app.state.db).ensure_indexes()
         await CampaignStore(app.state.db).ensure_indexes()
+        await SuppressionStore(app.state.db).ensure_indexes()
+        await SmppAccountStore(app.state.db).ensure_indexes()
+        await WebhookStore(app.state.db).ensure_indexes()
         log.info("api ready on database %s", app.state.db.name)
         yield
     finally:

@@ -21,10 +21,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.read_side import ReportingUnavailable
 from core.domain.campaign import CampaignTransitionError
+from core.domain.consent import InvalidConsentSetting
 from core.domain.errors import DomainError
 from core.store.campaigns import CampaignClosed, CampaignNotFound
 from core.store.database import UNTRANSLATED_UNAVAILABLE
 from core.store.errors import RouteNotDrained, StoreUnavailable
+from core.store.suppressions import SuppressionConflict
 from core.store.tenants import InvalidTenantSetting, KeyNotFound, TenantExists, TenantNotFound
 from core.submission_service import IdempotencyKeyReused
 
@@ -88,6 +90,9 @@ TYPED_ERRORS: dict[type[Exception], Callable[[Any], ApiError]] = {
                                      f"/v1/admin/tenants/{e.tenant_id}", {"tenant_id": e.tenant_id}),
     InvalidTenantSetting: lambda e: ApiError(422, "validation_error", str(e), [
         {"field": f"body.{e.field}", "loc": ["body", e.field], "type": "value_error", "message": str(e)}]),
+    InvalidConsentSetting: lambda e: ApiError(422, "validation_error", str(e), [
+        {"field": f"body.{e.field}", "loc": ["body", e.field], "type": "value_error", "message": str(e)}]),
+    SuppressionConflict: lambda e: ApiError(409, "suppression_conflict", str(e)),
     DomainError: lambda e: ApiError(422, e.code, str(e)),
     RouteNotDrained: lambda e: ApiError(409, "route_not_drained", str(e), {"route_id": e.route_id, "why": e.why}),
 }
@@ -150,7 +155,12 @@ def _field_errors(errors: Any) -> list[dict[str, Any]]:
 def _allowed_methods(request: Request) -> list[str]:
     """The methods the OpenAPI document gives the request's path (the `Allow` of a 405)."""
     methods: set[str] = set()
-    for path, item in request.app.openapi()["paths"].items():
-        if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)), request.url.path):
+    matched = [(path, item) for path, item in request.app.openapi()["paths"].items()
+               if re.fullmatch(re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(path)), request.url.path)]
+    # The most specific paths win: `/v1/suppressions/export` over `/v1/suppressions/{address}`, whose
+    # route leaves the literal words to them (api/routes/suppressions.py).
+    fewest = min((path.count("{") for path, _ in matched), default=0)
+    for path, item in matched:
+        if path.count("{") == fewest:
             methods |= {m.upper() for m in item if m.upper() in HTTP_METHODS}
     return sorted(methods)

@@ -96,10 +96,15 @@ def submission_json_schema() -> dict[str, Any]:
 
 class MessageAccepted(BaseModel):
     id: str
-    status: Literal["accepted"] = "accepted"
+    status: Literal["accepted", "rejected"] = Field(
+        default="accepted", description="`rejected`: refused at acceptance (see `reason`), never sent nor billed")
     to: str
     parts: int
     client_ref: str | None = None
+    # Only in the answer when set, so an accepted message's answer keeps its shape.
+    reason: str | None = Field(default=None, exclude_if=lambda v: v is None,
+                               description="Only when rejected, why: `opted_out` (the recipient is on the tenant's "
+                                           "suppression list)")
 
 
 class MessageBatchAccepted(BaseModel):

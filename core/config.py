@@ -57,3 +57,16 @@ class Settings(BaseSettings):
     # Backlog gauges label lanes by class (shared, campaign, marketing); the N lanes with the most
     # waiting are labelled by their key (campaign or tenant id) instead. 0: never (bounded labels).
     metrics_lane_detail: int = Field(default=0, ge=0, le=50)
+
+    # Status webhooks (core/workers/webhooks_*.py). Targets resolving to private, loopback, link-local
+    # or metadata addresses are refused; `msgcore up` and the tests allow loopback only.
+    webhooks_allow_loopback: bool = False
+    webhooks_timeout_s: float = Field(default=10.0, gt=0)
+    webhooks_max_age_s: float = Field(default=24 * 3600, gt=0)  # retried this long after enqueue, then webhook_failed
+    webhooks_backoff_base_s: float = Field(default=1.0, gt=0)
+    webhooks_backoff_cap_s: float = Field(default=3600.0, gt=0)
+    # POSTs in flight per process, all endpoints: keep it well above endpoint_concurrency times the
+    # endpoints that may hang at once (each holds up to endpoint_concurrency slots for timeout_s).
+    webhooks_concurrency: int = Field(default=256, ge=1, le=2000)
+    webhooks_endpoint_concurrency: int = Field(default=16, ge=1, le=200)  # messages in flight per endpoint
+    webhooks_batch_jobs: int = Field(default=20, ge=1, le=1000)  # jobs read per dispatcher batch

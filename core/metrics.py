@@ -219,3 +219,17 @@ ESME_GROUP_COMMITS = Counter("msgcore_esme_group_commits", "Transactions committ
 ESME_RECEIPTS_SENT = Counter("msgcore_esme_receipts_sent", "deliver_sm receipts sent to ESMEs (first sends)")
 ESME_RECEIPTS_REDELIVERED = Counter("msgcore_esme_receipts_redelivered", "deliver_sm receipts sent again after "
                                     "a time-out, a refusal or a lost bind")
+
+# ---- status webhooks (core/workers/webhooks_*.py) -------------------------------------------------
+
+WEBHOOK_DELIVERIES = Counter("msgcore_webhook_deliveries", "Webhook POSTs by outcome: delivered (2xx), "
+                             "failed (will retry: non-2xx, timeout, refused address), webhook_failed (given up)",
+                             ["outcome"])
+WEBHOOK_LATENCY = Histogram("msgcore_webhook_delivery_seconds", "One webhook POST, answered or not",
+                            buckets=REQUEST_BUCKETS)
+WEBHOOK_BACKLOG = Gauge("msgcore_webhook_backlog_jobs", "Delivery jobs not yet dispatched, summed over the hook "
+                        "topics this process owns (counter - checkpoint)")
+WEBHOOK_TOPICS_OWNED = Gauge("msgcore_webhook_topics_owned", "Hook topics (endpoints) this process dispatches")
+WEBHOOK_REDELIVERED = Counter("msgcore_webhook_redelivered", "Events sent again by a new owner: an earlier "
+                              "owner's attempt reached past its checkpoint (at least once)")
+WEBHOOK_FANOUT_EVENTS = Counter("msgcore_webhook_fanout_events", "Events copied into delivery jobs")

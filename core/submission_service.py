@@ -7,6 +7,11 @@ the router's topic of its lane, or to a timer when it is scheduled (core/store/s
 `SubmissionService.submit` adds fresh ids, idempotency and the registration of a tenant's marketing
 lane, routes transactional messages whose route is UP at once (`routed_at_acceptance`), and commits
 the batch as one transaction.
+
+Consent: the batch's recipients are looked up on the tenant's suppression list (one query for the
+batch, none while the tenant has no entries: core/store/suppressions.py); a suppressed message is
+`accepted` and `rejected` with reason `opted_out` in the same transaction, never routed, sent or
+billed (core/store/submission.py `rejected_at_acceptance`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from core.domain.message import tenant_lane
@@ -22,7 +27,8 @@ from core.ids import new_message_id
 from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
 from core.store.lanes import ACTIVE, LaneStore
 from core.store.routes import RouteTable
-from core.store.submission import Submission, accepted, routed_at_acceptance
+from core.store.submission import OPTED_OUT, Submission, accepted, rejected_at_acceptance, routed_at_acceptance
+from core.store.suppressions import SuppressionStore
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,7 @@ class Submitted:
 
     ids: list[str]
     replayed: bool = False
+    rejected: dict[str, str] = field(default_factory=dict)  # id -> reason, for those rejected at acceptance
 
 
 class SubmissionService:
@@ -59,8 +66,10 @@ class SubmissionService:
     transaction; without, every message goes through the router."""
 
     def __init__(self, events: EventStore, lanes: LaneStore, known_lanes: set[str],
-                 routes: RouteTable | None = None, rng: random.Random | None = None) -> None:
+                 routes: RouteTable | None = None, rng: random.Random | None = None,
+                 suppressions: SuppressionStore | None = None) -> None:
         self.events = events
+        self.suppressions = suppressions or SuppressionStore(events.db)
         self.lanes = lanes
         self.known_lanes = known_lanes
         self.routes = routes
@@ -81,9 +90,14 @@ class SubmissionService:
         if any(not s.transactional and s.campaign_id is None for s in submissions):
             await self._ensure_marketing_lane(tenant_id, now)
         writes = [accepted(mid, tenant_id, s, now) for mid, s in zip(ids, submissions, strict=True)]
+        blocked = await self.suppressions.blocked(tenant_id, [(s.channel, s.to, s.sender) for s in submissions])
         if self.routes is not None:
             await self.routes.refresh(now)
-            writes = [routed_at_acceptance(w, self.routes.routes, self.routes.status, self.rng, now) for w in writes]
+            writes = [w if i in blocked else routed_at_acceptance(w, self.routes.routes, self.routes.status,
+                                                                  self.rng, now) for i, w in enumerate(writes)]
+        for i, scope in blocked.items():
+            writes[i] = rejected_at_acceptance(writes[i], now, OPTED_OUT, {"scope": scope})
+        rejected = {ids[i]: OPTED_OUT for i in blocked}
         try:
             await self.events.accept(writes, record)
         except IdempotencyReplay as replay:
@@ -91,10 +105,17 @@ class SubmissionService:
             ids = _replayed_ids(replay, record, idempotency.key, len(submissions))
             log.info("tenant %s: idempotent replay of key %r, %d message(s), first %s",
                      tenant_id, idempotency.key, len(ids), ids[0])
-            return Submitted(ids, replayed=True)
-        log.info("tenant %s: accepted %d message(s), first %s%s", tenant_id, len(ids), ids[0],
-                 f", idempotency key {idempotency.key!r}" if idempotency else "")
-        return Submitted(ids)
+            return Submitted(ids, replayed=True, rejected=await self._rejected_at_acceptance(ids))
+        log.info("tenant %s: accepted %d message(s), first %s%s%s", tenant_id, len(ids), ids[0],
+                 f", idempotency key {idempotency.key!r}" if idempotency else "",
+                 f", {len(rejected)} rejected (opted_out), first {next(iter(rejected))}" if rejected else "")
+        return Submitted(ids, rejected=rejected)
+
+    async def _rejected_at_acceptance(self, ids: Sequence[str]) -> dict[str, str]:
+        """For a replay: which of the earlier ids were rejected at acceptance (one query)."""
+        states = await self.events.states(ids)
+        return {mid: str(st.extra.get("reason")) for mid, st in states.items()
+                if st.state == "rejected" and st.version == 2 and st.extra.get("reason") == OPTED_OUT}
 
     async def _ensure_marketing_lane(self, tenant_id: str, now: datetime) -> None:
         """Register the tenant's marketing lane before its first marketing message is accepted."""

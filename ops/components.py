@@ -198,6 +198,44 @@ async def projector_main(settings: Settings) -> None:
         await projector.run(stop)
 
 
+async def webhooks_main(settings: Settings) -> None:
+    """Status webhooks: the fan-out (change stream -> one delivery job per endpoint per batch; one
+    process at a time, others stand by) and the dispatcher (one owner per endpoint's topic)."""
+    from core.store.change_feed import ChangeFeed
+    from core.store.owners import Owners
+    from core.store.webhook_queue import WebhookQueue
+    from core.store.webhooks import WebhookStore
+    from core.workers.webhooks import WebhookDispatcher
+    from core.workers.webhooks_dispatch import DispatchSettings
+    from core.workers.webhooks_fanout import FanOut
+    from core.workers.webhooks_send import HookSender
+
+    stop = stop_on_signals()
+    async with database(settings, "webhooks") as db, metrics_endpoint(settings, "webhooks", db):
+        await prepare(db)
+        store, queue, owners = WebhookStore(db), WebhookQueue(db), Owners(db)
+        await store.ensure_indexes()
+        await queue.ensure_indexes()
+        await owners.ensure_indexes()
+        sender = HookSender(timeout_s=settings.webhooks_timeout_s, allow_loopback=settings.webhooks_allow_loopback)
+        holder = worker_id("webhooks")
+        fanout = FanOut(ChangeFeed(db["events"]), store, queue, owners, utcnow, holder, lease_s=settings.lease_s)
+        dispatch = DispatchSettings(batch_jobs=settings.webhooks_batch_jobs,
+                                    endpoint_concurrency=settings.webhooks_endpoint_concurrency,
+                                    backoff_base_s=settings.webhooks_backoff_base_s,
+                                    backoff_cap_s=settings.webhooks_backoff_cap_s,
+                                    max_age_s=settings.webhooks_max_age_s)
+        dispatcher = WebhookDispatcher(store, queue, owners, sender, utcnow, holder, dispatch,
+                                       lease_s=settings.lease_s, concurrency=settings.webhooks_concurrency)
+        log.info("webhooks started (%s), loopback targets %s", holder,
+                 "allowed" if settings.webhooks_allow_loopback else "refused")
+        try:
+            await asyncio.gather(fanout.run(stop), dispatcher.run(stop))
+        finally:
+            await sender.close()
+        log.info("webhooks stopped; fan-out %s, redelivered %d", fanout.stats, dispatcher.stats["redelivered"])
+
+
 async def simulator_main(settings: Settings, port: int, receipt_delay_s: float, journal: str | None,
                          control_port: int | None = None, faults: dict[str, Any] | None = None) -> None:
     """Run the SMSC simulator until SIGTERM/SIGINT; `faults` are FaultSettings fields (validated here)."""

@@ -156,7 +156,10 @@ class Supervisor:
         self.env = {**os.environ,
                     "MSGCORE_MONGO_URL": settings.mongo_url, "MSGCORE_PG_URL": settings.pg_url,
                     "MSGCORE_ADMIN_KEY": settings.admin_key, "MSGCORE_DATA_DIR": str(settings.data_dir),
-                    "MSGCORE_METRICS_PORT_BASE": str(metrics_port_base)}
+                    "MSGCORE_METRICS_PORT_BASE": str(metrics_port_base),
+                    # Status webhooks to a receiver on this machine work out of the box; private,
+                    # link-local and metadata addresses stay refused.
+                    "MSGCORE_WEBHOOKS_ALLOW_LOOPBACK": os.environ.get("MSGCORE_WEBHOOKS_ALLOW_LOOPBACK", "true")}
         # One port for every process cannot work on one host: each takes base + its offset.
         self.env.pop("MSGCORE_METRICS_PORT", None)
 

@@ -50,8 +50,8 @@ class ProjectorStats:
 
 
 # The checkpoint's cluster_time column is a bigint: `ts_to_int` / `int_to_ts` (re-exported here).
-__all__ = ["FACTLESS_TYPES", "STATELESS_TYPES", "STATE_OF_TYPE", "BatchWriter", "Checkpoint", "ProjectorStats",
-           "apply_events", "int_to_ts", "ts_to_int"]  # fmt: skip
+__all__ = ["ENTRY_TYPES", "FACTLESS_TYPES", "STATELESS_TYPES", "STATE_OF_TYPE", "BatchWriter", "Checkpoint",
+           "ProjectorStats", "apply_events", "int_to_ts", "ts_to_int"]  # fmt: skip
 
 
 # --- SQL -------------------------------------------------------------------------------------------
@@ -122,6 +122,14 @@ WHERE b.fresh AND b.type = 'accepted' AND b.campaign_id IS NOT NULL
   AND l.message_id = b.message_id AND l.campaign_id IS NULL
 """
 
+_INSERT_SUPPRESSION_CHANGES = """
+INSERT INTO {s}.suppression_changes (message_id, seq, tenant_id, channel, address, scope, change, source, actor,
+                                     reason, keyword, changed_at)
+SELECT message_id, seq, tenant_id, channel, data->>'address', data->>'scope', type, data->>'source',
+       data->>'actor', data->>'reason', data->>'keyword', at
+FROM pg_temp.batch_events WHERE fresh AND type IN ('opted_out', 'opted_in')
+"""
+
 _INSERT_INBOUND = """
 INSERT INTO {s}.inbound (message_id, seq, tenant_id, route_id, channel, from_number, to_number, text,
                          received_at, reply_to, smsc_message_id)
@@ -140,6 +148,9 @@ STATELESS_TYPES = frozenset({"billed", "released"})
 # Event types that state no fact about the message: they fill no column of `messages` either (no
 # stage timestamp by construction of `_STAGES`, no latest-wins value such as route_id).
 FACTLESS_TYPES = frozenset({"released"})
+# The event types of a suppression entry's stream (core/domain/consent.py): not a message, so no
+# `messages` row (its changes are in `suppression_changes`).
+ENTRY_TYPES = frozenset({"opted_out", "opted_in"})
 _STATE_EXPR = (
     "CASE f.type " + " ".join(f"WHEN '{t}' THEN '{st}'" for t, st in STATE_OF_TYPE.items()) + " ELSE f.type END"
 )
@@ -155,9 +166,9 @@ def _sql_list(values: Iterable[str]) -> str:
 _INSERT_MESSAGES = """
 INSERT INTO {s}.messages (message_id, tenant_id, channel)
 SELECT DISTINCT ON (message_id) message_id, tenant_id, channel
-FROM pg_temp.batch_events WHERE fresh ORDER BY message_id, seq
+FROM pg_temp.batch_events WHERE fresh AND type NOT IN {entry_types} ORDER BY message_id, seq
 ON CONFLICT (message_id) DO NOTHING
-"""
+""".replace("{entry_types}", _sql_list(ENTRY_TYPES))
 
 # (messages column, temp column) whose newest value wins: taken from the newest fresh event above
 # last_seq that carries it; failing that the row keeps its value; failing that (a NULL column and
@@ -270,9 +281,11 @@ class BatchWriter:
         self._insert_ledger = sql.SQL(_INSERT_LEDGER).format(s=s)
         self._ledger_campaign = sql.SQL(_LEDGER_CAMPAIGN).format(s=s)
         self._insert_inbound = sql.SQL(_INSERT_INBOUND).format(s=s)
+        suppression_changes = sql.SQL(_INSERT_SUPPRESSION_CHANGES).format(s=s)
         # Statements run only when the batch holds an event of that type.
         self._by_kind = (
-            ("billed", self._insert_ledger), ("accepted", self._ledger_campaign), ("inbound", self._insert_inbound),
+            ({"billed"}, self._insert_ledger), ({"accepted"}, self._ledger_campaign),
+            ({"inbound"}, self._insert_inbound), (ENTRY_TYPES, suppression_changes),
         )  # fmt: skip
         self._save_counted = sql.SQL(_SAVE_CHECKPOINT).format(s=s, n=sql.SQL("({})").format(_FRESH_COUNT))
         self._save_position = sql.SQL(_SAVE_CHECKPOINT).format(s=s, n=sql.Literal(0))
@@ -323,8 +336,8 @@ class BatchWriter:
                 async with conn.pipeline():
                     for stmt in (self._insert_events, self._upsert_daily, self._insert_messages, self._merge_messages):
                         await cur.execute(stmt)
-                    for kind, stmt in self._by_kind:
-                        if kind in kinds:
+                    for wanted, stmt in self._by_kind:
+                        if kinds & wanted:
                             await cur.execute(stmt)
                     if checkpoint:
                         last_at = max(r[3] for r in rows)

@@ -14,6 +14,16 @@ For a batch of MO deliver_sm (one flush of the connector) this costs:
   transaction: smsc/esme_server/receipts.py sends it to the ESME as a deliver_sm. Other MO take no
   position anywhere.
 
+Consent: an MO whose text is a stop or start keyword (core/domain/consent.py: trimmed,
+case-insensitive, English plus the tenant's languages and keywords) also changes the tenant's
+suppression list in the same transaction: `opted_out` / `opted_in` events and the entries' documents
+(core/store/suppressions.py; one query for the settings of the batch's tenants, only when a text
+could be a keyword, and one for the entries). The `inbound` event is recorded as always, with
+`consent` (the action) in its data. With the tenant's `confirm` setting, a change is answered by a
+transactional message from the tenant's number, `accepted` in the same transaction (built like every
+submission, core/store/submission.py; a confirmation is never suppressed). A repeated keyword that
+changes nothing (STOP from a number already out) writes no event and sends no confirmation.
+
 MO to a number no tenant owns is kept in `orphan_receipts` (kind `mo_unassigned`), counted and logged.
 The caller acknowledges each deliver_sm only after this returns, i.e. after its event is committed:
 a crash before that makes the SMSC deliver it again (at-least-once; an MO carries no id we could
@@ -37,7 +47,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from core.domain.encoding import DecodedMo, MoAlphabet, decode_mo, split_udh
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from core.domain.consent import ConsentAction, ConsentSettings, keyword_action, keyword_changes, may_be_keyword
+from core.domain.encoding import DecodedMo, MoAlphabet, count_parts, decode_mo, split_udh
 from core.domain.events import Event, EventType
 from core.ids import new_message_id
 from core.store.eventstore import EventStore
@@ -45,10 +58,15 @@ from core.store.numbers import NumberStore
 from core.store.numbers import ensure_inbound_indexes as ensure_event_indexes
 from core.store.routes import RouteStore
 from core.store.smpp_accounts import SmppAccountStore
+from core.store.submission import Submission, accepted
+from core.store.suppressions import Plan, SuppressionConflict, SuppressionStore
 from core.store.topics import Write
 from smsc.session import DeliverSm
 
 log = logging.getLogger(__name__)
+
+CONFIRM_VALIDITY_S = 24 * 3600
+CONSENT_ROUNDS = 4  # a keyword racing another change of the same entry is planned again
 
 __all__ = ["InboundRecorder", "e164", "ensure_inbound_indexes", "mo_text"]
 
@@ -94,6 +112,8 @@ class InboundRecorder:
         self.numbers = NumberStore(store.db)
         self.routes = RouteStore(store.db)
         self.smpp_accounts = SmppAccountStore(store.db)
+        self.suppressions = SuppressionStore(store.db)
+        self.settings: dict[str, ConsentSettings] = {}  # of the tenants in the batch being recorded
         self.route_id = route_id
         self.mo_alphabet = mo_alphabet
 
@@ -133,14 +153,78 @@ class InboundRecorder:
             event = self._event(message_id, p, tenant, now, replies.get((tenant, e164(p.source))), alphabet)
             events.append(event.model_copy(update={"notify": notify.get(tenant)}))
         if events:
-            # The topic is given explicitly: `inbound` is not an outcome (core.domain.message.NOTIFY_TYPES).
-            await self.store.accept([Write(message_id=e.message_id, events=[e.to_doc()], topics=[e.notify])
-                                     for e in events])
+            events = await self._commit(events, now)
             result.committed = [e.message_id for e in events]
             for e in events:
                 log.info("inbound message=%s tenant=%s route=%s from=%s to=%s reply_to=%s notify=%s", e.message_id,
                          e.tenant_id, self.route_id, e.data["from"], e.data["to"], e.data.get("reply_to"), e.notify)
         return result
+
+    async def _commit(self, events: list[Event], now: datetime) -> list[Event]:
+        """Commit the `inbound` events with the consent changes their keywords ask for (one
+        transaction); the events as committed (keyword MO carry `consent`)."""
+        actions = await self._keyword_actions(events)
+        events = [e.model_copy(update={"data": {**e.data, "consent": actions[e.message_id].value}})
+                  if e.message_id in actions else e for e in events]
+        # The topic is given explicitly: `inbound` is not an outcome (core.domain.message.NOTIFY_TYPES).
+        inbound = [Write(message_id=e.message_id, events=[e.to_doc()], topics=[e.notify]) for e in events]
+        for _ in range(CONSENT_ROUNDS):
+            plans, replies = await self._consent_writes(events, actions, now)
+            writes = inbound + [w for p in plans.values() for w in p.writes] + replies
+            side = [sw for p in plans.values() for sw in p.side_writes]
+            try:
+                await self.store.accept(writes, side_writes=side)
+            except (DuplicateKeyError, BulkWriteError) as e:
+                if not plans:
+                    raise
+                log.info("route=%s: a suppression entry changed meanwhile, planning the MO batch again: %s",
+                         self.route_id, e)
+                continue
+            for tenant, plan in plans.items():
+                self.suppressions.committed(tenant, plan)
+            return events
+        raise SuppressionConflict(f"route {self.route_id}: suppression entries kept changing under an MO batch")
+
+    async def _keyword_actions(self, events: Sequence[Event]) -> dict[str, ConsentAction]:
+        """inbound id -> ConsentAction, for the MO whose text is one of its tenant's keywords."""
+        candidates = [e for e in events if may_be_keyword(e.data["text"]) and "udh" not in e.data]
+        if not candidates:
+            return {}
+        self.settings = await self.suppressions.settings(e.tenant_id for e in candidates)
+        found = {e.message_id: keyword_action(e.data["text"], self.settings[e.tenant_id]) for e in candidates}
+        return {mid: action for mid, action in found.items() if action is not None}
+
+    async def _consent_writes(self, events: Sequence[Event], actions: dict[str, ConsentAction],
+                              now: datetime) -> tuple[dict[str, Plan], list[Write]]:
+        """Per tenant, the plan of its keyword changes; and the confirmations of the MO that changed
+        something, for tenants with `confirm`."""
+        by_tenant: dict[str, list[Event]] = {}
+        for e in events:
+            if e.message_id in actions:
+                by_tenant.setdefault(e.tenant_id, []).append(e)
+        plans: dict[str, Plan] = {}
+        replies: list[Write] = []
+        for tenant, mos in by_tenant.items():
+            settings = self.settings[tenant]
+            changes = [c for e in mos for c in keyword_changes(
+                actions[e.message_id], e.data["from"], e.data["to"], "keyword", f"mo:{e.message_id}", e.data["text"])]
+            plan = await self.suppressions.plan(tenant, changes, now)
+            if not plan.writes:
+                continue
+            plans[tenant] = plan
+            if settings.confirm:
+                changed = {c.actor for c in plan.applied}
+                replies += [self._confirmation(e, settings.confirmation(actions[e.message_id]), now)
+                            for e in mos if f"mo:{e.message_id}" in changed]
+        return plans, replies
+
+    def _confirmation(self, mo: Event, text: str, now: datetime) -> Write:
+        encoding, parts = count_parts(text)
+        log.info("inbound message=%s tenant=%s: confirmation of %s to %s", mo.message_id, mo.tenant_id,
+                 mo.data.get("consent"), mo.data["from"])
+        return accepted(new_message_id(), mo.tenant_id, Submission(
+            to=mo.data["from"], sender=mo.data["to"], text=text, encoding=encoding, parts=parts, transactional=True,
+            validity_s=CONFIRM_VALIDITY_S, client_ref=f"consent:{mo.message_id}"), now)
 
     def _event(self, message_id: str, p: DeliverSm, tenant: str, now: datetime, reply_to: str | None,
                alphabet: MoAlphabet) -> Event:

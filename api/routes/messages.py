@@ -113,7 +113,9 @@ async def submit_messages(
     submitted = await submissions.submit(tenant.id, items, utcnow(), idempotency)
     if submitted.replayed:
         response.headers["Idempotent-Replayed"] = "true"
-    accepted = [MessageAccepted(id=mid, to=m.to, parts=parts, client_ref=m.client_ref)
+    accepted = [MessageAccepted(id=mid, to=m.to, parts=parts, client_ref=m.client_ref,
+                                status="rejected" if mid in submitted.rejected else "accepted",
+                                reason=submitted.rejected.get(mid))
                 for mid, m, (_, parts) in zip(submitted.ids, messages, encodings, strict=True)]
     return MessageBatchAccepted(messages=accepted) if is_batch else accepted[0]
 

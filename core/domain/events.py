@@ -26,7 +26,8 @@ dense position there); see core/store/topics.py.
                   above); smsc_message_id/stat/err are those of the first part that was not DELIVRD
     expired       reason
     billed        route_id, parts, price_per_part, amount (int, minor units), currency
-    rejected      reason
+    rejected      reason ("opted_out": the recipient is on the tenant's suppression list; then also
+                  scope, the entry's sender id or "*"); written in the acceptance transaction
     canceled      reason; attempted (bool, campaign cancel: an earlier attempt's lease had expired
                   without an outcome, so the SMSC may have it)
     dead_lettered reason, attempts
@@ -40,7 +41,19 @@ dense position there); see core/store/topics.py.
     released      reason (why it waited: "retry", "send_at", "tenant_suspended"), topic (the stage's
                   topic it was handed back to): a timer fell due; the state does not change
     inbound       from, to, text, smsc_message_id (optional), reply_to (message id, optional),
-                  udh (optional: {ref, total, index} when the MO is one part of a concatenated text)
+                  udh (optional: {ref, total, index} when the MO is one part of a concatenated text),
+                  consent (optional: the keyword's action, "stop" | "stop_all" | "start", when the text
+                  was an opt-out keyword; the list changes are `opted_out` / `opted_in` events)
+
+Consent (core/domain/consent.py): a suppression entry (tenant, channel, address, scope) is a stream of
+its own, `message_id` "sup:<tenant>:<channel>:<address>:<scope>" (no topic, no position), whose fold
+is the entry's state; core/store/suppressions.py keeps it as a document written in the same
+transaction:
+
+    opted_out     address, scope (a sender id, or "*" for every sender), source ("keyword" | "api" |
+                  "import" | "cli"), actor (who: "mo:<inbound id>", "api:<key prefix>", ...), reason,
+                  keyword (optional, for source "keyword"), inbound_id (optional)
+    opted_in      as opted_out: the entry no longer blocks
 
 Money is integer minor units (e.g. 1 = 0.01 EUR); times are timezone-aware UTC.
 """
@@ -73,6 +86,8 @@ class EventType(StrEnum):
     REQUEUED = "requeued"
     UNKNOWN = "unknown"
     RELEASED = "released"
+    OPTED_OUT = "opted_out"
+    OPTED_IN = "opted_in"
 
 
 class Event(BaseModel):

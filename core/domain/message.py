@@ -50,10 +50,14 @@ ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
     EventType.REQUEUED: frozenset({"dead_lettered", "failed", "unknown"}),
     EventType.UNKNOWN: frozenset({"routed"}),
     EventType.RELEASED: frozenset({"accepted", "retry", "routed"}),
+    # A suppression entry's stream (core/domain/consent.py): out and in, alternately.
+    EventType.OPTED_OUT: frozenset({None, "opted_in"}),
+    EventType.OPTED_IN: frozenset({"opted_out"}),
 }
 
 TERMINAL_STATES = frozenset(
-    {"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered", "inbound", "unknown"}
+    {"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered", "inbound", "unknown",
+     "opted_out", "opted_in"}  # the last two: a suppression entry's stream, which no stage acts on
 )
 
 
@@ -225,6 +229,8 @@ def evolve(state: MessageState | None, event: Event) -> MessageState:
             return replace(s, billed=True)
         case EventType.RELEASED:
             return s  # a timer fell due: the message goes on from the same state
+        case EventType.REJECTED:
+            return replace(s, state="rejected", extra={**s.extra, "reason": d.get("reason")})
         case EventType.REQUEUED:
             # An operator's retry: a fresh attempt budget, every route allowed again.
             return replace(s, state="retry", attempts=0, excluded_routes=())
@@ -238,6 +244,10 @@ def _new_stream(event: Event) -> MessageState:
         return MessageState(message_id=event.message_id, tenant_id=event.tenant_id, state="inbound",
                             version=event.seq, channel=event.channel, to=d.get("to", ""),
                             sender=d.get("from", ""), text=d.get("text", ""))
+    if event.type == EventType.OPTED_OUT:  # a suppression entry: `to` is its address, `sender` its scope
+        return MessageState(message_id=event.message_id, tenant_id=event.tenant_id, state="opted_out",
+                            version=event.seq, channel=event.channel, to=d.get("address", ""),
+                            sender=d.get("scope", ""))
     return MessageState(
         message_id=event.message_id,
         tenant_id=event.tenant_id,

@@ -5,6 +5,9 @@ completion).
 - `campaigns`: one document per campaign: definition, status, and exact upload counters (rows,
   accepted, duplicates, invalid, parts; problems by code), updated in the same transaction as the
   messages they count. State counts of the messages themselves come from the reporting tables.
+  A row whose number is on the tenant's suppression list for the campaign's sender (or all senders)
+  is refused as `opted_out` (counted with the invalid rows; one query per batch, none while the
+  tenant has no entries).
 - `campaign_problems`: one document per CSV row that was not accepted (row number, code, reason):
   nothing is dropped silently.
 - A recipient becomes an `accepted` message in the campaign's lane (`c:<campaign id>`, topic
@@ -40,6 +43,7 @@ from core.domain.campaign import (
     CampaignStatus,
     apply_action,
 )
+from core.domain.consent import ALL_SENDERS
 from core.domain.message import campaign_lane, route_topic, send_topics
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
@@ -47,7 +51,8 @@ from core.ids import campaign_message_id, new_campaign_id
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneStore
-from core.store.submission import Submission, accepted
+from core.store.submission import OPTED_OUT, Submission, accepted
+from core.store.suppressions import SuppressionStore
 from core.store.timers import Timers
 from core.store.topics import Write
 
@@ -85,6 +90,7 @@ class CampaignStore:
         self.events = EventStore(db)
         self.lanes = LaneStore(db)
         self.timers = Timers(db)
+        self.suppressions = SuppressionStore(db)
 
     async def ensure_indexes(self) -> None:
         await self.campaigns.create_index([("tenant_id", ASCENDING), ("created_at", DESCENDING)], name="tenant_created")
@@ -188,13 +194,21 @@ class CampaignStore:
                 first_row[mid] = r.row
                 fresh.append((r, mid))
         existing = await self.events.exists(m for _, m in fresh)
+        channel = campaign.get("channel", "sms")
+        blocked = await self.suppressions.blocked(campaign["tenant_id"],
+                                                  [(channel, r.phone, campaign["sender"]) for r, _ in fresh])
         items = []
         parts = {"gsm7": 0, "ucs2": 0}
         total_parts = 0
-        for r, mid in fresh:
+        for i, (r, mid) in enumerate(fresh):
             if mid in existing:
                 result.problems.append(RowProblem(r.row, "duplicate",
                                                   f"number already in this campaign (message {mid})", r.phone))
+                continue
+            if i in blocked:  # a refused row, reported like an invalid one; nothing is written for it
+                scope = "every sender" if blocked[i] == ALL_SENDERS else f"sender {blocked[i]}"
+                result.problems.append(RowProblem(r.row, OPTED_OUT, f"the number opted out ({scope})", r.phone))
+                result.invalid += 1
                 continue
             items.append(self._accepted(campaign, r, mid, now))
             parts[r.encoding] = parts.get(r.encoding, 0) + 1

@@ -61,6 +61,12 @@ def ts_to_int(ts: ClusterTime) -> int:
     return (ts.time << 32) | ts.inc
 
 
+def cluster_time_at(at: datetime) -> ClusterTime:
+    """The cluster time of a wall-clock instant (its whole second): where to start a change stream
+    that must not miss anything written since `at`."""
+    return Timestamp(int(at.timestamp()), 0)
+
+
 def int_to_ts(value: int) -> ClusterTime:
     return Timestamp(value >> 32, value & 0xFFFFFFFF)
 

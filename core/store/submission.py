@@ -9,7 +9,12 @@ A transactional message whose route is UP may skip the router: `routed_at_accept
 acceptance transaction (DESIGN.md, "folding that keeps the five facts"). A one-time password then
 costs one transaction and one stage hop less on its way to the SMSC; everything else (campaigns,
 marketing, scheduled messages, no route, a route that is BUSY or DOWN) goes through the router,
-which keeps its decisions: strategies, holds, expiry, dead letters."""
+which keeps its decisions: strategies, holds, expiry, dead letters.
+
+A message to a number on the tenant's suppression list (core/store/suppressions.py) is accepted and
+`rejected` (reason `opted_out`) in the same write (`rejected_at_acceptance`): it takes no position in
+any stage's topic nor a timer, so it is never routed, sent or billed; its outcome still reaches its
+`notify` topic."""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ from typing import Any
 
 from core.domain.errors import NoRoute
 from core.domain.events import Event, EventType
-from core.domain.message import TRANSACTIONAL_PRIORITY, lane_of, route_topic, state_of_accepted
+from core.domain.message import TRANSACTIONAL_PRIORITY, event_doc, lane_of, route_topic, state_of_accepted
 from core.domain.routing import Route, RouteStatus, choose_route, routed_event
 from core.store.timers import timer_doc
 from core.store.topics import Write
@@ -100,3 +105,14 @@ def routed_at_acceptance(write: Write, routes: Sequence[Route], status: Mapping[
         return write
     doc, topic = routed_event(state, route, now)
     return Write(write.message_id, [write.events[0], doc], [None, topic])
+
+
+OPTED_OUT = "opted_out"
+
+
+def rejected_at_acceptance(write: Write, now: datetime, reason: str, data: Mapping[str, Any] | None = None) -> Write:
+    """`write` (an `accepted` write) as `accepted` + `rejected` (seq 2) with `reason`: no topic, no
+    timer (the `rejected` event still goes to the message's notify topic, core.domain.message)."""
+    doc = write.events[0]
+    rejected = event_doc(state_of_accepted(doc), EventType.REJECTED, now, {"reason": reason, **(data or {})})
+    return Write(write.message_id, [doc, rejected], [None, None])

@@ -10,6 +10,10 @@ Lanes: transactional traffic first, campaigns and marketing shared fairly betwee
 (core/store/lanes.py). A canceling campaign's lane is read too: its messages end `canceled` here,
 never routed. A suspended tenant's message found in the shared lane waits on a timer (no event) and
 comes back to this topic once the tenant is active (core/store/timers.py).
+
+Consent: a message whose recipient opted out after it was accepted (a campaign uploaded before the
+STOP, a scheduled message, a retry) is `rejected` here with reason `opted_out` instead of routed. The
+lookup is batched per tenant and costs nothing for a tenant without entries (core/store/suppressions.py).
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from core.store.errors import CheckpointMoved
 from core.store.eventstore import EventStore
 from core.store.lanes import ALL, SHARED, LaneBook, TopicReader
 from core.store.routes import RouteStore, RouteTable
+from core.store.submission import OPTED_OUT
+from core.store.suppressions import SuppressionStore
 from core.store.timers import HOLD_S, timer_doc
 from core.store.topics import Write
 
@@ -63,10 +69,13 @@ class Router:
         self.max_attempts = max_attempts
         self.rng = rng or random.Random()
         self.table = RouteTable(routes)
+        self.suppressions = SuppressionStore(store.db)
         self._backlog_checked = float("-inf")
         self.routed = 0
         self.canceled = 0
         self.held = 0
+        self.rejected = 0
+        self._blocked: dict[str, str] = {}  # message id -> the opt-out's scope, for the batch being decided
 
     async def step(self) -> int:
         now = self.clock()
@@ -78,6 +87,7 @@ class Router:
             return 0
         await self.table.refresh(now)
         states = await self._states(batch.entries)
+        self._blocked = await self._opted_out(states)
         writes = [w for e in batch.entries if (w := self._decide(e, states.get(e["message_id"]), now)) is not None]
         try:
             result = await self.log.commit(writes, moves=batch.moves,
@@ -100,6 +110,19 @@ class Router:
         if others:
             states.update(await self.store.states(others))
         return states
+
+    async def _opted_out(self, states: dict[str, MessageState]) -> dict[str, str]:
+        """Message id -> scope for the routable messages whose recipient is on their tenant's
+        suppression list now: one query per tenant that has entries, none for the others."""
+        by_tenant: dict[str, list[MessageState]] = {}
+        for st in states.values():
+            if st.state in ROUTABLE:
+                by_tenant.setdefault(st.tenant_id, []).append(st)
+        out: dict[str, str] = {}
+        for tenant_id, group in by_tenant.items():
+            hits = await self.suppressions.blocked(tenant_id, [(st.channel, st.to, st.sender) for st in group])
+            out.update({group[i].message_id: scope for i, scope in hits.items()})
+        return out
 
     @staticmethod
     async def _dropped(ids: list[str]) -> list[Write]:
@@ -127,6 +150,12 @@ class Router:
             return Write(mid, [event_doc(state, EventType.CANCELED, now, {
                 "reason": f"campaign {state.campaign_id} canceled" if state.campaign_id else "lane canceled",
                 "attempted": False})])
+        if mid in self._blocked:
+            self.rejected += 1
+            log.info("router: message=%s tenant=%s recipient opted out (scope %s): rejected", mid, state.tenant_id,
+                     self._blocked[mid])
+            return Write(mid, [event_doc(state, EventType.REJECTED, now,
+                                         {"reason": OPTED_OUT, "scope": self._blocked[mid]})])
         if state.tenant_id in self.reader.book.suspended:
             self.held += 1
             log.info("router: message=%s tenant=%s suspended: held", mid, state.tenant_id)

@@ -15,6 +15,7 @@ from ops.cli.projections import projections_app, reporting_app
 from ops.cli.routes import routes_app
 from ops.cli.smpp_accounts import smpp_accounts_app
 from ops.cli.smpp_server import app as smpp_server_app
+from ops.cli.suppressions import suppressions_app
 from ops.cli.tenants import tenants_app
 
 __all__ = ["app", "main"]
@@ -31,6 +32,7 @@ app.add_typer(dead_letters_app, name="dead-letters")
 app.add_typer(projections_app, name="projections")
 app.add_typer(reporting_app, name="reporting")
 app.add_typer(smpp_accounts_app, name="smpp-accounts")
+app.add_typer(suppressions_app, name="suppressions")
 app.add_typer(smpp_server_app)
 
 

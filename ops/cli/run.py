@@ -66,6 +66,13 @@ def projector() -> None:
 
 
 @app.command()
+def webhooks() -> None:
+    """Status webhooks: fan events out to the tenants' endpoints and deliver them, signed, with retries."""
+    s = cli_settings("webhooks")
+    run_component("webhooks", components.webhooks_main(s))
+
+
+@app.command()
 def migrate() -> None:
     """Apply pending reporting-schema migrations (idempotent; each is recorded in <schema>.migrations).
     The projector and `msgcore up` also apply them on start."""
