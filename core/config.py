@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=5, ge=1)
     default_validity_s: int = Field(default=48 * 3600, ge=60)
     max_parts: int = Field(default=10, ge=1, le=255)
+    email_max_body_bytes: int = Field(default=1024 * 1024, ge=1)  # an e-mail's text + html (body_too_large)
 
     # Simulator (msgcore smsc-sim) defaults.
     sim_host: str = "127.0.0.1"

@@ -38,7 +38,8 @@ from core.store.errors import StoreUnavailable
 log = logging.getLogger(__name__)
 
 # `metrics_port_base + offset` when a component has no port of its own (`msgcore up` on one host).
-PORT_OFFSETS = {"api": 0, "router": 1, "scheduler": 2, "connector": 3, "projector": 4}
+PORT_OFFSETS = {"api": 0, "router": 1, "scheduler": 2, "connector": 3, "projector": 4, "webhooks": 5,
+                "smpp-server": 6, "mailer": 7}
 MAX_REQUEST_BYTES = 8192
 READ_TIMEOUT_S = 5.0
 LAG_COUNT_LIMIT = 100_000  # the lag in events counts at most this many (a count costs what it reads)

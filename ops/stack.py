@@ -39,6 +39,8 @@ class Stack:
     api_port: int = 0
     sim_port: int = 0
     receipt_delay_s: float = 0.2
+    mail_port: int = 0  # mail-sim's SMTP port (0: a free one)
+    mail_http_port: int = 0  # mail-sim's SendGrid v3 endpoint (0: a free one)
     metrics_port_base: int = 0  # the workers' /metrics on base + offset (core/metrics_server.py); 0: off
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -46,6 +48,8 @@ class Stack:
     def __post_init__(self) -> None:
         self.api_port = self.api_port or free_port()
         self.sim_port = self.sim_port or free_port()
+        self.mail_port = self.mail_port or free_port()
+        self.mail_http_port = self.mail_http_port or free_port()
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -62,6 +66,11 @@ class Stack:
     def journal(self) -> Path:
         return self.log_dir / "smsc-journal.jsonl"
 
+    @property
+    def mail_sink(self) -> Path:
+        """Where mail-sim keeps every mail it took, one .eml file each."""
+        return self.log_dir / "mail-sim"
+
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
@@ -77,6 +86,9 @@ class Stack:
         if component == "smsc-sim":
             args += ["--port", str(self.sim_port), "--receipt-delay", str(self.receipt_delay_s),
                      "--journal", str(self.journal)]
+        if component == "mail-sim":
+            args += ["--port", str(self.mail_port), "--http-port", str(self.mail_http_port),
+                     "--sink", str(self.mail_sink)]
         return args
 
     def start(self, component: str, name: str | None = None) -> subprocess.Popen[bytes]:
@@ -113,8 +125,9 @@ class Stack:
         return proc.returncode
 
     def stop_all(self) -> dict[str, int | None]:
-        # The simulator stands in for the SMSC: it goes last, so connectors can unbind cleanly.
-        order = sorted(self.procs, key=lambda n: n.startswith("smsc-sim"))
+        # The simulators stand in for the SMSC and the mail provider: they go last, so connectors can
+        # unbind cleanly.
+        order = sorted(self.procs, key=lambda n: n.startswith(("smsc-sim", "mail-sim")))
         return {n: self.stop(n) for n in order}
 
     def rss_mb(self) -> dict[str, float]:

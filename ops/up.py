@@ -29,10 +29,13 @@ from core.store.routes import RouteStore, load_routes_file
 from core.store.tenants import TenantStore
 from ops.components import database, prepare
 from ops.embedded import EmbeddedMongo, EmbeddedPostgres, die_with_parent, free_port, write_endpoints
+from ops.mail_sim.setup import MAIL_SIM_PORT, ensure_mail_route
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("smsc-sim", "api", "router", "connector", "scheduler", "projector", "smpp-server")
+COMPONENTS = ("smsc-sim", "mail-sim", "api", "router", "connector", "mailer", "scheduler", "projector", "smpp-server",
+              "webhooks")
+SIMULATORS = ("smsc-sim", "mail-sim")  # stopped last: they stand in for the SMSC and the e-mail provider
 DEMO_TENANT = "demo"
 STOP_GRACE_S = 20.0
 # The workers serving /metrics, /healthz, /readyz on MSGCORE_METRICS_PORT_BASE + their offset
@@ -90,7 +93,7 @@ class Child:
     started_at: float = field(default=0.0)
 
 
-async def _bootstrap(settings: Settings, sim_port: int) -> str:
+async def _bootstrap(settings: Settings, sim_port: int, mail_port: int = 0) -> str:
     """Indexes, reporting schema, first route and demo tenant. Returns the demo tenant's API key."""
     async with database(settings, "up") as db:
         await prepare(db)
@@ -104,6 +107,8 @@ async def _bootstrap(settings: Settings, sim_port: int) -> str:
         if not existing or (sim and sim.host == "127.0.0.1" and sim.port != sim_port):
             base = sim or Route(id="sim", price_per_part=5, window=50)
             await routes.upsert(base.model_copy(update={"port": sim_port}), actor="msgcore up", now=now)
+        if mail_port:
+            await ensure_mail_route(routes, mail_port, now)
         tenants = TenantStore(db)
         key_file = settings.data_dir / "demo-tenant.key"
         if key_file.exists() and await tenants.get(DEMO_TENANT):
@@ -147,10 +152,12 @@ async def _demo_smpp_login(settings: Settings) -> str:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, sim_port: int, metrics_port_base: int = 0, smpp_port: int = 0) -> None:
+    def __init__(self, settings: Settings, sim_port: int, metrics_port_base: int = 0, smpp_port: int = 0,
+                 mail_port: int = MAIL_SIM_PORT) -> None:
         self.settings = settings
         self.stopping = False
-        port_args = {"smsc-sim": ["--port", str(sim_port)], "smpp-server": ["--port", str(smpp_port)]}
+        port_args = {"smsc-sim": ["--port", str(sim_port)], "smpp-server": ["--port", str(smpp_port)],
+                     "mail-sim": ["--port", str(mail_port)]}
         self.children = [Child(name, [sys.executable, "-m", "ops.cli", name, *port_args.get(name, [])])
                          for name in COMPONENTS]
         self.env = {**os.environ,
@@ -185,8 +192,8 @@ class Supervisor:
 
     def stop(self) -> None:
         # The simulator stands in for the SMSC: it goes last, so connectors can unbind cleanly.
-        self._stop([c for c in self.children if c.name != "smsc-sim"])
-        self._stop([c for c in self.children if c.name == "smsc-sim"])
+        self._stop([c for c in self.children if c.name not in SIMULATORS])
+        self._stop([c for c in self.children if c.name in SIMULATORS])
 
     def _stop(self, children: list[Child]) -> None:
         for child in children:
@@ -235,16 +242,20 @@ def up(settings: Settings) -> None:
         updates["admin_key"] = settings.admin_key or _secret_file(data_dir / "admin.key", new_token("mka_"))
         settings = settings.model_copy(update=updates)
         sim_port = settings.sim_port if _port_free(settings.sim_port) else free_port()
-        demo_key = asyncio.run(_bootstrap(settings, sim_port))
+        mail_port = MAIL_SIM_PORT if _port_free(MAIL_SIM_PORT) else free_port()
+        demo_key = asyncio.run(_bootstrap(settings, sim_port, mail_port))
         smpp_port, smpp_lines = _smpp_server(settings)
         api_url = f"http://{settings.api_host}:{settings.api_port}"
         write_endpoints(data_dir, {"mongo": settings.mongo_url, "pg": settings.pg_url, "api": api_url,
-                                   "admin_key": settings.admin_key, "smsc_sim": f"127.0.0.1:{sim_port}"})
+                                   "admin_key": settings.admin_key, "smsc_sim": f"127.0.0.1:{sim_port}",
+                                   "mail_sim": f"127.0.0.1:{mail_port}"})
         base = metrics_base(settings)
-        supervisor = Supervisor(settings, sim_port, base, smpp_port)
+        supervisor = Supervisor(settings, sim_port, base, smpp_port, mail_port)
         supervisor.watch()
         _wait_until_ready(f"{api_url}/readyz", supervisor, lambda: stop_requested)
-        _banner(api_url, demo_key, settings, data_dir, sim_port, [*metrics_lines(api_url, base), *smpp_lines])
+        mail_lines = [f"Mail sim:    127.0.0.1:{mail_port} (route \"mail\"), mails kept under {data_dir / 'mail-sim'}"]
+        _banner(api_url, demo_key, settings, data_dir, sim_port,
+                [*metrics_lines(api_url, base), *smpp_lines, *mail_lines])
         while not stop_requested:
             time.sleep(0.5)
             supervisor.watch()

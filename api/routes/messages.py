@@ -26,6 +26,7 @@ from pydantic import ValidationError
 
 from api import read_side
 from api.deps import EventStoreDep, ReportingPoolDep, SettingsDep, SubmissionDep, TenantDep, charge_submission
+from api.email_submission import email_submissions, has_channel, parse_with_channels
 from api.errors import ApiError
 from api.schemas import (
     DEFAULT_SEARCH_LIMIT,
@@ -102,13 +103,16 @@ async def submit_messages(
 ) -> MessageAccepted | MessageBatchAccepted:
     body = await _read_json(request)
     messages, is_batch = _validate_submission(body)
-    encodings = [_encoding_and_parts(m.text, settings.max_parts, i if is_batch else None)
+    emails = email_submissions(messages, is_batch, max_body_bytes=settings.email_max_body_bytes,
+                               default_validity_s=settings.default_validity_s)
+    encodings = [("utf-8", 1) if i in emails
+                 else _encoding_and_parts(m.text, settings.max_parts, i if is_batch else None)
                  for i, m in enumerate(messages)]
     # Charged once the request is known valid, before anything is written: a 429 writes nothing. An
     # idempotent replay is charged like any request (simplest; a client replays rarely).
     charge_submission(request, tenant, len(messages))
-    items = [_submission(m, enc, parts, settings.default_validity_s)
-             for m, (enc, parts) in zip(messages, encodings, strict=True)]
+    items = [emails[i] if i in emails else _submission(m, enc, parts, settings.default_validity_s)
+             for i, (m, (enc, parts)) in enumerate(zip(messages, encodings, strict=True))]
     idempotency = None if idempotency_key is None else Idempotency(idempotency_key, _request_hash(body))
     submitted = await submissions.submit(tenant.id, items, utcnow(), idempotency)
     if submitted.replayed:
@@ -135,12 +139,14 @@ async def _read_json(request: Request) -> Any:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {e}") from e
 
 
-def _validate_submission(body: Any) -> tuple[list[MessageCreate], bool]:
+def _validate_submission(body: Any) -> tuple[list[Any], bool]:
     """The messages of a single or batch body, and whether it was a batch; errors carry body paths."""
     is_batch = isinstance(body, dict) and "messages" in body
     if is_batch and isinstance(body["messages"], list) and len(body["messages"]) > MAX_BATCH:
         raise ApiError(422, "batch_too_large", f"a batch holds at most {MAX_BATCH} messages",
                        {"limit": MAX_BATCH, "count": len(body["messages"])})
+    if has_channel(body):  # e-mail, or a batch mixing channels (api/email_submission.py)
+        return parse_with_channels(body, is_batch), is_batch
     try:
         if is_batch:
             return MessageBatchCreate.model_validate(body).messages, True

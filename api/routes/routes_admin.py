@@ -78,6 +78,12 @@ class RouteDefinition(Route):
     currency: Annotated[str, Field(pattern=r"^[A-Z]{3}$")] = "EUR"
     group: Annotated[str, Field(min_length=1, max_length=64)] = "default"
     enabled: StrictBool = True
+    # E-mail routes (kind "smtp" or "http"): see core.domain.routing.Route.
+    username: Annotated[str, Field(max_length=256)] = ""
+    pool: Annotated[Count, Field(ge=1, le=64, description="SMTP connections / HTTP requests in flight")] = 2
+    provider: Annotated[str, Field(max_length=20, pattern=r"^(sendgrid)?$", description="kind http: sendgrid")] = ""
+    base_url: Annotated[str, Field(max_length=2048, pattern=r"^(https?://.*)?$")] = ""
+    api_key: Annotated[str, Field(max_length=512)] = ""
 
     def as_route(self) -> Route:
         return Route.model_validate(self.model_dump())
@@ -121,8 +127,12 @@ class RouteHistory(BaseModel):
     changes: list[RouteChange]
 
 
+SECRETS = ("password", "api_key")  # never returned; an echoed MASK keeps the stored value
+
+
 def masked(doc: dict[str, Any]) -> dict[str, Any]:
-    return {**doc, "password": MASK} if "password" in doc else dict(doc)
+    # The password is always masked; an empty api_key shows as empty (not set).
+    return {**doc, **{k: MASK for k in SECRETS if k in doc and (k == "password" or doc[k])}}
 
 
 def _out(route: Route, status: dict[str, Any]) -> RouteOut:
@@ -194,6 +204,8 @@ async def replace_route(route_id: RouteId, body: Annotated[dict[str, Any], Body(
     data = {**body, "id": route_id}
     if data.get("password", MASK) == MASK:  # clients never see the password, so they cannot echo it
         data["password"] = current.password
+    if data.get("api_key", MASK) == MASK:
+        data["api_key"] = current.api_key
     return await _save(store, _validate(data), actor, "replaced")
 
 
@@ -207,6 +219,8 @@ async def patch_route(route_id: RouteId, body: Annotated[dict[str, Any], Body()]
     _check_id(route_id, body)
     if body.get("password") == MASK:
         body = {k: v for k, v in body.items() if k != "password"}
+    if body.get("api_key") == MASK:
+        body = {k: v for k, v in body.items() if k != "api_key"}
     route = _validate({**current.model_dump(), **body})
     if route == current:
         return _out(route, await store.statuses(utcnow()))  # nothing changed: nothing to record

@@ -14,11 +14,21 @@ dense position there); see core/store/topics.py.
     accepted      to, sender, text, encoding ("gsm7"|"ucs2"), parts, priority (10 transactional,
                   0 marketing), validity_s, send_at (datetime|None), campaign_id (None), client_ref
                   (None); campaign messages also campaign_row (the CSV row they came from) and have no
-                  send_at or validity of their own (the campaign's lane holds them until it runs)
+                  send_at or validity of their own (the campaign's lane holds them until it runs);
+                  an e-mail (channel "email", core/domain/email.py): to and sender are addresses
+                  (normalised), text the plain body ("" when html only), encoding "utf-8", parts 1,
+                  and also subject, html ("" when text only), from_name (""), reply_to ("")
     routed        route_id, price_per_part (int, minor units), currency, strategy
-    sent          route_id, smsc_message_ids (list[str], one per part), attempt, parts
-    retry         route_id, attempt, error_code (int), error_name, next_at (datetime)
-    failed        route_id (or None), attempt, error_code (int|None), error_name, reason
+    sent          route_id, smsc_message_ids (list[str], one per part), attempt, parts; an e-mail
+                  (core/workers/mailer.py): smsc_message_ids [], provider_message_id (the provider's
+                  queue/message id), message_id_header (its Message-ID), provider ("smtp"|"sendgrid"),
+                  breaker (the route's breaker state), possible_duplicate (optional); `billed` follows
+                  in the same commit (an e-mail is billed when its provider takes it)
+    retry         route_id, attempt, error_code (int), error_name, next_at (datetime); an e-mail's
+                  also breaker (the route's breaker state after this outcome: "closed" | "open" |
+                  "half_open"), error_name e.g. "SMTP_451", "HTTP_503", "CIRCUIT_OPEN", "NOT_SENT"
+    failed        route_id (or None), attempt, error_code (int|None), error_name, reason (an
+                  e-mail: the provider's code, e.g. 550, and text)
     delivered     route_id, smsc_message_id, stat, err, done_at (datetime|None); for a long message
                   (optional) parts: [{smsc_message_id, stat, err, done_at}, ...] one per part in
                   order, recorded once every part's receipt is in

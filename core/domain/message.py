@@ -202,6 +202,8 @@ def check_allowed(state: MessageState | None, event_type: EventType, message_id:
     current = state.state if state is not None else None
     if event_type == EventType.BILLED and state is not None and state.billed:
         raise InvalidTransition(message_id, "billed", event_type.value)
+    if event_type == EventType.BILLED and state is not None and state.state == "sent" and state.channel == "email":
+        return  # an e-mail is billed when its provider takes it (core/workers/mailer.py)
     if current not in ALLOWED_FROM[event_type]:
         raise InvalidTransition(message_id, current, event_type.value)
 

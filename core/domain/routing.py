@@ -12,8 +12,9 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.domain.circuit_breaker import BreakerSettings
 from core.domain.encoding import MoAlphabet
 from core.domain.errors import NoRoute
 from core.domain.events import EventType
@@ -37,6 +38,18 @@ class UnknownOutcomePolicy(StrEnum):
 
     RESEND = "resend"  # at-least-once: send again; the `sent` event says possible_duplicate
     HOLD = "hold"  # at-most-once: append `unknown` and wait for an operator
+
+
+class MailTls(StrEnum):
+    """How an `smtp` route secures its connections."""
+
+    NONE = "none"
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+
+
+EMAIL_KINDS = frozenset({"smtp", "http"})  # e-mail routes; every other kind is SMPP (channel sms)
+HTTP_PROVIDERS = frozenset({"sendgrid"})
 
 
 class BindType(StrEnum):
@@ -80,6 +93,25 @@ class Route(BaseModel):
     # How this SMSC's MO with data_coding 0 is to be read: GSM 03.38 (most), Latin-1 or ASCII.
     mo_alphabet: MoAlphabet = MoAlphabet.GSM
     enabled: bool = True
+    # E-mail routes (kind `smtp` or `http`, sent by `msgcore mailer`): `host`, `port` and `password`
+    # above are the SMTP server's; `price_per_part` is the price per e-mail.
+    tls: MailTls = MailTls.NONE
+    username: str = ""
+    pool: int = Field(default=2, ge=1, le=64)  # SMTP connections (or HTTP requests in flight) per route
+    provider: str = ""  # kind `http`: "sendgrid" (v3 mail/send)
+    base_url: str = ""  # kind `http`: the provider's API, e.g. https://api.sendgrid.com
+    api_key: str = ""
+    breaker: BreakerSettings = BreakerSettings()
+
+    @property
+    def channel(self) -> str:
+        return "email" if self.kind in EMAIL_KINDS else "sms"
+
+    @model_validator(mode="after")
+    def _http_names_its_provider(self) -> Route:
+        if self.kind == "http" and self.provider not in HTTP_PROVIDERS:
+            raise ValueError(f"a route of kind http needs provider one of {sorted(HTTP_PROVIDERS)}")
+        return self
 
     @property
     def tps_per_owner(self) -> float:
@@ -98,9 +130,11 @@ class Route(BaseModel):
         return best
 
 
-def candidates(routes: Sequence[Route], destination: str, excluded: Sequence[str] = ()) -> list[Route]:
-    """Enabled routes whose prefix match is the longest, not excluded, in priority order."""
-    scored = [(r.match_length(destination), r) for r in routes if r.enabled and r.id not in excluded]
+def candidates(routes: Sequence[Route], destination: str, excluded: Sequence[str] = (),
+               channel: str = "sms") -> list[Route]:
+    """Enabled routes of `channel` whose prefix match is the longest, not excluded, in priority order."""
+    scored = [(r.match_length(destination), r) for r in routes
+              if r.enabled and r.id not in excluded and r.channel == channel]
     scored = [(n, r) for n, r in scored if n >= 0]
     if not scored:
         return []
@@ -109,12 +143,12 @@ def candidates(routes: Sequence[Route], destination: str, excluded: Sequence[str
 
 
 def choose_route(routes: Sequence[Route], destination: str, status: Mapping[str, RouteStatus],
-                 excluded: Sequence[str] = (), rng: random.Random | None = None) -> Route:
-    """The route for `destination`. If every candidate is DOWN, the first by priority is chosen
-    anyway: the message waits for it rather than failing. Raises NoRoute if nothing matches."""
+                 excluded: Sequence[str] = (), rng: random.Random | None = None, channel: str = "sms") -> Route:
+    """The route of `channel` for `destination`. If every candidate is DOWN, the first by priority is
+    chosen anyway: the message waits for it rather than failing. Raises NoRoute if nothing matches."""
     # A message that failed on every matching route tries them again rather than failing for want
     # of a route: its exceptions steer it away from a bad route only while there is another one.
-    pool = candidates(routes, destination, excluded) or candidates(routes, destination)
+    pool = candidates(routes, destination, excluded, channel) or candidates(routes, destination, (), channel)
     if not pool:
         raise NoRoute(destination)
     strategy = pool[0].strategy

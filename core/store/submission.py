@@ -68,6 +68,8 @@ class Submission:
     # Extra fields of the `accepted` data an entry point records (e.g. the SMPP submit's
     # registered_delivery and source TON/NPI); never read by the pipeline.
     origin: dict[str, Any] | None = None
+    # An e-mail's own fields of its `accepted` data (core.domain.email.EmailContent.accepted_fields).
+    email: dict[str, Any] | None = None
 
 
 def accepted(message_id: str, tenant_id: str, s: Submission, now: datetime) -> Write:
@@ -81,6 +83,8 @@ def accepted(message_id: str, tenant_id: str, s: Submission, now: datetime) -> W
         data["campaign_row"] = s.campaign_row
     if s.origin:
         data["origin"] = dict(s.origin)
+    if s.email:
+        data.update(s.email)
     event = Event(message_id=message_id, seq=1, type=EventType.ACCEPTED, at=now, tenant_id=tenant_id,
                   channel=s.channel, data=data, notify=s.notify)
     return accepted_write(event, now)
@@ -98,7 +102,7 @@ def routed_at_acceptance(write: Write, routes: Sequence[Route], status: Mapping[
         return write
     state = state_of_accepted(write.events[0])
     try:
-        route = choose_route(routes, state.to, status, (), rng)
+        route = choose_route(routes, state.to, status, (), rng, channel=state.channel)
     except NoRoute:
         return write
     if status.get(route.id) != RouteStatus.UP:

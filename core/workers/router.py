@@ -173,7 +173,8 @@ class Router:
             return event_doc(state, EventType.DEAD_LETTERED, now,
                              {"reason": f"{state.attempts} attempts failed", "attempts": state.attempts}), None
         try:
-            route = choose_route(self.table.routes, state.to, self.table.status, state.excluded_routes, self.rng)
+            route = choose_route(self.table.routes, state.to, self.table.status, state.excluded_routes, self.rng,
+                                 channel=state.channel)
         except NoRoute as e:
             log.info("router: message=%s tenant=%s no route for %s", state.message_id, state.tenant_id, state.to)
             return event_doc(state, EventType.FAILED, now,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import typer
 
-from ops.cli import run, trace, verify
+from ops.cli import mail, run, trace, verify
 from ops.cli.campaigns import campaigns_app
 from ops.cli.deadletters import dead_letters_app
 from ops.cli.projections import projections_app, reporting_app
@@ -34,6 +34,7 @@ app.add_typer(reporting_app, name="reporting")
 app.add_typer(smpp_accounts_app, name="smpp-accounts")
 app.add_typer(suppressions_app, name="suppressions")
 app.add_typer(smpp_server_app)
+app.add_typer(mail.app)
 
 
 def main() -> None:

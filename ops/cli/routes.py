@@ -30,6 +30,7 @@ routes_app = typer.Typer(no_args_is_help=True, help="SMSC routes.")
 RouteIdArg = Annotated[str, typer.Argument(help="Route id")]
 TonNpiOpt = Annotated[str | None, typer.Option(help="A number, or 'auto' (source only: derived from the sender)")]
 TON_NPI = ("source_ton", "source_npi", "dest_ton", "dest_npi")
+BREAKER_OPTIONS = {"breaker_failures": "max_failures", "breaker_cool_down": "cool_down_s"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,18 @@ class RouteOptions:
     dest_ton: TonNpiOpt = None
     dest_npi: TonNpiOpt = None
     on_unknown_outcome: Annotated[str | None, typer.Option("--on-unknown-outcome", help="resend or hold")] = None
+    # E-mail routes (sent by `msgcore mailer`; --price-per-part is then the price per e-mail).
+    kind: Annotated[str | None, typer.Option("--kind", help="smpp (default), smtp or http (e-mail)")] = None
+    tls: Annotated[str | None, typer.Option("--tls", help="smtp: none, starttls or implicit")] = None
+    username: Annotated[str | None, typer.Option("--username", help="smtp: login user (and --password)")] = None
+    pool: Annotated[int | None, typer.Option("--pool", help="e-mail: SMTP connections / HTTP calls in flight")] = None
+    provider: Annotated[str | None, typer.Option("--provider", help="http: sendgrid")] = None
+    base_url: Annotated[str | None, typer.Option("--base-url", help="http: the provider's API base URL")] = None
+    api_key: Annotated[str | None, typer.Option("--api-key", help="http: the provider's key (never printed)")] = None
+    breaker_failures: Annotated[int | None, typer.Option(
+        "--breaker-failures", help="e-mail: failures within the window that open the circuit breaker")] = None
+    breaker_cool_down: Annotated[float | None, typer.Option(
+        "--breaker-cool-down", help="e-mail: seconds the breaker stays open before a probe")] = None
 
     def fields(self) -> dict[str, Any]:
         """The Route fields given (`prefix` as `prefixes`, TON/NPI as numbers, `auto` as None); a TON/NPI
@@ -75,6 +88,8 @@ class RouteOptions:
                 continue
             if name == "prefix":
                 fields["prefixes"] = tuple(value)
+            elif name in BREAKER_OPTIONS:
+                fields.setdefault("breaker", {})[BREAKER_OPTIONS[name]] = value
             elif name in TON_NPI:
                 fields[name] = _ton_npi(name, value)
             else:
@@ -141,7 +156,7 @@ def _route_store_call(fn: Callable[[RouteStore], Awaitable[T]]) -> T:
 
 
 def _show_value(key: str, value: Any) -> str:
-    if key == "password":
+    if key in ("password", "api_key"):
         return "***"
     if isinstance(value, list | tuple):
         return ",".join(f'"{v}"' if v == "" else str(v) for v in value)
@@ -201,7 +216,10 @@ def routes_update(route_id: RouteIdArg, options: RouteOptions) -> None:
         current = await store.get(route_id)
         if current is None:
             return None
-        route = _build_route("update", route_id, {**current.model_dump(), **fields})
+        merged = {**current.model_dump(), **fields}
+        if "breaker" in fields:  # the breaker options given change only their own settings
+            merged["breaker"] = {**current.breaker.model_dump(), **fields["breaker"]}
+        route = _build_route("update", route_id, merged)
         if route != current:
             await store.upsert(route, actor=actor, now=utcnow())
         return current, route
