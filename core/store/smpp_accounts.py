@@ -17,6 +17,10 @@ A document:
     receive_mo      MO for the tenant's numbers go to this account (its `dlr:<_id>` topic, beside the
                     receipts); when several accounts of a tenant have it, the oldest (created_at, then
                     _id) gets them all (`mo_topics`). Default false: MO are kept in the log only.
+    intermediate_since  set once, when the account's first submit asked for intermediate notifications
+                    (registered_delivery bit 4): from then on its receipt sender also follows the
+                    routes' `await:<route>` topics (checkpoints `esme-i:<_id>|await:<route>`, started at
+                    that moment's counters) for the `sent` of such messages (smsc/esme_server/intermediate.py)
     enabled, created_at, changed_at
 
 A disabled account with `receive_mo` still gets MO in its topic: they wait there, like its receipts,
@@ -45,6 +49,7 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from core.store.errors import StoreUnavailable
+from core.store.topics import EventLog, checkpoint_id
 
 SYSTEM_ID_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # system_id: 16 octets with the NUL
 PASSWORD_LEN = 8
@@ -53,6 +58,11 @@ MAX_BINDS_LIMIT, MAX_WINDOW, MAX_TPS = 64, 1000, 100_000.0
 UPDATABLE = ("allowed_ips", "max_binds", "window", "tps", "transactional", "alphabet", "receive_mo")
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _PASSWORD_CHARS = string.ascii_letters + string.digits
+
+
+def intermediate_consumer(system_id: str) -> str:
+    """The consumer name of an account's intermediate notifications on the await topics."""
+    return f"esme-i:{system_id}"
 
 
 class SmppAccountExists(Exception):
@@ -87,6 +97,7 @@ class SmppAccount:
     alphabet: str = "gsm"
     enabled: bool = True
     receive_mo: bool = False
+    intermediate: bool = False  # `intermediate_since` is set
 
     @property
     def notify_topic(self) -> str:
@@ -154,7 +165,8 @@ def account_of(doc: dict[str, Any]) -> SmppAccount:
                        max_binds=int(doc.get("max_binds", 4)), window=int(doc.get("window", 100)),
                        tps=doc.get("tps"), transactional=bool(doc.get("transactional", True)),
                        alphabet=doc.get("alphabet", "gsm"), enabled=bool(doc.get("enabled", True)),
-                       receive_mo=bool(doc.get("receive_mo", False)))
+                       receive_mo=bool(doc.get("receive_mo", False)),
+                       intermediate=doc.get("intermediate_since") is not None)
 
 
 class SmppAccountStore:
@@ -227,6 +239,29 @@ class SmppAccountStore:
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
         return out
+
+    async def start_intermediate(self, system_id: str, topics: builtins.list[str], now: datetime) -> bool:
+        """Mark the account as asking for intermediate notifications, once: in one transaction, set
+        `intermediate_since` and start its checkpoints on `topics` (the routes' await topics) at their
+        counters. True if this call did it; False if it was done before. The caller accepts the first
+        such submit only after this returns, so the `sent` of that message lies past the checkpoints."""
+        log = EventLog(self.accounts.database)
+
+        async def body(session: Any) -> bool:
+            res = await self.accounts.update_one({"_id": system_id, "intermediate_since": None},
+                                                 {"$set": {"intermediate_since": now}}, session=session)
+            if res.modified_count == 0:
+                return False
+            counters = {d["_id"]: int(d["pos"]) async for d in log.topics.find({"_id": {"$in": topics}},
+                                                                              session=session)}
+            for topic in topics:
+                await log.checkpoints.update_one({"_id": checkpoint_id(intermediate_consumer(system_id), topic)},
+                                                 {"$set": {"pos": counters.get(topic, 0)}}, upsert=True,
+                                                 session=session)
+            return True
+
+        started: bool = await log.transaction(body)
+        return started
 
     async def rotate_password(self, system_id: str, now: datetime) -> tuple[dict[str, Any], str]:
         password = new_password()

@@ -7,5 +7,6 @@
 - `committer.py`  group commit: submits within a few ms share one transaction; resp after commit
 - `queries.py`    query_sm (the fold), cancel_sm (only a message not yet routed)
 - `receipts.py`   per account: the `dlr:<system_id>` topic read by position -> deliver_sm (receipts, MO)
+- `intermediate.py` per account that asked: the routes' `await:` topics -> ENROUTE deliver_sm (bit 4)
 - `mo.py`         the deliver_sm of an MO (`inbound` event) for an account with `receive_mo`
 """

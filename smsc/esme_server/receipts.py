@@ -8,14 +8,16 @@ account and process while the account has a receiver (or transceiver) bind here:
 2. reads [checkpoint, checkpoint + N) of the topic, and the messages' `accepted` events (origin:
    what the ESME asked for, its addresses, the submit time and text for the receipt);
 3. sends a deliver_sm per receipt the ESME asked for (registered_delivery 1: every outcome, 2:
-   failures only) over the account's receiver binds, and waits for every deliver_sm_resp. A receipt
-   not answered within `receipt_timeout_s`, refused, or whose bind went away is sent again (counted:
-   `redelivered`); with no receiver bind left the sender stops and the receipts wait in the topic;
+   failures only: core/domain/esme_receipts.py) over the account's receiver binds, and waits for
+   every deliver_sm_resp. A receipt not answered within `receipt_timeout_s`, refused, or whose bind
+   went away is sent again (counted: `redelivered`); with no receiver bind left the sender stops and
+   the receipts wait in the topic;
 4. only then moves the checkpoint past the range, guarded by its epoch.
 
 So every position below the checkpoint was answered by the ESME; a crash between sending and the
 commit sends the range again (an ESME may see a receipt twice, never miss one). Intermediate
-notifications (registered_delivery bit 4) are not sent: only final events reach the topic.
+notifications (registered_delivery bit 4: ENROUTE when the upstream SMSC took the message) come from
+the routes' await topics, before step 2, with the same guarantees (intermediate.py).
 
 MO take the same path: an `inbound` event in the topic (smsc/inbound.py puts it there for the
 tenant's oldest account with `receive_mo`) goes out as a plain MO deliver_sm (mo.py) instead of a
@@ -34,9 +36,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from core import metrics
+from core.domain.esme_receipts import final_receipt_wanted, intermediate_wanted, registered_delivery_of
 from core.store.errors import CheckpointMoved, Fenced, StoreError
 from core.store.owners import Owners, Ownership
 from core.store.topics import checkpoint_id
+from smsc.esme_server.intermediate import IntermediateFollower
 from smsc.esme_server.mo import mo_fields
 from smsc.esme_server.queries import SMPP_STATE
 from smsc.pdu import ESM_CLASS_RECEIPT, ESME_ROK, MESSAGE_STATES, build_receipt_text
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
     from smsc.esme_server.session import EsmeSession
 
 log = logging.getLogger(__name__)
+
+ESM_CLASS_INTERMEDIATE = 0x20  # message type: intermediate delivery notification (SMPP v3.4 5.2.12)
 
 CONSUMER = "esme"
 RETRY_PAUSE_S = 1.0
@@ -62,16 +68,23 @@ class Receipt:
 
 
 def receipt_of(event: dict[str, Any], accepted: dict[str, Any]) -> Receipt | None:
-    """The deliver_sm of a final event, when the ESME asked for it (None otherwise)."""
-    data = accepted.get("data", {})
-    origin = data.get("origin", {}).get("smpp", {})
-    wanted = int(origin.get("registered_delivery", 0)) & 0x03
-    if wanted == 0 or (wanted == 2 and event["type"] == "delivered"):
+    """The deliver_sm of a final event (a delivery receipt) or of a `sent` (an intermediate
+    notification, ENROUTE), when the ESME asked for it (None otherwise: core/domain/esme_receipts.py)."""
+    registered = registered_delivery_of(accepted)
+    if intermediate_wanted(registered, event["type"]):
+        return _deliver_sm(event, accepted, "ENROUTE", "000", ESM_CLASS_INTERMEDIATE)
+    if event["type"] == "sent" or not final_receipt_wanted(registered, event["type"]):
         return None
     stat = SMPP_STATE.get(event["type"], "UNDELIV")
     if event["type"] == "undelivered" and str(event["data"].get("stat", "")) in MESSAGE_STATES:
         stat = str(event["data"]["stat"])
     err = str(event["data"].get("err") or "000")[:3].zfill(3)
+    return _deliver_sm(event, accepted, stat, err, ESM_CLASS_RECEIPT)
+
+
+def _deliver_sm(event: dict[str, Any], accepted: dict[str, Any], stat: str, err: str, esm_class: int) -> Receipt:
+    data = accepted.get("data", {})
+    origin = data.get("origin", {}).get("smpp", {})
     mid = event["message_id"]
     text = build_receipt_text(mid, accepted["at"], event["at"], stat=stat, err=err, text=data.get("text", ""))
     return Receipt(mid, {
@@ -79,7 +92,7 @@ def receipt_of(event: dict[str, Any], accepted: dict[str, Any]) -> Receipt | Non
         "source_addr": origin.get("destination", data.get("to", "")),
         "dest_addr_ton": origin.get("source_ton", 0), "dest_addr_npi": origin.get("source_npi", 0),
         "destination_addr": origin.get("source", data.get("sender", "")),
-        "esm_class": ESM_CLASS_RECEIPT, "data_coding": 0,
+        "esm_class": esm_class, "data_coding": 0,
         "short_message": text.encode("ascii", errors="replace"),
         "receipted_message_id": mid, "message_state": MESSAGE_STATES[stat]})
 
@@ -97,6 +110,7 @@ class ReceiptSender:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._own: Ownership | None = None
+        self.intermediate = IntermediateFollower(server, account)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"esme-receipts-{self.account.system_id}")
@@ -161,6 +175,10 @@ class ReceiptSender:
             own = await self._keep()
             start = (await self.log.load_checkpoints(CONSUMER, [self.topic]))[self.topic]
             counter = (await self.log.counters([self.topic]))[self.topic]
+            # After the counter: the ENROUTE of a message goes out before its final receipt (intermediate.py).
+            caught_up = await self.intermediate.drain(self._receipts_of, self._deliver_all, self._keep)
+            if caught_up is False:
+                return
             if counter <= start:
                 await self._sleep(self.server.config.poll_s)
                 continue
@@ -175,7 +193,9 @@ class ReceiptSender:
     async def _receipts(self, start: int, end: int) -> list[Receipt]:
         """The deliver_sm of [start, end): an MO carries all it needs; a receipt needs its message's
         `accepted` event (one query for the range)."""
-        docs = await self.log.read(self.topic, start, end)
+        return await self._receipts_of(await self.log.read(self.topic, start, end))
+
+    async def _receipts_of(self, docs: list[dict[str, Any]]) -> list[Receipt]:
         streams = await self.log.load_many(d["message_id"] for d in docs if d["type"] != "inbound")
         out = []
         for d in docs:

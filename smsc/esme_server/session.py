@@ -43,6 +43,7 @@ class EsmeSession:
         self.account: SmppAccount | None = None
         self.mode: str | None = None  # "tx" | "rx" | "trx" once bound
         self.binding = False
+        self.bind_id: str | None = None  # its lease in the store (core/store/esme_binds.py) while bound
         self.closing = False
         self.outstanding = 0  # requests received and not yet answered (the window)
         self.sequence = SequenceCounter()
@@ -213,7 +214,7 @@ class EsmeSession:
     async def close(self) -> None:
         """Forget the bind; deliver_sm still unanswered are failed (the receipt sender resends them)."""
         self.closing = True
-        self.server.unbound(self)
+        await self.server.unbound(self)
         for fut in self.pending.values():
             if not fut.done():
                 fut.cancel()

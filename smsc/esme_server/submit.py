@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from core.domain.encoding import MessageTooLong, count_parts, decode_short_message, split_udh
+from core.domain.esme_receipts import wants_notify
 from core.domain.recipients import normalize_phone
 from core.domain.submission_rules import E164, MAX_VALIDITY_S, MIN_VALIDITY_S, SENDER_ID
 from core.store.smpp_accounts import SmppAccount
@@ -204,12 +205,11 @@ def to_submission(req: SubmitRequest, account: SmppAccount, now: datetime, max_p
     if expires is not None:
         validity_s = int((expires - (send_at or now)).total_seconds())
         validity_s = min(MAX_VALIDITY_S, max(MIN_VALIDITY_S, validity_s))
-    wants = req.registered_delivery & 0x03
     return Submission(
         to=to, sender=sender, text=text, encoding=encoding, parts=parts,
         transactional=account.transactional or req.priority_flag >= 1, validity_s=validity_s,
         send_at=send_at if send_at is not None and send_at > now else None,
-        notify=account.notify_topic if wants else None,
+        notify=account.notify_topic if wants_notify(req.registered_delivery) else None,
         origin={"smpp": {"account": account.system_id, "sequence": req.sequence,
                          "registered_delivery": req.registered_delivery, "source": req.source,
                          "source_ton": req.source_ton, "source_npi": req.source_npi, "destination": req.destination,

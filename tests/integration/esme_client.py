@@ -4,6 +4,8 @@ submit_sm_resp and deliver_sm collected for the test to wait on."""
 from __future__ import annotations
 
 import contextlib
+import socket
+import ssl
 import struct
 import threading
 from types import SimpleNamespace
@@ -17,8 +19,11 @@ CANCEL_SM_RESP = 0x80000008
 
 
 class Esme:
-    def __init__(self, port: int, system_id: str, password: str, *, answer: bool = True) -> None:
-        self.client = smpplib.client.Client("127.0.0.1", port, timeout=30, allow_unknown_opt_params=True)
+    def __init__(self, port: int, system_id: str, password: str, *, answer: bool = True,
+                 tls: ssl.SSLContext | None = None) -> None:
+        # tls: SMPP over TLS (smpplib wraps its socket with this client context)
+        self.client = smpplib.client.Client("127.0.0.1", port, timeout=30, allow_unknown_opt_params=True,
+                                            ssl_context=tls)
         self.system_id, self.password = system_id, password
         self.answer = answer  # False: receive deliver_sm but never send deliver_sm_resp
         self.resps: dict[int, Any] = {}
@@ -100,6 +105,8 @@ class Esme:
         with contextlib.suppress(exceptions.ConnectionError, exceptions.PDUError, OSError, AttributeError):
             self.client.send_pdu(smpplib.smpp.make_pdu("unbind", client=self.client))
         if self.client._socket is not None:
+            with contextlib.suppress(OSError):  # wakes the reader thread's recv (close alone may not)
+                self.client._socket.shutdown(socket.SHUT_RDWR)
             self.client._socket.close()
             self.client._socket = None
         if self._thread is not None:
