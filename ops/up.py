@@ -40,7 +40,7 @@ DEMO_TENANT = "demo"
 STOP_GRACE_S = 20.0
 # The workers serving /metrics, /healthz, /readyz on MSGCORE_METRICS_PORT_BASE + their offset
 # (core/metrics_server.py); the api serves them on its own port.
-METRICS_COMPONENTS = ("router", "scheduler", "connector", "projector")
+METRICS_COMPONENTS = ("router", "scheduler", "connector", "projector", "webhooks", "smpp-server", "mailer")
 METRICS_BASE_DEFAULT = 9300
 METRICS_BASE_TRIES = 50  # 9300, 9310, ...: the first base whose worker ports are all free
 

@@ -102,5 +102,8 @@ def test_msgcore_up_announces_a_metrics_endpoint_per_component() -> None:
         "metrics: scheduler http://127.0.0.1:9302/metrics",
         "metrics: connector http://127.0.0.1:9303/metrics",
         "metrics: projector http://127.0.0.1:9304/metrics",
+        "metrics: webhooks http://127.0.0.1:9305/metrics",
+        "metrics: smpp-server http://127.0.0.1:9306/metrics",
+        "metrics: mailer http://127.0.0.1:9307/metrics",
     ]
     assert metrics_lines("http://127.0.0.1:8080", 0) == ["metrics: api http://127.0.0.1:8080/metrics"]
