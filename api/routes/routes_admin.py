@@ -29,6 +29,7 @@ from api.deps import JsonBody, RouteStoreDep
 from api.errors import ApiError
 from api.routes.admin import AdminDep
 from api.schemas import ADMIN_ERRORS, JSON_BODY_ERRORS, error_responses, inline_json_schema
+from core.domain.circuit_breaker import BreakerSettings
 from core.domain.events import utcnow
 from core.domain.routing import Route
 from core.store.routes import RouteStore
@@ -45,6 +46,18 @@ BODY_NOT_FOUND = NOT_FOUND | JSON_BODY_ERRORS
 CHANGE_ERRORS = BODY_NOT_FOUND | error_responses(409, described={
     409: "`route_not_drained`: `partitions` changes only while the route is disabled and drained"})
 Count = Annotated[int, Field(strict=True)]  # a JSON integer: not "5", not 5.0, not true
+Number = Annotated[float, Field(strict=True)]  # a JSON number: not "0.5", not true
+
+
+class BreakerDefinition(BreakerSettings):
+    """A route's circuit breaker as the API takes it: numbers as JSON numbers, not strings or booleans."""
+
+    max_failures: Annotated[Count, Field(ge=1, le=10_000, description="Failures within the window that open it")] = 5
+    failure_ratio: Annotated[Number, Field(gt=0, le=1, description="Share of failed calls that opens it")] = 0.5
+    min_calls: Annotated[Count, Field(ge=1, le=10_000, description="Calls in the window before the ratio counts")] = 10
+    window_s: Annotated[Number, Field(gt=0, le=86_400, description="Seconds of calls the breaker looks at")] = 60.0
+    cool_down_s: Annotated[Number, Field(ge=0, le=86_400, description="Open this long before a probe")] = 30.0
+    probes: Annotated[Count, Field(ge=1, le=100, description="Calls let through while half-open")] = 1
 
 
 class RouteDefinition(Route):
@@ -84,6 +97,7 @@ class RouteDefinition(Route):
     provider: Annotated[str, Field(max_length=20, pattern=r"^(sendgrid)?$", description="kind http: sendgrid")] = ""
     base_url: Annotated[str, Field(max_length=2048, pattern=r"^(https?://.*)?$")] = ""
     api_key: Annotated[str, Field(max_length=512)] = ""
+    breaker: BreakerDefinition = BreakerDefinition()
 
     def as_route(self) -> Route:
         return Route.model_validate(self.model_dump())
