@@ -4,9 +4,11 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
 
     400 invalid_json            body is not JSON (or not UTF-8)
     401 unauthorized            API key missing or unknown (with `WWW-Authenticate: Bearer`)
+        invalid_signature       a provider's event webhook without its valid signature (nothing written)
     403 tenant_suspended        the tenant is suspended (tenant endpoints)
         forbidden               tenant not active for another reason
         admin_disabled          /v1/admin called while no admin key is configured
+        provider_events_not_configured  the e-mail route has no usable events_key
     404 not_found               no such route, or no such message for this tenant
         not_found               also: no such campaign for this tenant, no such number assignment
         tenant_not_found, key_not_found  (admin: tenants and their keys)
@@ -26,6 +28,7 @@ Every error answer has the shape `{"error": {"code": "<stable code>", "message":
         batch_exceeds_rate_limit  more messages in one request than the tenant's burst
         invalid_address, invalid_csv_rows, import_too_large  suppressions: a bad number, bad import rows
         invalid_email, header_injection, subject_too_long, body_too_large  an e-mail (details: {field})
+        invalid_events          a provider's signed event webhook body that is not an event array
     429 rate_limited            over the tenant's submission rate (with `Retry-After`)
     503 unavailable             MongoDB unreachable (retry later)
         reporting_unavailable   search: no PostgreSQL configured, unreachable, or no reporting tables yet
@@ -49,6 +52,7 @@ from api.deps import TenantCache
 from api.errors import ApiError, error_response, install_error_handlers
 from api.read_side import reporting_pool
 from api.routes import admin, campaigns, health, inbound, messages, numbers_admin, routes_admin, tenants_admin
+from api.routes.provider_events import router as provider_events_router
 from api.routes.smpp_accounts import router as smpp_accounts_router
 from api.routes.suppressions import router as suppressions_router
 from api.routes.webhooks import router as webhooks_router
@@ -57,6 +61,7 @@ from core.config import Settings
 from core.domain.ratelimit import SubmissionLimiter
 from core.store.campaigns import CampaignStore
 from core.store.database import Database
+from core.store.email_events import ProviderEventStore
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from core.store.routes import RouteStore, RouteTable
@@ -102,6 +107,7 @@ def create_app(settings: Settings, db: Database | None = None, *,
     app.include_router(campaigns.router)  # /v1/campaigns (api/routes/campaigns.py)
     app.include_router(suppressions_router)  # /v1/suppressions: opt-outs (api/routes/suppressions.py)
     app.include_router(webhooks_router)  # /v1/webhooks: status webhooks (api/routes/webhooks.py)
+    app.include_router(provider_events_router)  # /v1/providers/{route}/events (api/routes/provider_events.py)
     app.include_router(dashboard.router)  # /dashboard: operator web page, not in the OpenAPI document
     install_error_handlers(app)  # api/errors.py: the one place errors become HTTP
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -132,6 +138,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await SuppressionStore(app.state.db).ensure_indexes()
         await SmppAccountStore(app.state.db).ensure_indexes()
         await WebhookStore(app.state.db).ensure_indexes()
+        await ProviderEventStore(app.state.db).ensure_indexes()
         log.info("api ready on database %s", app.state.db.name)
         yield
     finally:

@@ -165,7 +165,8 @@ MAX_SEARCH_LIMIT = 500
 DEFAULT_SEARCH_LIMIT = 100
 # A message's `state` in the reporting tables: the type of its newest non-billing event.
 SearchState = Literal["accepted", "routed", "sent", "retry", "failed", "delivered", "undelivered", "expired",
-                      "rejected", "canceled", "dead_lettered", "requeued", "unknown", "inbound"]
+                      "rejected", "canceled", "dead_lettered", "requeued", "unknown", "inbound", "bounced",
+                      "complained"]
 
 
 class MessageSummary(BaseModel):

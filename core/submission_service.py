@@ -10,8 +10,8 @@ the batch as one transaction.
 
 Consent: the batch's recipients are looked up on the tenant's suppression list (one query for the
 batch, none while the tenant has no entries: core/store/suppressions.py); a suppressed message is
-`accepted` and `rejected` with reason `opted_out` in the same transaction, never routed, sent or
-billed (core/store/submission.py `rejected_at_acceptance`).
+`accepted` and `rejected` with reason `opted_out` (an e-mail: `suppressed`) in the same transaction,
+never routed, sent or billed (core/store/submission.py `rejected_at_acceptance`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from core.domain.email_events import SUPPRESSED
 from core.domain.message import tenant_lane
 from core.ids import new_message_id
 from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
@@ -95,9 +96,11 @@ class SubmissionService:
             await self.routes.refresh(now)
             writes = [w if i in blocked else routed_at_acceptance(w, self.routes.routes, self.routes.status,
                                                                   self.rng, now) for i, w in enumerate(writes)]
+        # An e-mail's suppression (a hard bounce, a complaint, an entry on the list) is `suppressed`.
+        reasons = {i: SUPPRESSED if submissions[i].channel == "email" else OPTED_OUT for i in blocked}
         for i, scope in blocked.items():
-            writes[i] = rejected_at_acceptance(writes[i], now, OPTED_OUT, {"scope": scope})
-        rejected = {ids[i]: OPTED_OUT for i in blocked}
+            writes[i] = rejected_at_acceptance(writes[i], now, reasons[i], {"scope": scope})
+        rejected = {ids[i]: reasons[i] for i in blocked}
         try:
             await self.events.accept(writes, record)
         except IdempotencyReplay as replay:
@@ -108,14 +111,14 @@ class SubmissionService:
             return Submitted(ids, replayed=True, rejected=await self._rejected_at_acceptance(ids))
         log.info("tenant %s: accepted %d message(s), first %s%s%s", tenant_id, len(ids), ids[0],
                  f", idempotency key {idempotency.key!r}" if idempotency else "",
-                 f", {len(rejected)} rejected (opted_out), first {next(iter(rejected))}" if rejected else "")
+                 f", {len(rejected)} rejected (suppressed), first {next(iter(rejected))}" if rejected else "")
         return Submitted(ids, rejected=rejected)
 
     async def _rejected_at_acceptance(self, ids: Sequence[str]) -> dict[str, str]:
         """For a replay: which of the earlier ids were rejected at acceptance (one query)."""
         states = await self.events.states(ids)
         return {mid: str(st.extra.get("reason")) for mid, st in states.items()
-                if st.state == "rejected" and st.version == 2 and st.extra.get("reason") == OPTED_OUT}
+                if st.state == "rejected" and st.version == 2 and st.extra.get("reason") in (OPTED_OUT, SUPPRESSED)}
 
     async def _ensure_marketing_lane(self, tenant_id: str, now: datetime) -> None:
         """Register the tenant's marketing lane before its first marketing message is accepted."""

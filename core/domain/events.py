@@ -32,12 +32,23 @@ dense position there); see core/store/topics.py.
     delivered     route_id, smsc_message_id, stat, err, done_at (datetime|None); for a long message
                   (optional) parts: [{smsc_message_id, stat, err, done_at}, ...] one per part in
                   order, recorded once every part's receipt is in
+                  an e-mail's (from its provider's event webhook, core/domain/email_events.py): route_id,
+                  provider_event_id (e.g. SendGrid's sg_event_id: applied once), provider_message_id,
+                  provider_event ("delivered"), done_at (the provider's time, or None), response
     undelivered   route_id, smsc_message_id, stat, err, done_at (datetime|None), parts (optional, as
                   above); smsc_message_id/stat/err are those of the first part that was not DELIVRD
+    bounced       an e-mail the provider could not deliver: route_id, provider_event_id, provider_message_id,
+                  provider_event ("bounce" | "dropped"), bounce_type ("hard": the address is bad, it goes on
+                  the tenant's suppression list for e-mail; "soft": refused for now), code (e.g. "5.1.1"),
+                  reason (the provider's text), bounced_at (datetime|None); follows sent or delivered
+    complained    the recipient reported the e-mail as spam: route_id, provider_event_id, provider_message_id,
+                  provider_event ("spamreport"), complained_at (datetime|None); the address goes on the
+                  tenant's suppression list for e-mail; follows sent or delivered
     expired       reason
     billed        route_id, parts, price_per_part, amount (int, minor units), currency
     rejected      reason ("opted_out": the recipient is on the tenant's suppression list; then also
-                  scope, the entry's sender id or "*"); written in the acceptance transaction
+                  scope, the entry's sender id or "*"; an e-mail's reason is "suppressed"); written in the
+                  acceptance transaction
     canceled      reason; attempted (bool, campaign cancel: an earlier attempt's lease had expired
                   without an outcome, so the SMSC may have it)
     dead_lettered reason, attempts
@@ -61,7 +72,8 @@ is the entry's state; core/store/suppressions.py keeps it as a document written 
 transaction:
 
     opted_out     address, scope (a sender id, or "*" for every sender), source ("keyword" | "api" |
-                  "import" | "cli"), actor (who: "mo:<inbound id>", "api:<key prefix>", ...), reason,
+                  "import" | "cli" | "bounce" | "complaint": an e-mail's provider event), actor (who:
+                  "mo:<inbound id>", "api:<key prefix>", "provider:<route id>:<provider event id>", ...), reason,
                   keyword (optional, for source "keyword"), inbound_id (optional)
     opted_in      as opted_out: the entry no longer blocks
 
@@ -98,6 +110,8 @@ class EventType(StrEnum):
     RELEASED = "released"
     OPTED_OUT = "opted_out"
     OPTED_IN = "opted_in"
+    BOUNCED = "bounced"
+    COMPLAINED = "complained"
 
 
 class Event(BaseModel):

@@ -53,11 +53,15 @@ ALLOWED_FROM: dict[EventType, frozenset[str | None]] = {
     # A suppression entry's stream (core/domain/consent.py): out and in, alternately.
     EventType.OPTED_OUT: frozenset({None, "opted_in"}),
     EventType.OPTED_IN: frozenset({"opted_out"}),
+    # An e-mail provider's later events (core/domain/email_events.py): a bounce may follow `delivered`.
+    EventType.BOUNCED: frozenset({"sent", "delivered"}),
+    EventType.COMPLAINED: frozenset({"sent", "delivered"}),
 }
 
 TERMINAL_STATES = frozenset(
     {"delivered", "undelivered", "expired", "failed", "rejected", "canceled", "dead_lettered", "inbound", "unknown",
-     "opted_out", "opted_in"}  # the last two: a suppression entry's stream, which no stage acts on
+     "opted_out", "opted_in",  # these two: a suppression entry's stream, which no stage acts on
+     "bounced", "complained"}
 )
 
 

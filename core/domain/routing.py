@@ -102,6 +102,9 @@ class Route(BaseModel):
     base_url: str = ""  # kind `http`: the provider's API, e.g. https://api.sendgrid.com
     api_key: str = ""
     breaker: BreakerSettings = BreakerSettings()
+    # The key that verifies the provider's event webhook (POST /v1/providers/{route}/events): SendGrid's
+    # Signed Event Webhook verification key (base64 DER ECDSA P-256 public key); "" = events refused.
+    events_key: str = Field(default="", max_length=4096)
 
     @property
     def channel(self) -> str:

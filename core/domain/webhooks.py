@@ -25,7 +25,7 @@ ALL_EVENTS = "*"
 # are not message webhooks.
 EVENT_TYPES = frozenset({"accepted", "routed", "sent", "delivered", "undelivered", "failed", "retry", "expired",
                          "rejected", "canceled", "dead_lettered", "billed", "inbound", "requeued", "unknown",
-                         "released"})
+                         "released", "bounced", "complained"})
 SIGNATURE_HEADER = "Msgcore-Signature"
 EVENT_ID_HEADER = "Msgcore-Event-Id"
 MAX_URL_CHARS = 2048

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from core import metrics
+from core.domain.email_events import SUPPRESSED
 from core.domain.errors import NoRoute
 from core.domain.events import EventType
 from core.domain.message import MessageState, event_doc, lane_of_topic, send_topics, state_of_accepted
@@ -157,8 +158,9 @@ class Router:
             self.rejected += 1
             log.info("router: message=%s tenant=%s recipient opted out (scope %s): rejected", mid, state.tenant_id,
                      self._blocked[mid])
+            reason = SUPPRESSED if state.channel == "email" else OPTED_OUT  # as at acceptance
             return Write(mid, [event_doc(state, EventType.REJECTED, now,
-                                         {"reason": OPTED_OUT, "scope": self._blocked[mid]})])
+                                         {"reason": reason, "scope": self._blocked[mid]})])
         if state.tenant_id in self.reader.book.suspended:
             self.held += 1
             log.info("router: message=%s tenant=%s suspended: held", mid, state.tenant_id)

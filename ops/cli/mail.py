@@ -39,12 +39,18 @@ def mail_sim(
     permanent_share: Annotated[float, typer.Option(help="Of those failures, the share that is permanent")] = 0.0,
     delay: Annotated[float, typer.Option(help="Seconds before each answer")] = 0.0,
     drop_ratio: Annotated[float, typer.Option(help="Share of calls whose connection drops before the answer")] = 0.0,
+    events_url: Annotated[str, typer.Option(help="Post each mail's delivered/bounce/spamreport events (SendGrid "
+                                            "format, signed) here, e.g. http://127.0.0.1:8080/v1/providers/mail/events")
+                          ] = "",
+    events_key: Annotated[Path | None, typer.Option(help="PEM P-256 key signing the events (created if missing; "
+                                                    "default <data dir>/mail-sim-events.pem)")] = None,
 ) -> None:
     """A local e-mail provider for trying msgcore out and for tests."""
     s = cli_settings("mail-sim", need_store=False)
     faults = {"every_nth": every_nth, "failure_ratio": failure_ratio, "permanent_share": permanent_share,
               "delay_s": delay, "drop_ratio": drop_ratio}
-    run_component("mail-sim", mail_sim_main(sink or s.data_dir / "mail-sim", port, http_port, api_key, faults))
+    run_component("mail-sim", mail_sim_main(sink or s.data_dir / "mail-sim", port, http_port, api_key, faults,
+                                            events_url, events_key or s.data_dir / "mail-sim-events.pem"))
 
 
 async def mailer_main(settings: Settings, route_ids: list[str]) -> None:
@@ -64,14 +70,18 @@ async def mailer_main(settings: Settings, route_ids: list[str]) -> None:
         log.info("mailer stopped")
 
 
-async def mail_sim_main(sink: Path, port: int, http_port: int | None, api_key: str, faults: dict[str, Any]) -> None:
+async def mail_sim_main(sink: Path, port: int, http_port: int | None, api_key: str, faults: dict[str, Any],
+                        events_url: str = "", events_key: Path | None = None) -> None:
     from pydantic import ValidationError
 
+    from ops.mail_sim.events import eventing_sim
     from ops.mail_sim.server import MailSim
 
     stop = components.stop_on_signals()
     try:
-        sim = MailSim(sink, port=port, http_port=http_port, api_key=api_key, faults=faults)
+        sim = MailSim(sink, port=port, http_port=http_port, api_key=api_key, faults=faults) if not events_url else \
+            eventing_sim(sink, events_url, events_key or sink / "events.pem", port=port, http_port=http_port,
+                         api_key=api_key, faults=faults)  # ops/mail_sim/events.py
     except ValidationError as e:
         raise components.ConfigError(f"invalid fault settings: {e}") from e
     await sim.start()

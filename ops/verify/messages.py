@@ -110,6 +110,9 @@ def _check_progress(j: Judgement, snap: LogSnapshot, state: MessageState, docs: 
     stale = timedelta(seconds=stale_after_s)
     if state.state in TERMINAL_STATES:
         j.place = "terminal"
+    elif state.channel == "email" and state.state == "sent" and state.billed:
+        # Taken and billed by the provider; its delivery or bounce comes (if ever) from its event webhook.
+        j.place = "awaiting_receipt"
     elif timer is not None and timer.get("seq") == state.version:
         _check_timer(j, state, timer, now, stale)
     else:

@@ -1,0 +1,203 @@
+"""An e-mail provider's later events (core/domain/email_events.py) applied to the log: `delivered`,
+`bounced`, `complained` on the message's stream, and the suppressions they cause.
+
+Contract of `ProviderEventStore.apply` (one POST of the provider's event webhook):
+- One transaction for the batch: the message events, the suppression entries of hard bounces and
+  complaints (their `opted_out` events, entry documents and the tenant's counter, planned by
+  core/store/suppressions.py) and the orphans. All or nothing.
+- Exactly once per provider event id: an id already in the log (`data.provider_event_id`, indexed) is a
+  duplicate and writes nothing; two requests racing with the same event meet on the (message_id, seq)
+  unique index, and the loser plans again (and then finds it applied).
+- The message is the one whose `sent` event on this route recorded the event's provider message id
+  (a partial index on `data.provider_message_id` of e-mail `sent` events). An event for no known
+  message is an orphan: kept once in `orphan_provider_events` (`_id` = route and event id), counted and
+  logged, never an error.
+- An event the lifecycle no longer allows (core.domain.email_events.applicable) is stale: counted only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pymongo import ASCENDING, UpdateOne
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from core.domain.consent import ALL_SENDERS, Change
+from core.domain.email_events import ProviderEvent, applicable, event_data
+from core.domain.events import Event, EventType
+from core.domain.message import MessageState, event_doc, evolve
+from core.store.errors import StoreUnavailable
+from core.store.eventstore import EventStore
+from core.store.suppressions import Plan, SuppressionStore
+from core.store.topics import Write
+
+log = logging.getLogger(__name__)
+
+ORPHANS = "orphan_provider_events"
+MAX_PLAN_ROUNDS = 4
+SOURCE_OF = {"bounced": "bounce", "complained": "complaint"}
+
+
+@dataclass
+class Outcome:
+    """What a batch did: events applied per msgcore type, and those that wrote nothing, by why."""
+
+    applied: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    stale: int = 0
+    orphans: int = 0
+    ignored: int = 0
+    suppressed: int = 0  # suppression entries the batch opted out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"applied": dict(sorted(self.applied.items())), "duplicates": self.duplicates, "stale": self.stale,
+                "orphans": self.orphans, "ignored": self.ignored, "suppressed": self.suppressed}
+
+
+@dataclass
+class _Plan:
+    docs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # message id -> its new events
+    entry_writes: list[Write] = field(default_factory=list)  # suppression entries' events
+    side_writes: list[tuple[str, list[Any]]] = field(default_factory=list)
+    suppressions: dict[str, Plan] = field(default_factory=dict)
+    changes: dict[str, list[Change]] = field(default_factory=dict)
+    orphans: list[ProviderEvent] = field(default_factory=list)
+    outcome: Outcome = field(default_factory=Outcome)
+
+
+class ProviderEventStore:
+    def __init__(self, db: AsyncDatabase[Any]) -> None:
+        self.db = db
+        self.events = db["events"]
+        self.store = EventStore(db)
+        self.suppressions = SuppressionStore(db)
+
+    async def ensure_indexes(self) -> None:
+        # Only e-mail `sent` events are in it (a handful of bytes per e-mail, nothing for SMS).
+        await self.events.create_index([("data.provider_message_id", ASCENDING)], name="email_sent_provider_id",
+                                       partialFilterExpression={"type": "sent", "channel": "email"})
+        await self.events.create_index([("data.provider_event_id", ASCENDING)], name="provider_event_id",
+                                       sparse=True)
+
+    async def apply(self, route_id: str, events: Sequence[ProviderEvent], now: datetime) -> Outcome:
+        """Apply one batch of the route's provider events (see the module doc). Raises StoreUnavailable
+        (nothing written) when the store is down or the batch kept conflicting."""
+        for _ in range(MAX_PLAN_ROUNDS):
+            plan = await self._plan(route_id, events, now)
+            writes = [Write(mid, docs) for mid, docs in plan.docs.items()] + plan.entry_writes
+            if plan.orphans:
+                plan.side_writes.append((ORPHANS, [_orphan_op(route_id, e, now) for e in plan.orphans]))
+            if not writes and not plan.orphans:
+                return plan.outcome
+            try:
+                await self.store.accept(writes, side_writes=plan.side_writes)
+            except (DuplicateKeyError, BulkWriteError) as e:
+                log.info("provider events route=%s: a message or entry changed meanwhile, planning again: %s",
+                         route_id, str(e)[:200])
+                continue
+            for tenant_id, sp in plan.suppressions.items():
+                self.suppressions.committed(tenant_id, sp)
+            return plan.outcome
+        raise StoreUnavailable(f"provider events of route {route_id}: conflicts did not settle")
+
+    async def _plan(self, route_id: str, events: Sequence[ProviderEvent], now: datetime) -> _Plan:
+        plan = _Plan()
+        wanted: dict[str, ProviderEvent] = {}
+        for e in events:
+            if e.kind == "ignored":
+                plan.outcome.ignored += 1
+            elif e.event_id in wanted:
+                plan.outcome.duplicates += 1  # the same event twice in one batch
+            else:
+                wanted[e.event_id] = e
+        seen = await self._applied_ids(list(wanted))
+        plan.outcome.duplicates += len(seen)
+        todo = sorted((e for e in wanted.values() if e.event_id not in seen), key=_order)
+        owners = await self._messages_of(route_id, {e.provider_message_id for e in todo})
+        states = await self.store.states(set(owners.values()))
+        for e in todo:
+            mid = owners.get(e.provider_message_id)
+            state = states.get(mid) if mid else None
+            if state is None:
+                plan.orphans.append(e)
+                plan.outcome.orphans += 1
+                log.info("provider events route=%s: event %s (%s) for provider message id %r matches no e-mail sent "
+                         "on this route: kept in %s", route_id, e.event_id, e.provider_event, e.provider_message_id,
+                         ORPHANS)
+                continue
+            states[state.message_id] = self._decide(plan, route_id, state, e, now)
+        for tenant_id, changes in plan.changes.items():
+            sp = await self.suppressions.plan(tenant_id, changes, now)
+            plan.suppressions[tenant_id] = sp
+            plan.side_writes.extend(sp.side_writes)
+            plan.entry_writes.extend(sp.writes)
+            plan.outcome.suppressed += len(sp.applied)
+        return plan
+
+    @staticmethod
+    def _decide(plan: _Plan, route_id: str, state: MessageState, e: ProviderEvent, now: datetime) -> MessageState:
+        """Add the event `e` makes of the message (if the lifecycle allows it) and the suppression it
+        causes (even when stale: a complaint after a soft bounce still means "never again"); the state
+        after it."""
+        if e.suppresses and state.channel == "email":
+            plan.changes.setdefault(state.tenant_id, []).append(Change(
+                "email", state.to, ALL_SENDERS, True, SOURCE_OF[e.kind], f"provider:{route_id}:{e.event_id}",
+                " ".join(p for p in (e.kind, e.bounce_type, e.status, e.reason) if p)[:500]))
+        if not applicable(state, e):
+            plan.outcome.stale += 1
+            log.info("provider events route=%s message=%s: %s (event %s) does not follow state %r: not recorded",
+                     route_id, state.message_id, e.kind, e.event_id, state.state)
+            return state
+        doc = event_doc(state, EventType(e.kind), now, event_data(e, route_id), route_id=route_id)
+        plan.docs.setdefault(state.message_id, []).append(doc)
+        plan.outcome.applied[e.kind] = plan.outcome.applied.get(e.kind, 0) + 1
+        log.info("provider events route=%s message=%s tenant=%s: %s%s (event %s)", route_id, state.message_id,
+                 state.tenant_id, e.kind, f" {e.bounce_type}" if e.bounce_type else "", e.event_id)
+        return evolve(state, Event.from_doc(doc))
+
+    async def _applied_ids(self, event_ids: list[str]) -> set[str]:
+        if not event_ids:
+            return set()
+        try:
+            docs = self.events.find({"data.provider_event_id": {"$in": event_ids}}, {"data.provider_event_id": 1})
+            return {d["data"]["provider_event_id"] async for d in docs}
+        except PyMongoError as e:
+            raise StoreUnavailable(str(e)) from e
+
+    async def _messages_of(self, route_id: str, provider_ids: set[str]) -> dict[str, str]:
+        """Provider message id -> message id, from the route's e-mail `sent` events (one query)."""
+        if not provider_ids:
+            return {}
+        # Exactly the partial index's fields: the embedded server plans a collection scan for a query
+        # with one more field (route_id), so the route is checked here.
+        try:
+            fields = {"message_id": 1, "route_id": 1, "data.provider_message_id": 1}
+            found = self.events.find(sent_query(provider_ids), fields)
+            return {d["data"]["provider_message_id"]: d["message_id"] async for d in found
+                    if d.get("route_id") == route_id}
+        except PyMongoError as e:
+            raise StoreUnavailable(str(e)) from e
+
+
+def sent_query(provider_ids: set[str]) -> dict[str, Any]:
+    """The e-mail `sent` events that recorded any of these provider message ids (index
+    email_sent_provider_id)."""
+    return {"data.provider_message_id": {"$in": sorted(provider_ids)}, "type": "sent", "channel": "email"}
+
+
+def _order(e: ProviderEvent) -> float:
+    """Apply a batch in the provider's time order (SendGrid batches are not ordered): a `delivered`
+    before the complaint that followed it. Events without a time go last, in arrival order."""
+    return e.at.timestamp() if e.at is not None else float("inf")
+
+
+def _orphan_op(route_id: str, e: ProviderEvent, now: datetime) -> UpdateOne:
+    doc = {"route_id": route_id, "event_id": e.event_id, "kind": e.kind, "provider_event": e.provider_event,
+           "provider_message_id": e.provider_message_id, "email": e.email, "at": e.at, "received_at": now,
+           "bounce_type": e.bounce_type, "status": e.status, "reason": e.reason}
+    return UpdateOne({"_id": f"{route_id}:{e.event_id}"}, {"$setOnInsert": doc}, upsert=True)
