@@ -29,7 +29,7 @@ from core.store.routes import RouteStore, load_routes_file
 from core.store.tenants import TenantStore
 from ops.components import database, prepare
 from ops.embedded import EmbeddedMongo, EmbeddedPostgres, die_with_parent, free_port, write_endpoints
-from ops.mail_sim.setup import MAIL_SIM_PORT, ensure_mail_route
+from ops.mail_sim.setup import MAIL_SIM_PORT, ensure_mail_route, mail_sim_events_args
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ async def _bootstrap(settings: Settings, sim_port: int, mail_port: int = 0) -> s
             base = sim or Route(id="sim", price_per_part=5, window=50)
             await routes.upsert(base.model_copy(update={"port": sim_port}), actor="msgcore up", now=now)
         if mail_port:
-            await ensure_mail_route(routes, mail_port, now)
+            await ensure_mail_route(routes, mail_port, now, settings.data_dir)
         tenants = TenantStore(db)
         key_file = settings.data_dir / "demo-tenant.key"
         if key_file.exists() and await tenants.get(DEMO_TENANT):
@@ -153,11 +153,12 @@ async def _demo_smpp_login(settings: Settings) -> str:
 
 class Supervisor:
     def __init__(self, settings: Settings, sim_port: int, metrics_port_base: int = 0, smpp_port: int = 0,
-                 mail_port: int = MAIL_SIM_PORT) -> None:
+                 mail_port: int = MAIL_SIM_PORT, api_url: str = "") -> None:
         self.settings = settings
         self.stopping = False
+        mail_events = mail_sim_events_args(settings.data_dir, api_url) if api_url else []
         port_args = {"smsc-sim": ["--port", str(sim_port)], "smpp-server": ["--port", str(smpp_port)],
-                     "mail-sim": ["--port", str(mail_port)]}
+                     "mail-sim": ["--port", str(mail_port), *mail_events]}
         self.children = [Child(name, [sys.executable, "-m", "ops.cli", name, *port_args.get(name, [])])
                          for name in COMPONENTS]
         self.env = {**os.environ,
@@ -250,7 +251,7 @@ def up(settings: Settings) -> None:
                                    "admin_key": settings.admin_key, "smsc_sim": f"127.0.0.1:{sim_port}",
                                    "mail_sim": f"127.0.0.1:{mail_port}"})
         base = metrics_base(settings)
-        supervisor = Supervisor(settings, sim_port, base, smpp_port, mail_port)
+        supervisor = Supervisor(settings, sim_port, base, smpp_port, mail_port, api_url)
         supervisor.watch()
         _wait_until_ready(f"{api_url}/readyz", supervisor, lambda: stop_requested)
         mail_lines = [f"Mail sim:    127.0.0.1:{mail_port} (route \"mail\"), mails kept under {data_dir / 'mail-sim'}"]
