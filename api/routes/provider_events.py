@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from api.deps import DbDep, JsonBody
 from api.errors import ApiError
 from api.schemas import error_responses
-from core.domain.email_events import SIGNATURE_HEADER, TIMESTAMP_HEADER, InvalidEvents, parse_sendgrid
+from core.domain.email_events import MAX_EVENTS, SIGNATURE_HEADER, TIMESTAMP_HEADER, InvalidEvents, parse_sendgrid
 from core.domain.events import utcnow
 from core.domain.routing import Route
 from core.email_signatures import BadKey, verify
@@ -42,7 +42,7 @@ ERRORS = error_responses(400, 401, 403, 404, 413, 415, 422, 503, described={
     404: "No such e-mail route (`not_found`)",
     422: "Signed, but not a JSON array of at most 5,000 events (`invalid_events`)"})
 BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-    "type": "array", "items": {"type": "object"},
+    "type": "array", "items": {"type": "object"}, "maxItems": MAX_EVENTS,
     "description": "SendGrid Event Webhook events: event, sg_event_id, sg_message_id, email, timestamp, "
                    "type, status, reason, response"}}}}}
 

@@ -15,16 +15,18 @@ import csv
 import io
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from starlette.convertors import Convertor, register_url_convertor
 
 from api.deps import DbDep, JsonBody, TenantDep
+from api.email_submission import normal_address
 from api.errors import ApiError
 from api.schemas import JSON_BODY_ERRORS, TENANT_ERRORS, error_responses
 from api.suppression_csv import MAX_IMPORT_ROWS, parse_import
@@ -52,11 +54,27 @@ Scope = Annotated[str, Field(pattern=rf"^(?:\*|{SENDER_ID[1:-1]})$", max_length=
                              description='The sender id it applies to, or "*" for every sender')]
 
 
+Channel = Literal["sms", "email"]
+ChannelQuery = Annotated[Channel, Query(description="The list of this channel")]
+AddressText = Annotated[str, Field(max_length=320)]
+
+
 class SuppressionCreate(BaseModel):
-    address: Annotated[str, Field(pattern=E164, description="The recipient's number, E.164")]
+    address: Annotated[AddressText, Field(description="The recipient: an E.164 number (sms) or an e-mail "
+                                                      "address (email)")]
     scope: Scope = ALL_SENDERS
-    channel: Literal["sms"] = "sms"
+    channel: Channel = "sms"
     reason: Annotated[str, Field(max_length=500)] = ""
+
+    @model_validator(mode="after")
+    def _address_of_its_channel(self) -> SuppressionCreate:
+        if self.channel == "email":
+            if self.scope != ALL_SENDERS:
+                raise ValueError('an e-mail entry applies to every sender: scope "*"')
+            self.address = normal_address(self.address)
+        elif not re.fullmatch(E164, self.address):
+            raise ValueError(f"{self.address!r} is not an E.164 number")
+        return self
 
 
 class SuppressionBatch(BaseModel):
@@ -159,7 +177,13 @@ def _decode_after(after: str) -> tuple[str, str]:
                      "message": "invalid cursor"}])
 
 
-def _address(address: str) -> str:
+def _address(address: str, channel: str = "sms") -> str:
+    if channel == "email":
+        try:
+            return normal_address(address)
+        except ValueError as e:
+            raise ApiError(422, "invalid_address", f"{address!r} is not an e-mail address: {e}",
+                           {"address": address}) from e
     normalized = normalize_address(address)
     if not normalized.startswith("+") or not normalized[1:].isdigit() or not 7 <= len(normalized) - 1 <= 15:
         raise ApiError(422, "invalid_address", f"{address!r} is not an E.164 number", {"address": address})
@@ -170,13 +194,14 @@ def _address(address: str) -> str:
             description="Active entries by address, then scope. Keyset pages: pass `next_after` as `after`.")
 async def list_suppressions(
     tenant: TenantDep, db: DbDep,
-    address: Annotated[str | None, Query(max_length=20, description="Only this number")] = None,
+    address: Annotated[str | None, Query(max_length=320, description="Only this number (or address)")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
-    after: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    after: Annotated[str | None, Query(min_length=1, max_length=700)] = None,
+    channel: ChannelQuery = "sms",
 ) -> SuppressionPage:
-    wanted = _address(address) if address is not None else None
-    rows = await _store(db).list(tenant.id, address=wanted, after=_decode_after(after) if after else None,
-                                 limit=limit)
+    wanted = _address(address, channel) if address is not None else None
+    rows = await _store(db).list(tenant.id, channel=channel, address=wanted,
+                                 after=_decode_after(after) if after else None, limit=limit)
     items = [Suppression.model_validate({k: r.get(k) for k in Suppression.model_fields}) for r in rows]
     nxt = _encode_after(items[-1].address, items[-1].scope) if len(items) == limit else None
     return SuppressionPage(suppressions=items, next_after=nxt)
@@ -199,14 +224,16 @@ async def add_suppressions(tenant: TenantDep, db: DbDep, body: SuppressionCreate
                description="Removes the number's entry for `scope`, or every entry of the number without one. "
                            "404 `not_found` when nothing matched.")
 async def remove_suppression(
-    tenant: TenantDep, db: DbDep, address: Annotated[str, Path(max_length=20)],
+    tenant: TenantDep, db: DbDep, address: Annotated[str, Path(max_length=320)],
     scope: Annotated[str | None, Query(max_length=16)] = None,
     reason: Annotated[str, Query(max_length=500)] = "",
+    channel: ChannelQuery = "sms",
 ) -> ChangeResult:
-    number = _address(address)
+    number = _address(address, channel)
     store = _store(db)
-    scopes = [normalize_address(scope)] if scope is not None else await store.active_scopes(tenant.id, "sms", number)
-    changes = [Change("sms", number, s, False, "api", f"api:{tenant.id}", reason) for s in scopes]
+    scopes = [normalize_address(scope)] if scope is not None else await store.active_scopes(tenant.id, channel,
+                                                                                            number)
+    changes = [Change(channel, number, s, False, "api", f"api:{tenant.id}", reason) for s in scopes]
     applied = await store.apply(tenant.id, changes, utcnow()) if changes else []
     if not applied:
         raise ApiError(404, "not_found", f"{number} is not suppressed" + (f" for {scope!r}" if scope else ""),
@@ -235,14 +262,14 @@ async def import_suppressions(request: Request, tenant: TenantDep, db: DbDep) ->
 @router.get("/export", responses=ERRORS, summary="Export the suppression list as CSV",
             response_class=StreamingResponse,
             description="`address,scope,channel,since,source,reason`, one active entry per line.")
-async def export_suppressions(tenant: TenantDep, db: DbDep) -> StreamingResponse:
+async def export_suppressions(tenant: TenantDep, db: DbDep, channel: ChannelQuery = "sms") -> StreamingResponse:
     store = _store(db)
 
     async def lines() -> AsyncIterator[str]:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(["address", "scope", "channel", "since", "source", "reason"])
-        async for d in store.export(tenant.id):
+        async for d in store.export(tenant.id, channel):
             since = d.get("since")
             writer.writerow([d["address"], d["scope"], d["channel"], since.isoformat() if since else "",
                              d.get("source", ""), d.get("reason", "")])

@@ -354,3 +354,28 @@ async def test_a_message_accepted_before_the_opt_out_is_rejected_by_the_router_n
     events = await store.log.load_events(by_to[B].message_id)
     assert [e["type"] for e in events] == ["accepted", "rejected"] and "topic" not in events[-1]
     assert events[-1]["data"] == {"reason": "opted_out", "scope": "*"}
+
+
+async def test_email_entries_through_the_api(api: dict[str, Any]) -> None:
+    """The list of channel email (fed by hard bounces and complaints too) is listed, added to and
+    removed from like the SMS one; an e-mail to a listed address is rejected `suppressed`."""
+    client, auth = api["client"], api["auth"]["acme"]
+    r = await client.post("/v1/suppressions", json={"channel": "email", "address": "Bob@Example.ORG"}, headers=auth)
+    assert r.status_code == 200 and r.json() == {"changed": 1, "unchanged": 0}
+    listed = (await client.get("/v1/suppressions?channel=email", headers=auth)).json()["suppressions"]
+    assert [(e["address"], e["scope"], e["channel"]) for e in listed] == [("Bob@example.org", "*", "email")]
+    assert (await client.get("/v1/suppressions", headers=auth)).json()["suppressions"] == []  # the SMS list
+    mail = {"channel": "email", "to": "Bob@example.org", "from": "shop@acme.example", "subject": "Hi", "text": "x"}
+    r = await client.post("/v1/messages", json=mail, headers=auth)
+    assert (r.status_code, r.json()["status"], r.json()["reason"]) == (202, "rejected", "suppressed")
+    for bad in ({"channel": "email", "address": "not an address"},
+                {"channel": "email", "address": "bob@example.org", "scope": "AcmeShop"},
+                {"channel": "sms", "address": "bob@example.org"}):
+        assert_error(await client.post("/v1/suppressions", json=bad, headers=auth), 422, "validation_error")
+    assert_error(await client.get("/v1/suppressions?channel=email&address=nope", headers=auth), 422,
+                 "invalid_address")
+    r = await client.delete("/v1/suppressions/Bob@Example.ORG?channel=email", headers=auth)
+    assert r.status_code == 200 and r.json()["changed"] == 1
+    assert (await client.get("/v1/suppressions?channel=email", headers=auth)).json()["suppressions"] == []
+    r = await client.post("/v1/messages", json=mail, headers=auth)
+    assert r.json()["status"] == "accepted"
