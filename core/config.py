@@ -71,3 +71,5 @@ class Settings(BaseSettings):
     webhooks_concurrency: int = Field(default=256, ge=1, le=2000)
     webhooks_endpoint_concurrency: int = Field(default=16, ge=1, le=200)  # messages in flight per endpoint
     webhooks_batch_jobs: int = Field(default=20, ge=1, le=1000)  # jobs read per dispatcher batch
+    webhooks_jobs_retention_s: float = Field(default=7 * 86_400, gt=0)  # delivered jobs (what replay can resend)
+    webhooks_deliveries_retention_s: float = Field(default=30 * 86_400, gt=0)  # delivery records

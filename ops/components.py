@@ -226,7 +226,9 @@ async def webhooks_main(settings: Settings) -> None:
                                     backoff_cap_s=settings.webhooks_backoff_cap_s,
                                     max_age_s=settings.webhooks_max_age_s)
         dispatcher = WebhookDispatcher(store, queue, owners, sender, utcnow, holder, dispatch,
-                                       lease_s=settings.lease_s, concurrency=settings.webhooks_concurrency)
+                                       lease_s=settings.lease_s, concurrency=settings.webhooks_concurrency,
+                                       jobs_retention_s=settings.webhooks_jobs_retention_s,
+                                       deliveries_retention_s=settings.webhooks_deliveries_retention_s)
         log.info("webhooks started (%s), loopback targets %s", holder,
                  "allowed" if settings.webhooks_allow_loopback else "refused")
         try:

@@ -64,6 +64,7 @@ class WebhookQueue:
             await self.jobs.create_index([("webhook_id", ASCENDING), ("created_at", ASCENDING)],
                                          name="webhook_created")
             await self.deliveries.create_index("message_ids", name="message_ids")
+            await self.deliveries.create_index([("webhook_id", ASCENDING), ("at", ASCENDING)], name="webhook_at")
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
 
@@ -184,6 +185,19 @@ class WebhookQueue:
             return 0
         pos = await self.positions([hook_topic(w) for w in webhook_ids])
         return sum(max(0, end - start) for start, end in pos.values())
+
+    async def purge(self, webhook_id: str, below: int, jobs_before: datetime, deliveries_before: datetime
+                    ) -> tuple[int, int]:
+        """Retention: the endpoint's jobs below its checkpoint (`below`, delivered or given up: never
+        read again) created before `jobs_before`, and its delivery records older than
+        `deliveries_before`. Returns how many of each were deleted."""
+        try:
+            jobs = await self.jobs.delete_many({"topic": hook_topic(webhook_id), "pos": {"$lt": below},
+                                                "created_at": {"$lt": jobs_before}})
+            records = await self.deliveries.delete_many({"webhook_id": webhook_id, "at": {"$lt": deliveries_before}})
+        except PyMongoError as e:
+            raise StoreUnavailable(str(e)) from e
+        return jobs.deleted_count, records.deleted_count
 
     async def newest_delivery(self, webhook_id: str) -> dict[str, Any] | None:
         try:

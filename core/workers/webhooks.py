@@ -16,7 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from core import metrics
 from core.aio import sleep_or_stop
@@ -55,6 +55,8 @@ class WebhookDispatcher:
     poll_s: float = 0.05
     max_idle_s: float = 0.5
     concurrency: int = 256
+    jobs_retention_s: float = 7 * 86_400  # delivered jobs are kept this long (what `replay` can send again)
+    deliveries_retention_s: float = 30 * 86_400  # delivery records (GET /v1/webhooks/deliveries)
     owned: dict[str, _Owned] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=lambda: {"redelivered": 0})
 
@@ -92,11 +94,19 @@ class WebhookDispatcher:
             await self._forget_resolved()
 
     async def _forget_resolved(self) -> None:
-        """Attempt documents below the checkpoints say nothing the delivery records do not: keep few."""
-        topics = [h.dispatch.topic for h in self.owned.values()]
-        positions = await self.queue.positions(topics)
-        for topic in topics:
+        """Attempt documents below the checkpoints say nothing the delivery records do not: keep few.
+        Jobs below the checkpoint and delivery records go after their retention."""
+        hooks = {h.dispatch.topic: h.dispatch.hook.id for h in self.owned.values()}
+        positions = await self.queue.positions(list(hooks))
+        now = self.clock()
+        for topic, webhook_id in hooks.items():
             await self.owners.forget_resolved(owner_key(topic), {topic: positions[topic][0]})
+            jobs, records = await self.queue.purge(webhook_id, positions[topic][0],
+                                                   now - timedelta(seconds=self.jobs_retention_s),
+                                                   now - timedelta(seconds=self.deliveries_retention_s))
+            if jobs or records:
+                log.info("webhook %s: retention removed %d delivered job(s) and %d delivery record(s)",
+                         webhook_id, jobs, records)
 
     async def _take(self, hook: Webhook, now: datetime) -> None:
         own = await self.owners.acquire(owner_key(hook.topic), self.holder, now, self.lease_s)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -289,3 +289,25 @@ async def test_without_registrations_the_fanout_reads_no_stream_and_a_new_endpoi
 
 async def _is(value: bool) -> bool:
     return value
+
+
+async def test_retention_removes_delivered_jobs_and_old_records_but_never_what_is_still_to_send(env: Env) -> None:
+    with running(Receiver()) as receiver:
+        hook = await env.store.create("acme", receiver.url, ["*"], utcnow())
+        receiver.secret = hook.secret
+        async with fanout(env), dispatcher(env):
+            await env.lifecycle("acme", 5)
+            await wait_for(lambda: env.checkpoint_at_end(hook))
+    start, end = (await env.queue.positions([hook.topic]))[hook.topic]
+    assert start == end > 0
+    # One more job, not yet delivered (at the checkpoint): old, but never removed.
+    await env.queue.commit_fanout([NewJob(hook.id, "acme", [{"message_id": "m", "seq": 1}])], '{"_data": "x"}',
+                                  (await env.queue.fanout_token())[1], utcnow())
+    long_ago = utcnow() - timedelta(days=40)
+    await env.db["webhook_jobs"].update_many({}, {"$set": {"created_at": long_ago}})
+    await env.db["webhook_deliveries"].update_many({}, {"$set": {"at": long_ago}})
+    records = await env.db["webhook_deliveries"].count_documents({"webhook_id": hook.id})
+    jobs, removed = await env.queue.purge(hook.id, start, utcnow() - timedelta(days=7), utcnow() - timedelta(days=30))
+    assert (jobs, removed) == (end, records) and records > 0
+    left = [d["pos"] async for d in env.db["webhook_jobs"].find({"webhook_id": hook.id})]
+    assert left == [end]  # the job still to send
