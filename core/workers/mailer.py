@@ -17,6 +17,14 @@ One batch, in this order:
    moves and the tenants' spend, in one transaction fenced by the epoch. A store outage keeps the
    outcomes in memory and retries the commit while we own.
 
+Batches overlap: while batch N is sent, batch N+1 is read and decided (its attempt is recorded
+only once N's sending is over, just before N+1's own: a batch read ahead and dropped at a stop was
+not attempted, and is simply read again), and batch N-1 commits; N's commit starts once N-1's is
+done, so commits follow read order. The reader keeps its positions ahead of the checkpoints, and the
+messages of batches not yet committed are skipped by the next read (core/workers/mailer_batch.py).
+A fence found by a commit stops the sending under way at once; that batch's open attempt is then
+the next owner's to decide, as after a crash.
+
 The breaker's state is the route's status for routing (open: DOWN, half-open: BUSY, closed: UP),
 written at each transition and every HEARTBEAT_S; each transition is logged and named in the events
 of the e-mails it concerns (`breaker` in `sent`, `retry`, `failed`).
@@ -31,25 +39,23 @@ import logging
 import random
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any
 
 from core.aio import sleep_or_stop
 from core.domain.circuit_breaker import BreakerState, CircuitBreaker, Transition
-from core.domain.email import EMAIL, EmailContent, MailResult, circuit_open_decision, decide_mail
+from core.domain.email import MailResult, circuit_open_decision, decide_mail
 from core.domain.email_mime import build_mime
-from core.domain.events import Event
-from core.domain.message import MessageState, fold, lane_of_topic, send_stage, state_of_routed
-from core.domain.outcomes import Before, decide_before_send
+from core.domain.message import send_stage
 from core.domain.routing import Route, RouteStatus
 from core.store.database import TRANSIENT_ERRORS
 from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
 from core.store.eventstore import EventStore
-from core.store.lanes import Batch, LaneBook, TopicReader
+from core.store.lanes import LaneBook, TopicReader
 from core.store.owners import Owners, Ownership
 from core.store.routes import SEND_CONSUMER, RouteStore
 from core.store.topics import Write, spend_updates
+from core.workers.mailer_batch import Prepared, decide_batch
 from core.workers.mailer_transport import Transport, transport_for
-from core.workers.mailer_writes import MailItem, billed_amounts, outcome_write, unsent_write
+from core.workers.mailer_writes import MailItem, billed_amounts, outcome_write
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +92,8 @@ class Mailer:
         self.lost = asyncio.Event()
         self.unresolved: dict[str, list[tuple[int, int]]] = {}
         self.lease_deadline = 0.0
+        self.pending: asyncio.Task[None] | None = None  # the previous batch's commit
+        self.busy: set[str] = set()  # messages of batches read and not yet committed
         self._status_at = float("-inf")
         self._status_due = True
 
@@ -126,6 +134,7 @@ class Mailer:
     async def _serve(self, own: Ownership, stop: asyncio.Event) -> None:
         self.own, self.lost = own, asyncio.Event()
         self.reader.forget_positions()
+        self.busy = set()
         try:
             attempts = await self.owners.open_attempts(self.key, {})
         except StoreUnavailable as e:
@@ -157,19 +166,46 @@ class Mailer:
             self.own = None
 
     async def _loop(self, transport: Transport, stop: asyncio.Event) -> None:
-        while not stop.is_set() and not self.lost.is_set():
-            await self._heartbeat()
-            try:
-                n = await self._batch(transport)
-            except (Fenced, CheckpointMoved) as e:
-                self._lose(f"fenced: {e}")
-                return
-            except StoreUnavailable as e:
-                log.warning("mailer route=%s: store unavailable: %s", self.route.id, e)
-                await sleep_or_stop(stop, 1.0)
-                continue
-            if n == 0:
-                await sleep_or_stop(stop, POLL_S)
+        ahead: asyncio.Task[Prepared | None] | None = None  # the next batch, read while this one sends
+        try:
+            while not stop.is_set() and not self.lost.is_set():
+                await self._heartbeat()
+                try:
+                    reading, ahead = ahead, None
+                    job = await (reading if reading is not None else self._read())
+                    if job is None:
+                        await self._settle()
+                        await sleep_or_stop(stop, POLL_S)
+                        continue
+                    await self._attempt(job)
+                    ahead = asyncio.create_task(self._read(), name=f"mailer-read-{self.route.id}")
+                    await self._send_and_commit(job, transport)
+                except (Fenced, CheckpointMoved) as e:
+                    self._lose(f"fenced: {e}")
+                    return
+                except StoreUnavailable as e:
+                    log.warning("mailer route=%s: store unavailable: %s", self.route.id, e)
+                    await sleep_or_stop(stop, 1.0)
+        finally:
+            await self._drop(ahead)
+            with contextlib.suppress(Fenced, CheckpointMoved):
+                await self._settle()
+
+    async def _settle(self) -> None:
+        """Wait for the previous batch's commit (it retries store outages itself while we own)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await pending
+
+    async def _drop(self, ahead: asyncio.Task[Prepared | None] | None) -> None:
+        """A batch read ahead and not attempted: nothing of it was sent, so it is just read again."""
+        if ahead is None:
+            return
+        ahead.cancel()
+        with contextlib.suppress(asyncio.CancelledError, StoreUnavailable, Fenced, CheckpointMoved):
+            job = await ahead
+            if job is not None:
+                self._forget(job)
 
     def _lose(self, why: str) -> None:
         if not self.lost.is_set():
@@ -235,69 +271,58 @@ class Mailer:
 
     # ---- one batch --------------------------------------------------------------------------------
 
-    async def _batch(self, transport: Transport) -> int:
-        own = self.own
-        assert own is not None
+    async def _read(self) -> Prepared | None:
+        """Read a batch and decide what to send (before sending: canceled, held, expired, suspended)."""
         batch = await self.reader.read(self.batch_size)
         if not batch:
-            return 0
+            return None
         try:
-            now = self.clock()
-            items, writes = await self._prepare(batch, now)
-            if items:
-                # One attempt document per batch, BEFORE any provider call: a crash from here on
-                # leaves an open attempt for the next owner's policy.
-                await self.owners.record_attempt(own, batch.ranges, [i.state.message_id for i in items], now)
+            busy = set(self.busy)  # taken BEFORE the messages are loaded: see core/workers/mailer_batch.py
+            docs = await self.log.load_many([e["message_id"] for e in batch.entries])
+            job = decide_batch(batch, docs, route=self.route, book=self.reader.book, unresolved=self.unresolved,
+                               busy=busy, now=self.clock(), stats=self.stats)
         except BaseException:
             self.reader.rewind(batch.ranges)
             raise
+        self.busy |= job.ids
+        return job
+
+    def _forget(self, job: Prepared) -> None:
+        """A batch that will not be committed by us: read again from its first position."""
+        self.reader.rewind(job.batch.ranges)
+        self.busy -= job.ids
+
+    async def _attempt(self, job: Prepared) -> None:
+        """One attempt document per batch, BEFORE any provider call: a crash from here on leaves an
+        open attempt for the next owner's policy."""
+        own = self.own
+        assert own is not None
+        try:
+            if job.items:
+                await self.owners.record_attempt(own, job.batch.ranges, [i.state.message_id for i in job.items],
+                                                 self.clock())
+        except BaseException:
+            self._forget(job)
+            raise
         self.stats["batches"] += 1
-        await self._send_all(items, transport)
+
+    async def _send_and_commit(self, job: Prepared, transport: Transport) -> None:
+        """Send; then, once the previous batch's commit is done (commits in read order), start this one's."""
+        own = self.own
+        assert own is not None
+        await self._send_all(job.items, transport)
         if self._status_due:
             await self._heartbeat()
+        try:
+            await self._settle()
+        finally:
+            if self.lost.is_set():
+                self._forget(job)
         if self.lost.is_set():
-            self.reader.rewind(batch.ranges)
-            return 0
+            return
         now = self.clock()
-        writes.extend(outcome_write(i, self.route.id, self.provider, now) for i in items)
-        await self._commit(writes, batch, own, now)
-        return len(batch.entries)
-
-    async def _prepare(self, batch: Batch, now: datetime) -> tuple[list[MailItem], list[Write]]:
-        """What to send, and the writes of the entries that are not sent (decided before sending)."""
-        docs = await self.log.load_many([e["message_id"] for e in batch.entries])
-        book = self.reader.book
-        items: list[MailItem] = []
-        writes: list[Write] = []
-        seen: set[str] = set()
-        for entry in batch.entries:
-            mid = entry["message_id"]
-            state = self._state(entry, docs.get(mid) or [])
-            if state is None or state.state != "routed" or state.version != entry["seq"] or mid in seen \
-                    or state.route_id != self.route.id or state.channel != EMAIL:
-                log.info("mailer route=%s: message=%s moved on after entry %s@%d; skipped", self.route.id, mid,
-                         entry["topic"], entry["pos"])
-                continue
-            seen.add(mid)
-            earlier = any(a <= entry["pos"] < b for a, b in self.unresolved.get(entry["topic"], ()))
-            expires_at = state.expires_at
-            what = decide_before_send(canceling=lane_of_topic(entry["topic"]) in book.canceling,
-                                      earlier_attempt=earlier, policy=self.route.on_unknown_outcome.value,
-                                      expired=expires_at is not None and now >= expires_at,
-                                      suspended=state.tenant_id in book.suspended)
-            if what in (Before.SEND, Before.SEND_DUPLICATE):
-                content = EmailContent.from_accepted(docs[mid][0]["data"])
-                items.append(MailItem(state, content, duplicate=what == Before.SEND_DUPLICATE))
-            else:
-                self.stats[what.value] += 1
-                writes.append(unsent_write(what, state, entry["topic"], self.route.id, now))
-        return items, writes
-
-    @staticmethod
-    def _state(entry: dict[str, Any], docs: list[dict[str, Any]]) -> MessageState | None:
-        if entry["type"] == "routed":
-            return state_of_routed(entry)
-        return fold([Event.from_doc(d) for d in docs])
+        job.writes.extend(outcome_write(i, self.route.id, self.provider, now) for i in job.items)
+        self.pending = asyncio.create_task(self._commit(job, own, now), name=f"mailer-commit-{self.route.id}")
 
     async def _send_all(self, items: list[MailItem], transport: Transport) -> None:
         """Send through `route.pool` workers: few connections, many messages each."""
@@ -324,7 +349,7 @@ class Mailer:
         # An earlier owner's open attempt counts: this resend is the message's next attempt after it.
         item.attempt = s.attempts + (2 if item.duplicate else 1)
         mime = build_mime(item.content, s.message_id, now)
-        item.message_id_header = str(mime["Message-ID"])
+        item.message_id_header = mime.message_id_header
         result = await transport.send(item.content, mime)
         self._note(self.breaker.record(self.clock(), result.route_failed), s.message_id)
         item.result, item.breaker = result, self.breaker.state_at(self.clock()).value
@@ -338,20 +363,25 @@ class Mailer:
             log.info("mailer %s: %s %s %s (breaker %s)", ids, item.decision.verdict.value, item.decision.error_name,
                      item.decision.reason, item.breaker)
 
-    async def _commit(self, writes: list[Write], batch: Batch, own: Ownership, now: datetime) -> None:
-        """One transaction for the batch, fenced by our epoch; store errors retried while we own."""
+    async def _commit(self, job: Prepared, own: Ownership, now: datetime) -> None:
+        """One transaction for the batch, fenced by our epoch; store errors retried while we own.
+        Runs while the next batch is sent: a fence found here stops that sending at once."""
         delay = 0.05
+        writes, batch = job.writes, job.batch
         while not self.lost.is_set():
             try:
                 await self.log.commit(writes, moves=batch.moves, fence=own.fence, redecide=_moved_on,
                                       extra=lambda ws: [("tenants", spend_updates(billed_amounts(list(ws)), now))])
+                self.busy -= job.ids
                 return
+            except (Fenced, CheckpointMoved) as e:
+                self._lose(f"fenced at commit: {e}")
             except StoreUnavailable as e:
                 delay = min(COMMIT_BACKOFF_CAP_S, delay * 2)
                 log.warning("mailer route=%s: store unavailable, keeping a batch of %d in memory; retry in %.1fs: %s",
                             self.route.id, len(writes), delay, e)
                 await sleep_or_stop(self.lost, delay)
-        self.reader.rewind(batch.ranges)
+        self._forget(job)
 
 
 async def _moved_on(ids: list[str]) -> list[Write]:

@@ -10,6 +10,15 @@ The HTTP port also serves the control API (JSON):
     POST /reset          faults back to those it started with; counters cleared
 
 Both run in the caller's event loop (tests run them next to the mailer).
+
+SMTP extras for the tests of the mailer's client (core/workers/mailer_smtp.py): PIPELINING is
+advertised unless `pipelining=False` (aiosmtpd reads one command line at a time, so pipelined
+commands are safe; environment MSGCORE_MAIL_SIM_PIPELINING=0 turns it off for a whole process);
+`auth=(user, password)` asks for AUTH (PLAIN or LOGIN, without TLS: loopback only);
+`auth_mechanisms` limits what it offers; `tls` (a server context) offers STARTTLS;
+`refused_recipients` are refused at RCPT (550); `drop_next_mail` N drops the connection at the next
+N MAIL commands (before anything of the e-mail was sent); `multiline` answers an accepted e-mail
+with a multi-line 250 reply (the queue id on its second line).
 """
 
 from __future__ import annotations
@@ -18,14 +27,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import ssl
 import uuid
-from email.message import EmailMessage
-from email.policy import SMTP as SMTP_POLICY
+import warnings
+from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from pydantic import ValidationError
 
 from core.domain.email import EmailContent
@@ -40,7 +51,9 @@ MAX_HTTP_BODY = 8 * 1024 * 1024
 
 class MailSim:
     def __init__(self, sink_dir: Path | str, *, port: int = 0, http_port: int | None = None, api_key: str = "",
-                 faults: MailFaults | dict[str, Any] | None = None) -> None:
+                 faults: MailFaults | dict[str, Any] | None = None, pipelining: bool | None = None,
+                 auth: tuple[str, str] | None = None, auth_mechanisms: Iterable[str] = ("PLAIN", "LOGIN"),
+                 refused_recipients: Iterable[str] = (), tls: ssl.SSLContext | None = None) -> None:
         self.sink_dir = Path(sink_dir)
         self.requested = (port, http_port)
         self.api_key = api_key
@@ -49,11 +62,23 @@ class MailSim:
         self.port = 0
         self.http_port: int | None = None
         self.connections = 0  # SMTP connections accepted
+        self.http_connections = 0  # HTTP connections accepted
+        self.pipelining = os.environ.get("MSGCORE_MAIL_SIM_PIPELINING", "1") != "0" if pipelining is None \
+            else pipelining
+        self.auth = auth
+        self.auth_mechanisms = {m.upper() for m in auth_mechanisms}
+        self.tls = tls
+        self.multiline = False  # answer an accepted e-mail with a multi-line 250 reply
+        self.refused_recipients = {r.lower() for r in refused_recipients}
+        self.drop_next_mail = 0
+        self.transactions = 0  # MAIL commands taken
         self._servers: list[asyncio.Server] = []
         self._stored = 0
 
     async def start(self) -> None:
         self.sink_dir.mkdir(parents=True, exist_ok=True)
+        # aiosmtpd logs every MAIL and RCPT at INFO: 5 % of mail-sim's CPU in a profile of the benchmark
+        logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.getLogger("mail.log").level))
         loop = asyncio.get_running_loop()
         factory = partial(self._smtp_protocol)
         smtp = await loop.create_server(factory, "127.0.0.1", self.requested[0])
@@ -69,7 +94,20 @@ class MailSim:
 
     def _smtp_protocol(self) -> SMTP:
         self.connections += 1
-        return SMTP(_Handler(self), hostname="mail-sim", data_size_limit=MAX_HTTP_BODY, command_call_limit=None)
+        auth: dict[str, Any] = {}
+        if self.auth is not None:
+            auth = {"authenticator": self._authenticate, "auth_required": True, "auth_require_tls": False,
+                    "auth_exclude_mechanism": [m for m in ("PLAIN", "LOGIN") if m not in self.auth_mechanisms]}
+        with warnings.catch_warnings():  # "AUTH without TLS": loopback only, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            return SMTP(_Handler(self), hostname="mail-sim", data_size_limit=MAX_HTTP_BODY, command_call_limit=None,
+                        tls_context=self.tls, **auth)
+
+    def _authenticate(self, server: SMTP, session: Session, envelope: Envelope, mechanism: str,
+                      data: Any) -> AuthResult:
+        ok = isinstance(data, LoginPassword) and self.auth is not None \
+            and (data.login.decode(), data.password.decode()) == self.auth
+        return AuthResult(success=ok, handled=False)
 
     async def stop(self) -> None:
         for s in self._servers:
@@ -95,6 +133,7 @@ class MailSim:
     # ---- HTTP: SendGrid v3 and the control API ------------------------------------------------
 
     async def _http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.http_connections += 1
         try:
             while True:
                 request = await _read_request(reader)
@@ -144,14 +183,40 @@ class MailSim:
         if verdict.fail:
             code = self.plan.faults.temporary_http if verdict.fail == "temporary" else self.plan.faults.permanent_http
             return code, {"errors": [{"message": f"mail-sim {verdict.fail} failure"}]}, {}
-        mime: EmailMessage = build_mime(content, msgcore_id or uuid.uuid4().hex, utcnow())
-        qid = self.store(mime.as_bytes(policy=SMTP_POLICY))
+        qid = self.store(build_mime(content, msgcore_id or uuid.uuid4().hex, utcnow()).raw)
         return 202, None, {"X-Message-Id": qid}
 
 
 class _Handler:
     def __init__(self, sim: MailSim) -> None:
         self.sim = sim
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sim.pipelining:
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        if self.sim.drop_next_mail > 0:
+            self.sim.drop_next_mail -= 1
+            if server.transport is not None:
+                server.transport.close()
+            return "421 4.4.2 connection dropped at MAIL (mail-sim)"
+        self.sim.transactions += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        if address.lower() in self.sim.refused_recipients:
+            return f"550 5.1.1 <{address}>: Recipient address rejected (mail-sim)"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         plan = self.sim.plan
@@ -166,6 +231,8 @@ class _Handler:
             return plan.faults.temporary_smtp if verdict.fail == "temporary" else plan.faults.permanent_smtp
         raw = envelope.original_content or b""
         qid = self.sim.store(raw if isinstance(raw, bytes) else raw.encode())
+        if self.sim.multiline:
+            return f"250-2.0.0 Message accepted (mail-sim)\r\n250-2.0.0 Ok: queued as {qid}\r\n250 2.0.0 Bye for now"
         return f"250 2.0.0 Ok: queued as {qid}"
 
 

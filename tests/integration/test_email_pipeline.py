@@ -4,6 +4,7 @@ timer releaser, the mailer and real `mail-sim` SMTP servers (their `.eml` sinks 
 from __future__ import annotations
 
 import asyncio
+import collections
 import email
 import email.policy
 from collections.abc import AsyncIterator
@@ -22,13 +23,14 @@ from core.domain.events import utcnow
 from core.domain.routing import Route, Strategy
 from core.ids import new_message_id
 from core.store.eventstore import EventStore
-from core.store.lanes import LaneBook
+from core.store.lanes import Batch, LaneBook
 from core.store.owners import Owners
 from core.store.routes import RouteStore
 from core.store.submission import Submission, accepted
 from core.store.timers import Timers
 from core.workers.loop import run_until_stopped
 from core.workers.mailer import Mailer
+from core.workers.mailer_batch import decide_batch
 from core.workers.router import Router
 from core.workers.timers import TimerReleaser
 from ops.mail_sim.server import MailSim
@@ -286,3 +288,26 @@ async def test_a_connection_dropped_after_data_is_retried_as_a_possible_duplicat
     retry = (await store.load_events(mid))[-1].data
     assert retry["error_name"] == "OUTCOME_UNKNOWN" and retry["possible_duplicate"] is True
     assert sim.eml_files() == [] and sim.plan.counts["dropped"] == 1
+
+
+async def test_a_message_of_a_batch_not_yet_committed_is_skipped_by_the_next_read(mongo_db: AsyncDatabase,
+                                                                                   sims: Any) -> None:
+    """The mailer reads batch N+1 while batch N is sent and committed: an entry of a message that N
+    took (`busy`) is "moved on" for N+1, whatever its stored state still says."""
+    sim = await sims[0]("sink")
+    route = Route(id="mail", kind="smtp", port=sim.port)
+    store, routes = await setup(mongo_db, route)
+    items = [email_write("acme", utcnow(), i) for i in range(3)]
+    await store.accept([w for _, w in items])
+    ids = [mid for mid, _ in items]
+    await Router(store, routes, utcnow).step()
+    entries = await store.log.read("send:mail", 0, 3)
+    docs = await store.log.load_many(ids)
+    batch = Batch(entries, {}, {"send:mail": (0, 3)})
+    stats: collections.Counter[str] = collections.Counter()
+    kw: dict[str, Any] = {"route": route, "book": LaneBook(mongo_db), "unresolved": {}, "now": utcnow(),
+                          "stats": stats}
+    assert [i.state.message_id for i in decide_batch(batch, docs, busy=set(), **kw).items] == ids
+    job = decide_batch(batch, docs, busy={ids[1]}, **kw)
+    assert [i.state.message_id for i in job.items] == [ids[0], ids[2]] and job.ids == {ids[0], ids[2]}
+    assert job.writes == []

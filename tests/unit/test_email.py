@@ -81,7 +81,7 @@ def test_mime_of_text_and_html_is_multipart_alternative_with_rfc2047_headers() -
     c = EmailContent(to="bob@example.org", sender="shop@acme.example", subject="Grüße, 20 % Rabatt",
                      text="Hallo Jürgen", html="<p>Hallo Jürgen</p>", from_name="Café Acme",
                      reply_to="help@acme.example")
-    raw = build_mime(c, "01MSG", NOW).as_bytes(policy=email.policy.SMTP)
+    raw = build_mime(c, "01MSG", NOW).raw
     head = raw.split(b"\r\n\r\n", 1)[0]
     assert head.isascii() and b"=?utf-8?" in head
     parsed = email.message_from_bytes(raw, policy=email.policy.default)
@@ -97,7 +97,7 @@ def test_mime_of_text_and_html_is_multipart_alternative_with_rfc2047_headers() -
 @pytest.mark.parametrize(("text", "html", "kind"), [("only text", "", "text/plain"), ("", "<p>x</p>", "text/html")])
 def test_a_single_body_is_a_single_part(text: str, html: str, kind: str) -> None:
     c = EmailContent(to="bob@example.org", sender="shop@acme.example", subject="s", text=text, html=html)
-    parsed = email.message_from_bytes(build_mime(c, "01MSG", NOW).as_bytes(), policy=email.policy.default)
+    parsed = email.message_from_bytes(build_mime(c, "01MSG", NOW).raw, policy=email.policy.default)
     assert parsed.get_content_type() == kind and not parsed.is_multipart()
 
 
