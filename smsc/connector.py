@@ -41,6 +41,7 @@ from core.store.lanes import LaneBook, TopicReader
 from core.store.owners import OpenAttempt, Owners, Ownership
 from core.store.routes import RouteStore
 from core.store.topics import CommitResult, Write
+from core.workers.lease import LEASE_MARGIN, acquire_or_stand_by
 from smsc.binds import BindPool
 from smsc.connector_jobs import Item, Job, OutcomeWrites
 from smsc.connector_metrics import RouteMetrics
@@ -60,7 +61,6 @@ __all__ = ["CLAIM_AHEAD_S", "MIN_CLAIM_AHEAD", "PART_HOLD_S", "RECEIPT_HOLD_S", 
 CONSUMER = "connector"
 FLUSH_S = 0.02
 HEARTBEAT_S = 2.0
-LEASE_MARGIN = 0.8  # stop sending once this share of the lease has passed since the last renewal began
 COMMIT_BACKOFF_CAP_S = 5.0
 DRAIN_COMMIT_S = 3.0  # after the grace period, how long a stopping connector still tries to commit
 DEFAULT_VALIDITY_S = 48 * 3600
@@ -158,24 +158,13 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
 
     async def _acquire(self, stop: asyncio.Event) -> Ownership | None:
         """Take the owner key, waiting as a hot standby while another holder's lease runs."""
-        waited = False
-        while not stop.is_set():
-            started = asyncio.get_running_loop().time()
-            try:
-                own = await self.owners.acquire(self.key, self.owner, self.clock(), self.lease_s)
-            except StoreUnavailable as e:
-                log.warning("connector route=%s: cannot reach the store to acquire %s: %s", self.route.id, self.key, e)
-                own = None
-            if own is not None:
-                self.lease_deadline = started + self.lease_s * LEASE_MARGIN
-                self.stats["acquired"] += 1
-                return own
-            if not waited:
-                log.info("connector route=%s holder=%s: %s is owned elsewhere; standing by", self.route.id,
-                         self.owner, self.key)
-                waited = True
-            await sleep_or_stop(stop, min(1.0, self.lease_s / 4))
-        return None
+        got = await acquire_or_stand_by(self.owners, self.key, self.owner, self.clock, self.lease_s, stop,
+                                        f"connector route={self.route.id}")
+        if got is None:
+            return None
+        self.stats["acquired"] += 1
+        own, self.lease_deadline = got
+        return own
 
     async def _serve(self, own: Ownership, stop: asyncio.Event, grace_s: float) -> None:
         """Send while we own; returns on stop (graceful) or when the ownership is lost."""

@@ -53,6 +53,7 @@ from core.store.lanes import LaneBook, TopicReader
 from core.store.owners import Owners, Ownership
 from core.store.routes import SEND_CONSUMER, RouteStore
 from core.store.topics import Write, spend_updates
+from core.workers.lease import LEASE_MARGIN, acquire_or_stand_by
 from core.workers.mailer_batch import Prepared, decide_batch
 from core.workers.mailer_transport import Transport, transport_for
 from core.workers.mailer_writes import MailItem, billed_amounts, outcome_write
@@ -63,7 +64,6 @@ CONSUMER = SEND_CONSUMER
 HEARTBEAT_S = 2.0
 POLL_S = 0.05
 COMMIT_BACKOFF_CAP_S = 5.0
-LEASE_MARGIN = 0.8
 BREAKER_STATUS = {BreakerState.CLOSED: RouteStatus.UP, BreakerState.HALF_OPEN: RouteStatus.BUSY,
                   BreakerState.OPEN: RouteStatus.DOWN}
 
@@ -113,23 +113,12 @@ class Mailer:
         log.info("mailer route=%s stopped: %s", self.route.id, dict(self.stats))
 
     async def _acquire(self, stop: asyncio.Event) -> Ownership | None:
-        waited = False
-        while not stop.is_set():
-            started = asyncio.get_running_loop().time()
-            try:
-                own = await self.owners.acquire(self.key, self.owner, self.clock(), self.lease_s)
-            except StoreUnavailable as e:
-                log.warning("mailer route=%s: cannot reach the store to acquire %s: %s", self.route.id, self.key, e)
-                own = None
-            if own is not None:
-                self.lease_deadline = started + self.lease_s * LEASE_MARGIN
-                return own
-            if not waited:
-                log.info("mailer route=%s holder=%s: %s is owned elsewhere; standing by", self.route.id,
-                         self.owner, self.key)
-                waited = True
-            await sleep_or_stop(stop, min(1.0, self.lease_s / 4))
-        return None
+        got = await acquire_or_stand_by(self.owners, self.key, self.owner, self.clock, self.lease_s, stop,
+                                        f"mailer route={self.route.id}")
+        if got is None:
+            return None
+        own, self.lease_deadline = got
+        return own
 
     async def _serve(self, own: Ownership, stop: asyncio.Event) -> None:
         self.own, self.lost = own, asyncio.Event()
