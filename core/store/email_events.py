@@ -5,13 +5,16 @@ Contract of `ProviderEventStore.apply` (one POST of the provider's event webhook
 - One transaction for the batch: the message events, the suppression entries of hard bounces and
   complaints (their `opted_out` events, entry documents and the tenant's counter, planned by
   core/store/suppressions.py) and the orphans. All or nothing.
-- Exactly once per provider event id: an id already in the log (`data.provider_event_id`, indexed) is a
-  duplicate and writes nothing; two requests racing with the same event meet on the (message_id, seq)
-  unique index, and the loser plans again (and then finds it applied).
-- The message is the one whose `sent` event on this route recorded the event's provider message id
-  (a partial index on `data.provider_message_id` of e-mail `sent` events). An event for no known
-  message is an orphan: kept once in `orphan_provider_events` (`_id` = route and event id), counted and
-  logged, never an error.
+- Exactly once per provider event id: an applied event's id is recorded in `provider_event_ids`
+  (`_id` = route and event id) in the same transaction; an id found there is a duplicate and writes
+  nothing; two requests racing with the same event meet on that `_id` (or on (message_id, seq)), and
+  the loser plans again (and then finds it applied).
+- The message is the one whose `sent` on this route recorded the event's provider message id: the
+  mailer writes `email_provider_ids` (`_id` = route and provider message id -> message id) in the
+  commit of the `sent` event. Not an index on `events`: every event of every message, SMS included,
+  would pay for it on insert (measured: the end-to-end SMS benchmark lost about a tenth of its rate
+  with two such indexes). An event for no known message is an orphan: kept once in
+  `orphan_provider_events` (`_id` = route and event id), counted and logged, never an error.
 - An event the lifecycle no longer allows (core.domain.email_events.applicable) is stale: counted only.
 """
 
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pymongo import ASCENDING, UpdateOne
+from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
@@ -39,6 +42,9 @@ from core.store.topics import Write
 log = logging.getLogger(__name__)
 
 ORPHANS = "orphan_provider_events"
+EVENT_IDS = "provider_event_ids"
+PROVIDER_IDS = "email_provider_ids"
+OLD_EVENTS_INDEXES = ("email_sent_provider_id", "provider_event_id")  # on `events`, before PROVIDER_IDS
 MAX_PLAN_ROUNDS = 4
 SOURCE_OF = {"bounced": "bounce", "complained": "complaint"}
 
@@ -67,6 +73,7 @@ class _Plan:
     suppressions: dict[str, Plan] = field(default_factory=dict)
     changes: dict[str, list[Change]] = field(default_factory=dict)
     orphans: list[ProviderEvent] = field(default_factory=list)
+    applied_ids: list[str] = field(default_factory=list)  # provider event ids that wrote an event
     outcome: Outcome = field(default_factory=Outcome)
 
 
@@ -78,11 +85,15 @@ class ProviderEventStore:
         self.suppressions = SuppressionStore(db)
 
     async def ensure_indexes(self) -> None:
-        # Only e-mail `sent` events are in it (a handful of bytes per e-mail, nothing for SMS).
-        await self.events.create_index([("data.provider_message_id", ASCENDING)], name="email_sent_provider_id",
-                                       partialFilterExpression={"type": "sent", "channel": "email"})
-        await self.events.create_index([("data.provider_event_id", ASCENDING)], name="provider_event_id",
-                                       sparse=True)
+        """Lookups are by `_id` only; the `events` indexes an earlier version made are dropped (every
+        event insert paid for them)."""
+        try:
+            existing = set(await self.events.index_information())
+            for name in OLD_EVENTS_INDEXES:
+                if name in existing:
+                    await self.events.drop_index(name)
+        except PyMongoError as e:
+            raise StoreUnavailable(str(e)) from e
 
     async def apply(self, route_id: str, events: Sequence[ProviderEvent], now: datetime) -> Outcome:
         """Apply one batch of the route's provider events (see the module doc). Raises StoreUnavailable
@@ -90,6 +101,9 @@ class ProviderEventStore:
         for _ in range(MAX_PLAN_ROUNDS):
             plan = await self._plan(route_id, events, now)
             writes = [Write(mid, docs) for mid, docs in plan.docs.items()] + plan.entry_writes
+            if plan.applied_ids:
+                plan.side_writes.append((EVENT_IDS, [InsertOne({"_id": event_key(route_id, eid), "at": now})
+                                                     for eid in plan.applied_ids]))
             if plan.orphans:
                 plan.side_writes.append((ORPHANS, [_orphan_op(route_id, e, now) for e in plan.orphans]))
             if not writes and not plan.orphans:
@@ -115,7 +129,7 @@ class ProviderEventStore:
                 plan.outcome.duplicates += 1  # the same event twice in one batch
             else:
                 wanted[e.event_id] = e
-        seen = await self._applied_ids(list(wanted))
+        seen = await self._applied_ids(route_id, list(wanted))
         plan.outcome.duplicates += len(seen)
         todo = sorted((e for e in wanted.values() if e.event_id not in seen), key=_order)
         owners = await self._messages_of(route_id, {e.provider_message_id for e in todo})
@@ -155,39 +169,49 @@ class ProviderEventStore:
             return state
         doc = event_doc(state, EventType(e.kind), now, event_data(e, route_id), route_id=route_id)
         plan.docs.setdefault(state.message_id, []).append(doc)
+        plan.applied_ids.append(e.event_id)
         plan.outcome.applied[e.kind] = plan.outcome.applied.get(e.kind, 0) + 1
         log.info("provider events route=%s message=%s tenant=%s: %s%s (event %s)", route_id, state.message_id,
                  state.tenant_id, e.kind, f" {e.bounce_type}" if e.bounce_type else "", e.event_id)
         return evolve(state, Event.from_doc(doc))
 
-    async def _applied_ids(self, event_ids: list[str]) -> set[str]:
+    async def _applied_ids(self, route_id: str, event_ids: list[str]) -> set[str]:
         if not event_ids:
             return set()
+        keys = {event_key(route_id, eid): eid for eid in event_ids}
         try:
-            docs = self.events.find({"data.provider_event_id": {"$in": event_ids}}, {"data.provider_event_id": 1})
-            return {d["data"]["provider_event_id"] async for d in docs}
+            return {keys[d["_id"]] async for d in self.db[EVENT_IDS].find({"_id": {"$in": sorted(keys)}}, {"_id": 1})}
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
 
     async def _messages_of(self, route_id: str, provider_ids: set[str]) -> dict[str, str]:
-        """Provider message id -> message id, from the route's e-mail `sent` events (one query)."""
+        """Provider message id -> message id, for the route's e-mails (one `_id` query)."""
         if not provider_ids:
             return {}
-        # Exactly the partial index's fields: the embedded server plans a collection scan for a query
-        # with one more field (route_id), so the route is checked here.
+        keys = {event_key(route_id, pid): pid for pid in provider_ids}
         try:
-            fields = {"message_id": 1, "route_id": 1, "data.provider_message_id": 1}
-            found = self.events.find(sent_query(provider_ids), fields)
-            return {d["data"]["provider_message_id"]: d["message_id"] async for d in found
-                    if d.get("route_id") == route_id}
+            found = self.db[PROVIDER_IDS].find({"_id": {"$in": sorted(keys)}}, {"message_id": 1})
+            return {keys[d["_id"]]: d["message_id"] async for d in found}
         except PyMongoError as e:
             raise StoreUnavailable(str(e)) from e
 
 
-def sent_query(provider_ids: set[str]) -> dict[str, Any]:
-    """The e-mail `sent` events that recorded any of these provider message ids (index
-    email_sent_provider_id)."""
-    return {"data.provider_message_id": {"$in": sorted(provider_ids)}, "type": "sent", "channel": "email"}
+def event_key(route_id: str, provider_id: str) -> str:
+    """`_id` of a provider's id (event or message) on one route: ids are only unique per provider."""
+    return f"{route_id}:{provider_id}"
+
+
+def provider_id_inserts(writes: Sequence[Write], now: datetime) -> list[InsertOne]:
+    """For the mailer's commit: one document per e-mail `sent` event with a provider message id, so
+    that the provider's later events find their message (ProviderEventStore._messages_of)."""
+    ops = []
+    for w in writes:
+        for e in w.events:
+            data = e.get("data") or {}
+            if e.get("type") == "sent" and data.get("provider_message_id"):
+                key = event_key(data.get("route_id") or e.get("route_id") or "", data["provider_message_id"])
+                ops.append(InsertOne({"_id": key, "message_id": e["message_id"], "at": now}))
+    return ops
 
 
 def _order(e: ProviderEvent) -> float:

@@ -47,6 +47,7 @@ from core.domain.email_mime import build_mime
 from core.domain.message import send_stage
 from core.domain.routing import Route, RouteStatus
 from core.store.database import TRANSIENT_ERRORS
+from core.store.email_events import PROVIDER_IDS, provider_id_inserts
 from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneBook, TopicReader
@@ -360,7 +361,8 @@ class Mailer:
         while not self.lost.is_set():
             try:
                 await self.log.commit(writes, moves=batch.moves, fence=own.fence, redecide=_moved_on,
-                                      extra=lambda ws: [("tenants", spend_updates(billed_amounts(list(ws)), now))])
+                                      extra=lambda ws: [("tenants", spend_updates(billed_amounts(list(ws)), now)),
+                                                        (PROVIDER_IDS, provider_id_inserts(ws, now))])
                 self.busy -= job.ids
                 return
             except (Fenced, CheckpointMoved) as e:
