@@ -4,8 +4,8 @@
    about 50 MB of disk), checked to be UTF-8 as it arrives. A client that disconnects midway has
    written nothing.
 2. What would make the file unusable as a whole answers 422 before anything is written: not UTF-8,
-   or a header without a phone column or without a column for every tag. (Broken quoting in a row
-   is that row's problem, `malformed_row`.)
+   or a header without a phone column (an address column for e-mail) or without a column for every
+   tag. (Broken quoting in a row is that row's problem, `malformed_row`.)
 3. One pass renders each row and accepts the valid ones in batches of `BATCH_ROWS`, each batch one
    transaction with its problem rows and the campaign's counters. Parsing runs in a worker thread,
    batch by batch, so the event loop keeps serving other requests (one-time passwords among them).
@@ -29,7 +29,10 @@ from typing import IO, Any
 from fastapi import Request
 
 from api.campaign_schemas import RowProblemOut, UploadReport
+from api.email_submission import normal_address
 from api.errors import ApiError
+from core.domain.email import DEFAULT_MAX_BODY_BYTES, EMAIL
+from core.domain.email_campaign import EmailRecipient, EmailRecipientReader, EmailTemplates
 from core.domain.events import utcnow
 from core.domain.recipients import (
     CsvEncodingError,
@@ -97,12 +100,28 @@ async def spool_body(request: Request, max_bytes: int) -> Spooled:
     return Spooled(spool, lines)
 
 
-def _reader(spool: IO[bytes], template_source: str, max_parts: int) -> Iterator[Recipient | RowProblem]:
+Row = Recipient | EmailRecipient | RowProblem
+
+
+def _recipient_reader(campaign: dict[str, Any], max_parts: int, max_body_bytes: int) -> RecipientReader:
+    """The reader of the campaign's channel: SMS (a phone column, one template) or e-mail (an address
+    column, subject/text/html templates, addresses checked with email-validator)."""
+    if campaign.get("channel") != EMAIL:
+        return RecipientReader(parse_template(campaign["template"]), max_parts)
+    email = campaign["email"]
+    templates = EmailTemplates(subject=parse_template(email["subject"]),
+                               text=parse_template(email["text"]) if email["text"] else None,
+                               html=parse_template(email["html"]) if email["html"] else None)
+    return EmailRecipientReader(templates, sender=campaign["sender"], address=normal_address,
+                                max_body_bytes=max_body_bytes)
+
+
+def _reader(spool: IO[bytes], campaign: dict[str, Any], max_parts: int, max_body_bytes: int) -> Iterator[Row]:
     """The file's rows; reading the header here raises 422 if it cannot be used."""
     spool.seek(0)
     lines = iter_text_lines(iter(lambda: spool.read(READ_CHUNK), b""))
     try:
-        return RecipientReader(parse_template(template_source), max_parts).read(lines)
+        return _recipient_reader(campaign, max_parts, max_body_bytes).read(lines)
     except CsvEncodingError as e:  # spool_body checked the encoding; kept for readers fed otherwise
         raise ApiError(422, "invalid_encoding", f"the CSV is not UTF-8: {e}", {"line": e.line}) from e
     except CsvHeaderError as e:
@@ -110,9 +129,9 @@ def _reader(spool: IO[bytes], template_source: str, max_parts: int) -> Iterator[
 
 
 async def accept_upload(campaigns: CampaignStore, campaign: dict[str, Any], upload: Spooled,
-                        max_parts: int) -> UploadReport:
+                        max_parts: int, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> UploadReport:
     """Render and accept the rows in batches; the report of this upload."""
-    reader = await asyncio.to_thread(_reader, upload.file, campaign["template"], max_parts)
+    reader = await asyncio.to_thread(_reader, upload.file, campaign, max_parts, max_body_bytes)
     await campaigns.start_upload(campaign["_id"], max(0, upload.lines - 1), utcnow())
     try:
         return await _accept_rows(campaigns, campaign, reader)
@@ -121,7 +140,7 @@ async def accept_upload(campaigns: CampaignStore, campaign: dict[str, Any], uplo
 
 
 async def _accept_rows(campaigns: CampaignStore, campaign: dict[str, Any],
-                       reader: Iterator[Recipient | RowProblem]) -> UploadReport:
+                       reader: Iterator[Row]) -> UploadReport:
     report = UploadReport(campaign_id=campaign["_id"], rows=0, accepted=0, duplicates=0, invalid=0, problems=[],
                           problems_total=0, status=campaign["status"])
     batches = 0
@@ -129,7 +148,7 @@ async def _accept_rows(campaigns: CampaignStore, campaign: dict[str, Any],
         batch = await asyncio.to_thread(lambda: list(islice(reader, BATCH_ROWS)))
         if not batch:
             break
-        recipients = [r for r in batch if isinstance(r, Recipient)]
+        recipients = [r for r in batch if isinstance(r, Recipient | EmailRecipient)]
         problems = [p for p in batch if isinstance(p, RowProblem)]
         try:
             result = await campaigns.accept_batch(campaign, recipients, problems, utcnow())

@@ -11,25 +11,34 @@ from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from api.campaign_schemas import (
     Campaign,
     CampaignCreate,
     CampaignList,
+    EmailCampaignCreate,
+    EmailTemplatesOut,
     ProblemPage,
     Progress,
     RecipientCounts,
     RowProblemOut,
     UploadReport,
+    campaign_create_json_schema,
 )
 from api.campaign_upload import accept_upload, spool_body
 from api.deps import CampaignStoreDep, JsonBody, OptionalReportingPoolDep, SettingsDep, TenantDep
+from api.email_submission import normal_address
 from api.errors import ApiError
 from api.read_side import campaign_states
+from api.routes.messages import read_json
 from api.schemas import JSON_BODY_ERRORS, TENANT_ERRORS, UtcDatetime, error_responses
 from core.domain.campaign import CampaignAction
+from core.domain.email import EMAIL, EmailRefused, check_email
+from core.domain.email_campaign import EmailTemplates
 from core.domain.events import utcnow
-from core.domain.templates import TemplateError, parse_template
+from core.domain.templates import Template, TemplateError, parse_template
 from core.store.campaigns import CampaignStore
 
 log = logging.getLogger(__name__)
@@ -59,22 +68,75 @@ CampaignStatusName = Literal["draft", "scheduled", "running", "paused", "canceli
 
 @router.post("", status_code=201, response_model=Campaign, dependencies=[JsonBody],
              responses=TENANT_ERRORS | JSON_BODY_ERRORS | error_responses(
-                 422, described={422: "`validation_error`, `invalid_template`"}),
-             summary="Create a campaign (draft)")
-async def create_campaign(body: CampaignCreate, tenant: TenantDep, campaigns: CampaignStoreDep) -> Campaign:
-    try:
-        template = parse_template(body.template)
-    except TemplateError as e:
-        raise ApiError(422, "invalid_template", str(e), {"field": "body.template", "offset": e.offset,
-                                                         "problem": e.problem}) from e
+                 422, described={422: "`validation_error`, `invalid_template`; e-mail: `invalid_email`, "
+                                      "`header_injection`"}),
+             summary="Create a campaign (draft)",
+             description="An SMS campaign (`channel` sms, the default: `from`, `template`) or an e-mail campaign "
+                         "(`channel` email: `from` address, `from_name`, `reply_to`, and the templates `subject`, "
+                         "`text` and/or `html`; tag values are HTML-escaped in `html`).",
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/json": {"schema": campaign_create_json_schema()}}}})
+async def create_campaign(request: Request, tenant: TenantDep, campaigns: CampaignStoreDep,
+                          settings: SettingsDep) -> Campaign:
+    body = _campaign_body(await read_json(request))
     now = utcnow()
     if body.send_at is not None and body.send_at - now > MAX_SCHEDULE_AHEAD:
         raise ApiError(422, "validation_error", "send_at is more than 90 days ahead",
                        [{"field": "body.send_at", "loc": ["body", "send_at"], "type": "too_far_ahead",
                          "message": "send_at is more than 90 days ahead"}])
+    transactional = body.priority == "transactional"
+    if isinstance(body, EmailCampaignCreate):
+        templates, email = _email_definition(body, settings.email_max_body_bytes)
+        doc = await campaigns.create(tenant.id, name=body.name, sender=email.pop("from"), template=templates,
+                                      transactional=transactional, send_at=body.send_at, now=now, channel=EMAIL,
+                                      email=email)
+        return _campaign(doc)
+    try:
+        template = parse_template(body.template)
+    except TemplateError as e:
+        raise _invalid_template("template", e) from e
     doc = await campaigns.create(tenant.id, name=body.name, sender=body.sender, template=template,
-                                  transactional=body.priority == "transactional", send_at=body.send_at, now=now)
+                                  transactional=transactional, send_at=body.send_at, now=now)
     return _campaign(doc)
+
+
+def _campaign_body(raw: Any) -> CampaignCreate | EmailCampaignCreate:
+    """The body as the model its `channel` names (`sms` by default); errors carry body paths."""
+    try:
+        if isinstance(raw, dict) and raw.get("channel") == EMAIL:
+            return EmailCampaignCreate.model_validate(raw)
+        return CampaignCreate.model_validate(raw)
+    except ValidationError as e:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False, include_input=False)]
+        raise RequestValidationError(errors) from e
+
+
+def _invalid_template(field: str, e: TemplateError) -> ApiError:
+    message = str(e) if field == "template" else f"{field}: {e}"
+    return ApiError(422, "invalid_template", message, {"field": f"body.{field}", "offset": e.offset,
+                                                               "problem": e.problem})
+
+
+def _email_definition(body: EmailCampaignCreate, max_body_bytes: int) -> tuple[EmailTemplates, dict[str, Any]]:
+    """The campaign's templates and its `email` fields (with `from`), its addresses normalised; 422 on
+    an invalid address, a line break in a header field or template."""
+    fields = {"to": body.sender, "from": body.sender, "from_name": body.from_name or "",
+              "reply_to": body.reply_to or "", "subject": body.subject, "text": body.text or "",
+              "html": body.html or ""}
+    try:
+        content = check_email(fields, max_body_bytes=max_body_bytes, address=normal_address)
+    except EmailRefused as e:
+        raise ApiError(422, e.code, str(e), {"field": f"body.{'from' if e.field == 'to' else e.field}"}) from e
+    parsed: dict[str, Template] = {}
+    for name, source in (("subject", body.subject), ("text", body.text), ("html", body.html)):
+        if source:
+            try:
+                parsed[name] = parse_template(source)
+            except TemplateError as e:
+                raise _invalid_template(name, e) from e
+    templates = EmailTemplates(subject=parsed["subject"], text=parsed.get("text"), html=parsed.get("html"))
+    return templates, {"from": content.sender, **templates.sources(), "from_name": content.from_name,
+                       "reply_to": content.reply_to}
 
 
 @router.get("", response_model=CampaignList, responses=TENANT_ERRORS, summary="List campaigns, newest first")
@@ -117,7 +179,9 @@ async def get_campaign(campaign_id: CampaignId, tenant: TenantDep, campaigns: Ca
                          "`number`; E.164 with `+` or `00`) and a column for each tag of the template. Each valid "
                          "row is rendered and accepted as a message; each other row is reported with its row "
                          "number (the header is row 1) and reason, and skipped. A number already in the campaign "
-                         "is reported as a duplicate. Uploading the same file twice accepts nothing twice.",
+                         "is reported as a duplicate. Uploading the same file twice accepts nothing twice. An e-mail "
+                         "campaign's CSV has an address column instead (`email`, `e-mail`, `mail` or `address`); a "
+                         "bad one is `invalid_email`, a subject with a line break once filled `header_injection`.",
              openapi_extra={"requestBody": {"required": True,
                                             "content": {"text/csv": {"schema": {"type": "string"}}}}})
 async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: TenantDep,
@@ -125,7 +189,8 @@ async def upload_recipients(campaign_id: CampaignId, request: Request, tenant: T
     campaign = await campaigns.check_uploadable(tenant.id, campaign_id)
     upload = await spool_body(request, MAX_UPLOAD_BYTES)
     with upload.file:
-        return await accept_upload(campaigns, campaign, upload, settings.max_parts)
+        return await accept_upload(campaigns, campaign, upload, settings.max_parts,
+                                   max_body_bytes=settings.email_max_body_bytes)
 
 
 @router.get("/{campaign_id}/problems", response_model=ProblemPage, responses=ERRORS,
@@ -174,4 +239,5 @@ def _campaign(doc: dict[str, Any]) -> Campaign:
                     send_at=doc.get("send_at"), created_at=doc["created_at"], started_at=doc.get("started_at"),
                     paused_at=doc.get("paused_at"), canceled_at=doc.get("canceled_at"),
                     completed_at=doc.get("completed_at"), recipients=RecipientCounts(**doc["recipients"]),
+                    email=EmailTemplatesOut(**doc["email"]) if doc.get("email") else None,
                     encodings=doc.get("encodings", {}), problems_by_code=doc.get("problems_by_code", {}))

@@ -101,7 +101,7 @@ async def submit_messages(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> MessageAccepted | MessageBatchAccepted:
-    body = await _read_json(request)
+    body = await read_json(request)
     messages, is_batch = _validate_submission(body)
     emails = email_submissions(messages, is_batch, max_body_bytes=settings.email_max_body_bytes,
                                default_validity_s=settings.default_validity_s)
@@ -128,7 +128,7 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _read_json(request: Request) -> Any:
+async def read_json(request: Request) -> Any:
     content_type = request.headers.get("content-type", "")
     if content_type and "json" not in content_type.split(";")[0].lower():
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")

@@ -82,7 +82,8 @@ class CsvHeaderError(ValueError):
     """The header row makes the file unusable; nothing has been read past it.
 
     `code` is one of `empty_file`, `malformed_header`, `empty_column_name`, `duplicate_columns`,
-    `no_phone_column`, `missing_tag_columns`; `names` lists the offending column or tag names.
+    `no_phone_column` (`no_email_column` for an e-mail campaign), `missing_tag_columns`; `names` lists
+    the offending column or tag names.
     """
 
     def __init__(self, code: str, message: str, names: tuple[str, ...] = ()) -> None:
@@ -100,6 +101,11 @@ class Recipient:
     text: str
     encoding: str
     parts: int
+
+    @property
+    def to(self) -> str:
+        """The recipient's address, whatever the channel (core/domain/email_campaign.py has e-mail's)."""
+        return self.phone
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,14 +178,19 @@ class RecipientReader:
     """Reads a recipient CSV for one template into `Recipient`s and `RowProblem`s.
 
     After `read` has returned, `columns` holds the normalised header names and `phone_column` the
-    name of the phone column.
+    name of the phone column. Subclasses for another channel (core/domain/email_campaign.py) set
+    `address_columns` and `tags` and override `_address`, `_invalid_address` and `_render`.
     """
+
+    address_columns: tuple[str, ...] = PHONE_COLUMNS
+    address_kind = "phone"
 
     def __init__(self, template: Template, max_parts: int) -> None:
         if not 1 <= max_parts <= MAX_PARTS:
             raise ValueError(f"max_parts {max_parts} out of 1..{MAX_PARTS}")
         self.template = template
         self.max_parts = max_parts
+        self.tags: tuple[str, ...] = template.tags
         self.columns: list[str] = []
         self.phone_column: str | None = None
         self._phone_index = 0
@@ -218,18 +229,19 @@ class RecipientReader:
         if duplicates:
             raise CsvHeaderError("duplicate_columns", f"the header names these columns more than once: "
                                  f"{', '.join(duplicates)}", tuple(duplicates))
-        phone_column = next((name for name in columns if name in PHONE_COLUMNS), None)
+        phone_column = next((name for name in columns if name in self.address_columns), None)
         if phone_column is None:
-            raise CsvHeaderError("no_phone_column", f"the header has no phone column: name one of "
-                                 f"{', '.join(PHONE_COLUMNS)}")
-        missing = [tag for tag in self.template.tags if tag not in columns]
+            kind = self.address_kind
+            raise CsvHeaderError(f"no_{kind}_column", f"the header has no {kind} column: name one of "
+                                 f"{', '.join(self.address_columns)}")
+        missing = [tag for tag in self.tags if tag not in columns]
         if missing:
             raise CsvHeaderError("missing_tag_columns", f"the template uses tags with no column in the CSV "
                                  f"header: {', '.join(missing)}", tuple(missing))
         self.columns = columns
         self.phone_column = phone_column
         self._phone_index = columns.index(phone_column)
-        self._tag_indexes = tuple((tag, columns.index(tag)) for tag in self.template.tags)
+        self._tag_indexes = tuple((tag, columns.index(tag)) for tag in self.tags)
 
     def _records(self, reader: CsvReader, offset: int) -> Iterator[Recipient | RowProblem]:
         # Line numbers are the csv reader's count of lines taken plus `offset`, the blank lines
@@ -257,17 +269,27 @@ class RecipientReader:
         if len(fields) != len(self.columns):
             if _is_blank(fields):
                 return RowProblem(row, EMPTY_ROW, "the row is empty", None)
-            phone = normalize_phone(fields[self._phone_index]) if self._phone_index < len(fields) else None
+            phone = self._address(fields[self._phone_index]) if self._phone_index < len(fields) else None
             return RowProblem(row, FIELD_COUNT, f"the row has {len(fields)} fields, the header has "
                               f"{len(self.columns)}", phone)
         raw_phone = fields[self._phone_index]
-        phone = normalize_phone(raw_phone)
+        phone = self._address(raw_phone)
         if phone is None:
             if _is_blank(fields):
                 return RowProblem(row, EMPTY_ROW, "the row is empty", None)
-            return RowProblem(row, INVALID_PHONE, _invalid_phone_reason(raw_phone), None)
+            return self._invalid_address(row, raw_phone)
+        return self._render(row, phone, {tag: fields[i] for tag, i in self._tag_indexes})
+
+    def _address(self, raw: str) -> str | None:
+        """The row's recipient in its normal form, or None when `raw` is not a valid one."""
+        return normalize_phone(raw)
+
+    def _invalid_address(self, row: int, raw: str) -> RowProblem:
+        return RowProblem(row, INVALID_PHONE, _invalid_phone_reason(raw), None)
+
+    def _render(self, row: int, phone: str, values: dict[str, str]) -> Recipient | RowProblem:
         try:
-            text = render(self.template, {tag: fields[i] for tag, i in self._tag_indexes})
+            text = render(self.template, values)
         except MissingTag as e:
             return RowProblem(row, MISSING_TAG, str(e), phone)
         return self._message(row, phone, text)

@@ -7,7 +7,10 @@ completion).
   messages they count. State counts of the messages themselves come from the reporting tables.
   A row whose number is on the tenant's suppression list for the campaign's sender (or all senders)
   is refused as `opted_out` (counted with the invalid rows; one query per batch, none while the
-  tenant has no entries).
+  tenant has no entries); in an e-mail campaign, an address suppressed for e-mail as `suppressed`.
+- An e-mail campaign (`channel` email) keeps its templates and headers in `email` (subject, text,
+  html, from_name, reply_to); its rows (core/domain/email_campaign.py) become e-mail `accepted`
+  events with the same fields as a single e-mail's.
 - `campaign_problems`: one document per CSV row that was not accepted (row number, code, reason):
   nothing is dropped silently.
 - A recipient becomes an `accepted` message in the campaign's lane (`c:<campaign id>`, topic
@@ -44,6 +47,9 @@ from core.domain.campaign import (
     apply_action,
 )
 from core.domain.consent import ALL_SENDERS
+from core.domain.email import EmailContent
+from core.domain.email_campaign import EmailRecipient, EmailTemplates
+from core.domain.email_events import SUPPRESSED
 from core.domain.message import campaign_lane, route_topic, send_topics
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
@@ -99,10 +105,13 @@ class CampaignStore:
 
     # ---- definition and status ------------------------------------------------------------------
 
-    async def create(self, tenant_id: str, *, name: str, sender: str, template: Template, transactional: bool,
-                     send_at: datetime | None, now: datetime, channel: str = "sms") -> dict[str, Any]:
+    async def create(self, tenant_id: str, *, name: str, sender: str, template: Template | EmailTemplates,
+                     transactional: bool, send_at: datetime | None, now: datetime, channel: str = "sms",
+                     email: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A draft campaign; an e-mail campaign passes its EmailTemplates and `email` (the templates'
+        sources, from_name, reply_to)."""
         campaign_id = new_campaign_id()
-        doc = {
+        doc: dict[str, Any] = {
             "_id": campaign_id, "tenant_id": tenant_id, "name": name, "channel": channel, "sender": sender,
             "template": template.source, "tags": list(template.tags),
             "priority": "transactional" if transactional else "marketing", "send_at": send_at,
@@ -110,8 +119,10 @@ class CampaignStore:
             "created_at": now, "updated_at": now, "started_at": None, "paused_at": None, "canceled_at": None,
             "completed_at": None, "upload_heartbeat_at": None,
             "recipients": {"rows": 0, "accepted": 0, "duplicates": 0, "invalid": 0, "parts": 0},
-            "encodings": {"gsm7": 0, "ucs2": 0}, "problems_by_code": {},
+            "encodings": {"utf-8": 0} if channel == "email" else {"gsm7": 0, "ucs2": 0}, "problems_by_code": {},
         }
+        if email is not None:
+            doc["email"] = email
         # The lane first: a campaign document never exists without its lane (the lane alone is harmless).
         await self.lanes.ensure(doc["lane"], tenant_id, transactional=transactional, now=now,
                                 state=LANE_STATE[CampaignStatus.DRAFT], campaign_id=campaign_id)
@@ -168,7 +179,7 @@ class CampaignStore:
 
     # ---- recipients -----------------------------------------------------------------------------
 
-    async def accept_batch(self, campaign: dict[str, Any], recipients: Sequence[Recipient],
+    async def accept_batch(self, campaign: dict[str, Any], recipients: Sequence[Recipient | EmailRecipient],
                            problems: Sequence[RowProblem], now: datetime) -> BatchResult:
         """Accept `recipients` as messages and record `problems`, with the counters, in one transaction.
         Numbers already in the campaign (earlier batches, other uploads) are reported as duplicates."""
@@ -180,34 +191,26 @@ class CampaignStore:
                 log.info("campaign=%s: concurrent upload, retrying a batch: %s", campaign["_id"], e)
         raise RuntimeError(f"campaign {campaign['_id']}: a batch kept conflicting with another upload")
 
-    async def _accept_once(self, campaign: dict[str, Any], recipients: Sequence[Recipient],
+    async def _accept_once(self, campaign: dict[str, Any], recipients: Sequence[Recipient | EmailRecipient],
                            problems: Sequence[RowProblem], now: datetime) -> BatchResult:
         cid = campaign["_id"]
         result = BatchResult(invalid=len(problems), problems=list(problems))
-        first_row: dict[str, int] = {}
-        fresh: list[tuple[Recipient, str]] = []
-        for r in recipients:
-            mid = campaign_message_id(cid, r.phone)
-            if mid in first_row:
-                result.problems.append(RowProblem(r.row, "duplicate", f"same number as row {first_row[mid]}", r.phone))
-            else:
-                first_row[mid] = r.row
-                fresh.append((r, mid))
-        existing = await self.events.exists(m for _, m in fresh)
         channel = campaign.get("channel", "sms")
+        noun = "address" if channel == "email" else "number"
+        fresh = _first_of_each(cid, recipients, noun, result.problems)
+        existing = await self.events.exists(m for _, m in fresh)
         blocked = await self.suppressions.blocked(campaign["tenant_id"],
-                                                  [(channel, r.phone, campaign["sender"]) for r, _ in fresh])
+                                                  [(channel, r.to, campaign["sender"]) for r, _ in fresh])
         items = []
-        parts = {"gsm7": 0, "ucs2": 0}
+        parts: dict[str, int] = {}
         total_parts = 0
         for i, (r, mid) in enumerate(fresh):
             if mid in existing:
                 result.problems.append(RowProblem(r.row, "duplicate",
-                                                  f"number already in this campaign (message {mid})", r.phone))
+                                                  f"{noun} already in this campaign (message {mid})", r.to))
                 continue
             if i in blocked:  # a refused row, reported like an invalid one; nothing is written for it
-                scope = "every sender" if blocked[i] == ALL_SENDERS else f"sender {blocked[i]}"
-                result.problems.append(RowProblem(r.row, OPTED_OUT, f"the number opted out ({scope})", r.phone))
+                result.problems.append(_refused(channel, r.row, r.to, blocked[i]))
                 result.invalid += 1
                 continue
             items.append(self._accepted(campaign, r, mid, now))
@@ -230,12 +233,18 @@ class CampaignStore:
         return result
 
     @staticmethod
-    def _accepted(campaign: dict[str, Any], r: Recipient, message_id: str, now: datetime) -> Write:
+    def _accepted(campaign: dict[str, Any], r: Recipient | EmailRecipient, message_id: str, now: datetime) -> Write:
         # No send_at or validity per message: the campaign's lane holds them until it runs.
+        email = None
+        if isinstance(r, EmailRecipient):
+            headers = campaign.get("email") or {}
+            email = EmailContent(to=r.to, sender=campaign["sender"], subject=r.subject, text=r.text, html=r.html,
+                                 from_name=headers.get("from_name", ""),
+                                 reply_to=headers.get("reply_to", "")).accepted_fields()
         return accepted(message_id, campaign["tenant_id"], Submission(
-            to=r.phone, sender=campaign["sender"], text=r.text, encoding=r.encoding, parts=r.parts,
+            to=r.to, sender=campaign["sender"], text=r.text, encoding=r.encoding, parts=r.parts,
             transactional=campaign["priority"] == "transactional", campaign_id=campaign["_id"], campaign_row=r.row,
-            channel=campaign.get("channel", "sms")), now)
+            channel=campaign.get("channel", "sms"), email=email), now)
 
     async def start_upload(self, campaign_id: str, rows: int, now: datetime) -> None:
         """Note an upload of `rows` data rows starting (for progress bars, and so that the campaign is
@@ -337,3 +346,27 @@ class CampaignStore:
                     and await self._move(doc, CampaignStatus.CANCELED, now, action="canceled")):
                 done.append(doc["_id"])
         return done
+
+
+def _first_of_each(campaign_id: str, recipients: Sequence[Recipient | EmailRecipient], noun: str,
+                   problems: list[RowProblem]) -> list[tuple[Recipient | EmailRecipient, str]]:
+    """Each recipient with its message id, but for the repeats of an earlier row of the batch (added
+    to `problems` as `duplicate`)."""
+    first_row: dict[str, int] = {}
+    fresh: list[tuple[Recipient | EmailRecipient, str]] = []
+    for r in recipients:
+        mid = campaign_message_id(campaign_id, r.to)
+        if mid in first_row:
+            problems.append(RowProblem(r.row, "duplicate", f"same {noun} as row {first_row[mid]}", r.to))
+        else:
+            first_row[mid] = r.row
+            fresh.append((r, mid))
+    return fresh
+
+
+def _refused(channel: str, row: int, to: str, scope: str) -> RowProblem:
+    """A row to a recipient on the suppression list: `suppressed` (e-mail) or `opted_out` (SMS)."""
+    shown = "every sender" if scope == ALL_SENDERS else f"sender {scope}"
+    if channel == "email":
+        return RowProblem(row, SUPPRESSED, f"the address is suppressed ({shown})", to)
+    return RowProblem(row, OPTED_OUT, f"the number opted out ({shown})", to)
