@@ -47,8 +47,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from pymongo.errors import BulkWriteError, DuplicateKeyError
-
 from core.domain.consent import ConsentAction, ConsentSettings, keyword_action, keyword_changes, may_be_keyword
 from core.domain.encoding import DecodedMo, MoAlphabet, count_parts, decode_mo, split_udh
 from core.domain.events import Event, EventType
@@ -59,14 +57,13 @@ from core.store.numbers import ensure_inbound_indexes as ensure_event_indexes
 from core.store.routes import RouteStore
 from core.store.smpp_accounts import SmppAccountStore
 from core.store.submission import Submission, accepted
-from core.store.suppressions import Plan, SuppressionConflict, SuppressionStore
+from core.store.suppressions import Plan, Planned, SuppressionStore
 from core.store.topics import Write
 from smsc.session import DeliverSm
 
 log = logging.getLogger(__name__)
 
 CONFIRM_VALIDITY_S = 24 * 3600
-CONSENT_ROUNDS = 4  # a keyword racing another change of the same entry is planned again
 
 __all__ = ["InboundRecorder", "e164", "ensure_inbound_indexes", "mo_text"]
 
@@ -168,22 +165,14 @@ class InboundRecorder:
                   if e.message_id in actions else e for e in events]
         # The topic is given explicitly: `inbound` is not an outcome (core.domain.message.NOTIFY_TYPES).
         inbound = [Write(message_id=e.message_id, events=[e.to_doc()], topics=[e.notify]) for e in events]
-        for _ in range(CONSENT_ROUNDS):
+
+        async def planned() -> Planned:
             plans, replies = await self._consent_writes(events, actions, now)
             writes = inbound + [w for p in plans.values() for w in p.writes] + replies
-            side = [sw for p in plans.values() for sw in p.side_writes]
-            try:
-                await self.store.accept(writes, side_writes=side)
-            except (DuplicateKeyError, BulkWriteError) as e:
-                if not plans:
-                    raise
-                log.info("route=%s: a suppression entry changed meanwhile, planning the MO batch again: %s",
-                         self.route_id, e)
-                continue
-            for tenant, plan in plans.items():
-                self.suppressions.committed(tenant, plan)
-            return events
-        raise SuppressionConflict(f"route {self.route_id}: suppression entries kept changing under an MO batch")
+            return Planned(writes, [sw for p in plans.values() for sw in p.side_writes], plans)
+
+        await self.suppressions.commit_replanning(planned, f"route={self.route_id} MO batch")
+        return events
 
     async def _keyword_actions(self, events: Sequence[Event]) -> dict[str, ConsentAction]:
         """inbound id -> ConsentAction, for the MO whose text is one of its tenant's keywords."""

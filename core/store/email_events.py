@@ -28,7 +28,7 @@ from typing import Any
 
 from pymongo import InsertOne, UpdateOne
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+from pymongo.errors import PyMongoError
 
 from core.domain.consent import ALL_SENDERS, Change
 from core.domain.email_events import ProviderEvent, applicable, event_data
@@ -36,7 +36,7 @@ from core.domain.events import Event, EventType
 from core.domain.message import MessageState, event_doc, evolve
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
-from core.store.suppressions import Plan, SuppressionStore
+from core.store.suppressions import Plan, Planned, SuppressionConflict, SuppressionStore
 from core.store.topics import Write
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,6 @@ ORPHANS = "orphan_provider_events"
 EVENT_IDS = "provider_event_ids"
 PROVIDER_IDS = "email_provider_ids"
 OLD_EVENTS_INDEXES = ("email_sent_provider_id", "provider_event_id")  # on `events`, before PROVIDER_IDS
-MAX_PLAN_ROUNDS = 4
 SOURCE_OF = {"bounced": "bounce", "complained": "complaint"}
 
 
@@ -98,8 +97,12 @@ class ProviderEventStore:
     async def apply(self, route_id: str, events: Sequence[ProviderEvent], now: datetime) -> Outcome:
         """Apply one batch of the route's provider events (see the module doc). Raises StoreUnavailable
         (nothing written) when the store is down or the batch kept conflicting."""
-        for _ in range(MAX_PLAN_ROUNDS):
+        outcome = Outcome()
+
+        async def planned() -> Planned | None:
+            nonlocal outcome
             plan = await self._plan(route_id, events, now)
+            outcome = plan.outcome
             writes = [Write(mid, docs) for mid, docs in plan.docs.items()] + plan.entry_writes
             if plan.applied_ids:
                 plan.side_writes.append((EVENT_IDS, [InsertOne({"_id": event_key(route_id, eid), "at": now})
@@ -107,17 +110,14 @@ class ProviderEventStore:
             if plan.orphans:
                 plan.side_writes.append((ORPHANS, [_orphan_op(route_id, e, now) for e in plan.orphans]))
             if not writes and not plan.orphans:
-                return plan.outcome
-            try:
-                await self.store.accept(writes, side_writes=plan.side_writes)
-            except (DuplicateKeyError, BulkWriteError) as e:
-                log.info("provider events route=%s: a message or entry changed meanwhile, planning again: %s",
-                         route_id, str(e)[:200])
-                continue
-            for tenant_id, sp in plan.suppressions.items():
-                self.suppressions.committed(tenant_id, sp)
-            return plan.outcome
-        raise StoreUnavailable(f"provider events of route {route_id}: conflicts did not settle")
+                return None
+            return Planned(writes, plan.side_writes, plan.suppressions)
+
+        try:
+            await self.suppressions.commit_replanning(planned, f"provider events route={route_id}")
+        except SuppressionConflict as e:
+            raise StoreUnavailable(str(e)) from e  # the provider retries the batch later
+        return outcome
 
     async def _plan(self, route_id: str, events: Sequence[ProviderEvent], now: datetime) -> _Plan:
         plan = _Plan()

@@ -24,7 +24,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -69,6 +69,15 @@ class SuppressionFlags:
 
 
 FLAGS = SuppressionFlags()  # the process's cache (the api builds a store per request)
+
+
+@dataclass
+class Planned:
+    """One transaction's writes, and the suppression plans among them (per tenant)."""
+
+    writes: list[Write]
+    side_writes: list[tuple[str, list[Any]]]
+    plans: dict[str, Plan] = field(default_factory=dict)
 
 
 class SuppressionConflict(Exception):
@@ -130,18 +139,33 @@ class SuppressionStore:
 
     async def apply(self, tenant_id: str, changes: Sequence[Change], now: datetime) -> list[Change]:
         """Commit `changes` in one transaction (all or nothing); the ones that changed something."""
-        for _ in range(MAX_PLAN_ROUNDS):
+
+        async def planned() -> Planned | None:
             plan = await self.plan(tenant_id, changes, now)
-            if not plan.writes:
-                return []
+            return Planned(plan.writes, plan.side_writes, {tenant_id: plan}) if plan.writes else None
+
+        done = await self.commit_replanning(planned, f"tenant {tenant_id}")
+        return done.plans[tenant_id].applied if done is not None else []
+
+    async def commit_replanning(self, planned: Callable[[], Awaitable[Planned | None]], what: str) -> Planned | None:
+        """Commit what `planned()` returns (events, side writes, and the suppression plans among them)
+        in one transaction. A write that lost a race (another writer changed one of its entries or
+        messages meanwhile: a duplicate key, nothing written) is planned again, at most MAX_PLAN_ROUNDS
+        times, then SuppressionConflict. None from `planned()`: nothing to write."""
+        for _ in range(MAX_PLAN_ROUNDS):
+            done = await planned()
+            if done is None:
+                return None
             try:
-                await EventStore(self.db).accept(plan.writes, side_writes=plan.side_writes)
+                await EventStore(self.db).accept(done.writes, side_writes=done.side_writes)
             except (DuplicateKeyError, BulkWriteError) as e:
-                log.info("tenant=%s: suppression entries changed meanwhile, planning again: %s", tenant_id, e)
+                log.info("%s: suppression entries or messages changed meanwhile, planning again: %s", what,
+                         str(e)[:200])
                 continue
-            self.committed(tenant_id, plan)
-            return plan.applied
-        raise SuppressionConflict(f"tenant {tenant_id}: suppression entries kept changing")
+            for tenant_id, plan in done.plans.items():
+                self.committed(tenant_id, plan)
+            return done
+        raise SuppressionConflict(f"{what}: suppression entries or messages kept changing")
 
     def committed(self, tenant_id: str, plan: Plan) -> None:
         """After a plan's commit: this process's flag follows at once; log each change."""
