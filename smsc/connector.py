@@ -38,10 +38,10 @@ from core.domain.routing import Route, RouteStatus
 from core.store.errors import CheckpointMoved, Fenced, StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneBook, TopicReader
-from core.store.owners import OpenAttempt, Owners, Ownership
+from core.store.owners import Owners, Ownership
 from core.store.routes import RouteStore
 from core.store.topics import CommitResult, Write
-from core.workers.lease import LEASE_MARGIN, acquire_or_stand_by
+from core.workers.lease import acquire_or_stand_by, renew, unresolved_ranges
 from smsc.binds import BindPool
 from smsc.connector_jobs import Item, Job, OutcomeWrites
 from smsc.connector_metrics import RouteMetrics
@@ -172,14 +172,11 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
         self._lost = asyncio.Event()
         self.drain_deadline = None
         self.reader.forget_positions()
-        try:
-            attempts = await self.owners.open_attempts(self.key, {})
-        except StoreUnavailable as e:
-            log.warning("connector route=%s: cannot read open attempts, giving the key up: %s", self.route.id, e)
-            await self.owners.release(own, self.clock())
-            await sleep_or_stop(stop, 1.0)
+        unresolved = await unresolved_ranges(self.owners, own, self.clock, stop, f"connector route={self.route.id}",
+                                             self.route.on_unknown_outcome.value)
+        if unresolved is None:
             return
-        self._note_open_attempts(attempts)
+        self.unresolved = unresolved
         self.binds.open()
         self.meters.owning(self.route, self.binds.in_flight)
         loop = asyncio.get_running_loop()
@@ -199,16 +196,6 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
                 t.cancel()
             await asyncio.gather(*workers, *helpers, return_exceptions=True)
             await self._wind_down(own, lost)
-
-    def _note_open_attempts(self, attempts: list[OpenAttempt]) -> None:
-        """An earlier owner's attempts past the checkpoint: their messages get the route's policy."""
-        self.unresolved = {}
-        for a in attempts:
-            self.unresolved.setdefault(a.topic, []).append((a.start, a.end))
-        if attempts:
-            log.warning("connector route=%s: %d open attempts of earlier owners (%s); policy %s", self.route.id,
-                        len(attempts), ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]),
-                        self.route.on_unknown_outcome.value)
 
     async def _wind_down(self, own: Ownership, lost: bool) -> None:
         """After serving: drop what was not committed, unbind, and (unless the ownership was lost)
@@ -281,10 +268,8 @@ class Connector(ReadPath, SendPath, OutcomeWrites):
             if loop.time() >= self.lease_deadline:
                 self._lose("the lease ran out without a renewal", "lease_lapsed")
                 return
-            started = loop.time()
             try:
-                self.own = await self.owners.renew(self.own, self.clock(), self.lease_s)
-                self.lease_deadline = started + self.lease_s * LEASE_MARGIN
+                self.own, self.lease_deadline = await renew(self.owners, self.own, self.clock, self.lease_s)
             except Fenced:
                 self._lose("fenced at renewal", "fenced")
                 return

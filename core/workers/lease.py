@@ -42,3 +42,33 @@ async def acquire_or_stand_by(owners: Owners, key: str, holder: str, clock: Call
             waited = True
         await sleep_or_stop(stop, min(1.0, lease_s / 4))
     return None
+
+
+async def unresolved_ranges(owners: Owners, own: Ownership, clock: Callable[[], datetime], stop: asyncio.Event,
+                            label: str, policy: str) -> dict[str, list[tuple[int, int]]] | None:
+    """Topic -> [start, end) ranges of earlier owners' attempts past the checkpoints: their messages
+    get the route's unknown-outcome `policy`. None when the store cannot say: the key is given up
+    (and a moment waited) so that another holder, or this one later, starts with the full picture."""
+    try:
+        attempts = await owners.open_attempts(own.owner, {})
+    except StoreUnavailable as e:
+        log.warning("%s: cannot read open attempts, giving the key up: %s", label, e)
+        await owners.release(own, clock())
+        await sleep_or_stop(stop, 1.0)
+        return None
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for a in attempts:
+        ranges.setdefault(a.topic, []).append((a.start, a.end))
+    if attempts:
+        log.warning("%s: %d open attempts of earlier owners (%s); policy %s", label, len(attempts),
+                    ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]), policy)
+    return ranges
+
+
+async def renew(owners: Owners, own: Ownership, clock: Callable[[], datetime], lease_s: float
+                ) -> tuple[Ownership, float]:
+    """Extend the lease; the ownership and its new local deadline (event-loop time). Raises Fenced
+    (another holder took over) or StoreUnavailable (the deadline stays where it was)."""
+    started = asyncio.get_running_loop().time()
+    renewed = await owners.renew(own, clock(), lease_s)
+    return renewed, started + lease_s * LEASE_MARGIN

@@ -54,7 +54,7 @@ from core.store.lanes import LaneBook, TopicReader
 from core.store.owners import Owners, Ownership
 from core.store.routes import SEND_CONSUMER, RouteStore
 from core.store.topics import Write, spend_updates
-from core.workers.lease import LEASE_MARGIN, acquire_or_stand_by
+from core.workers.lease import acquire_or_stand_by, renew, unresolved_ranges
 from core.workers.mailer_batch import Prepared, decide_batch
 from core.workers.mailer_transport import Transport, transport_for
 from core.workers.mailer_writes import MailItem, billed_amounts, outcome_write
@@ -125,20 +125,11 @@ class Mailer:
         self.own, self.lost = own, asyncio.Event()
         self.reader.forget_positions()
         self.busy = set()
-        try:
-            attempts = await self.owners.open_attempts(self.key, {})
-        except StoreUnavailable as e:
-            log.warning("mailer route=%s: cannot read open attempts, giving the key up: %s", self.route.id, e)
-            await self.owners.release(own, self.clock())
-            await sleep_or_stop(stop, 1.0)
+        unresolved = await unresolved_ranges(self.owners, own, self.clock, stop, f"mailer route={self.route.id}",
+                                             self.route.on_unknown_outcome.value)
+        if unresolved is None:
             return
-        self.unresolved = {}
-        for a in attempts:
-            self.unresolved.setdefault(a.topic, []).append((a.start, a.end))
-        if attempts:
-            log.warning("mailer route=%s: %d open attempts of earlier owners (%s); policy %s", self.route.id,
-                        len(attempts), ", ".join(f"{a.topic}[{a.start},{a.end})" for a in attempts[:5]),
-                        self.route.on_unknown_outcome.value)
+        self.unresolved = unresolved
         transport = self.make_transport(self.route)
         renew = asyncio.create_task(self._renew_loop())
         log.info("mailer route=%s holder=%s: owning %s (epoch %d), %s to %s:%d, pool %d", self.route.id, self.owner,
@@ -211,10 +202,8 @@ class Mailer:
             if loop.time() >= self.lease_deadline:
                 self._lose("the lease ran out without a renewal")
                 return
-            started = loop.time()
             try:
-                self.own = await self.owners.renew(self.own, self.clock(), self.lease_s)
-                self.lease_deadline = started + self.lease_s * LEASE_MARGIN
+                self.own, self.lease_deadline = await renew(self.owners, self.own, self.clock, self.lease_s)
             except Fenced:
                 self._lose("fenced at renewal")
                 return
