@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from core.domain.outcomes import HOLD, SubmitDecision, Verdict
+from core.domain.outcomes import SubmitDecision, Verdict, unanswered
 from core.domain.retry import backoff_s
 
 EMAIL = "email"
@@ -133,13 +133,8 @@ def decide_mail(result: MailResult, *, policy: str, attempt: int, rng: random.Ra
     - a temporary refusal (SMTP 4xx, HTTP 429/5xx, 401/403 of a misconfigured route): RETRY on another route;
     - a permanent refusal (SMTP 5xx, other HTTP 4xx): FAILED with the provider's code and text."""
     if result.error:
-        if result.maybe_sent:
-            if policy == HOLD:
-                return SubmitDecision(Verdict.UNKNOWN, reason=f"no answer from the provider: {result.error}")
-            return SubmitDecision(Verdict.RETRY, None, "OUTCOME_UNKNOWN", result.error, exclude_route=True,
-                                  possible_duplicate=True, retry_in_s=backoff_s(attempt, rng=rng))
-        return SubmitDecision(Verdict.RETRY, None, "NOT_SENT", result.error, exclude_route=True,
-                              retry_in_s=backoff_s(attempt, rng=rng))
+        return unanswered(result.error, result.maybe_sent, policy=policy, attempt=attempt, rng=rng,
+                          exclude_route=True, what="from the provider")
     if result.ok:
         return SubmitDecision(Verdict.SENT)
     name = f"{result.protocol.upper()}_{result.code}"

@@ -133,6 +133,21 @@ def is_throttling(status: int, nack: bool) -> bool:
     return not nack and status in THROTTLING
 
 
+def unanswered(error: str, maybe_sent: bool, *, policy: str, attempt: int, rng: random.Random | None,
+               exclude_route: bool, what: str) -> SubmitDecision:
+    """No answer to a send (`what`: "to submit_sm", "from the provider"). If it may have left (time-out,
+    lost connection after it was written): policy `hold` -> UNKNOWN, `resend` -> RETRY as
+    OUTCOME_UNKNOWN with `possible_duplicate`; if nothing left: RETRY as NOT_SENT. A retry waits an
+    exponential back-off with jitter."""
+    if maybe_sent:
+        if policy == HOLD:
+            return SubmitDecision(Verdict.UNKNOWN, reason=f"no answer {what}: {error}")
+        return SubmitDecision(Verdict.RETRY, None, "OUTCOME_UNKNOWN", error, exclude_route=exclude_route,
+                              possible_duplicate=True, retry_in_s=backoff_s(attempt, rng=rng))
+    return SubmitDecision(Verdict.RETRY, None, "NOT_SENT", error, exclude_route=exclude_route,
+                          retry_in_s=backoff_s(attempt, rng=rng))
+
+
 def decide_submit(report: SubmitReport, *, policy: str, attempt: int, names: StatusNames = _plain_names,
                   rng: random.Random | None = None) -> SubmitDecision:
     """The outcome of one message's submit. `attempt` is this attempt's number (1 for the first);
@@ -146,13 +161,8 @@ def decide_submit(report: SubmitReport, *, policy: str, attempt: int, names: Sta
     - any other status: FAILED.
     A retry waits an exponential back-off with jitter (core/domain/retry.py)."""
     if report.error:
-        if report.maybe_sent:
-            if policy == HOLD:
-                return SubmitDecision(Verdict.UNKNOWN, reason=f"no answer to submit_sm: {report.error}")
-            return SubmitDecision(Verdict.RETRY, None, "OUTCOME_UNKNOWN", report.error, exclude_route=False,
-                                  possible_duplicate=True, retry_in_s=backoff_s(attempt, rng=rng))
-        return SubmitDecision(Verdict.RETRY, None, "NOT_SENT", report.error, exclude_route=False,
-                              retry_in_s=backoff_s(attempt, rng=rng))
+        return unanswered(report.error, report.maybe_sent, policy=policy, attempt=attempt, rng=rng,
+                          exclude_route=False, what="to submit_sm")
     if report.nack:
         name, _ = names(report.status)
         return SubmitDecision(Verdict.RETRY, report.status, "GENERIC_NACK", f"generic_nack for submit_sm ({name})",

@@ -63,9 +63,7 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -80,7 +78,7 @@ from ops.bench.campaign_csv import write_csv
 from ops.bench.campaign_probes import Journal, Prober
 from ops.bench.campaign_report import print_results
 from ops.bench.campaign_run import Cpu, Run
-from ops.bench.support import note, store_servers
+from ops.bench.support import note, run_with_store_servers
 from ops.stack import Stack, seed
 
 
@@ -175,9 +173,7 @@ def main() -> None:
     p.add_argument("--keep-logs", type=Path, default=None, help="copy the components' logs here at the end")
     p.add_argument("--progress-every", type=float, default=15.0, help="seconds between progress lines")
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="msgcore-bench-campaign-") as tmp, store_servers(Path(tmp)) as servers:
-        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp), servers.pids))
+    run_with_store_servers(bench, args, "msgcore-bench-campaign-")
 
 
 if __name__ == "__main__":

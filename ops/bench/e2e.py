@@ -31,10 +31,7 @@ import argparse
 import asyncio
 import json
 import math
-import signal
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -50,7 +47,7 @@ from core.domain.routing import Route
 from core.store.eventstore import EventStore
 from core.store.mongo import connect
 from ops.bench.store_figures import EVENTS_PER_MESSAGE, PRICE, TENANT, oplog_writes, store_ceiling
-from ops.bench.support import pct, store_servers, tree_cpu_s
+from ops.bench.support import pct, run_with_store_servers, tree_cpu_s
 from ops.progress import read_progress, spent_minor
 from ops.stack import Stack, seed
 
@@ -303,10 +300,7 @@ def main() -> None:
     p.add_argument("--ceiling-seconds", type=float, default=5.0, help="how long the store ceiling is measured")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for every message to be billed")
     args = p.parse_args()
-    # SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="msgcore-bench-") as tmp, store_servers(Path(tmp)) as servers:
-        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp), servers.pids))
+    run_with_store_servers(bench, args)
 
 
 if __name__ == "__main__":

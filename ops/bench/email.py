@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
-import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,7 +32,7 @@ from psycopg import sql
 from core.domain.routing import Route
 from core.store.mongo import connect
 from ops.bench.store_figures import PRICE, TENANT, oplog_writes, store_ceiling
-from ops.bench.support import store_servers, tree_cpu_s
+from ops.bench.support import run_with_store_servers, tree_cpu_s
 from ops.progress import spent_minor
 from ops.stack import Stack, seed
 
@@ -158,9 +155,7 @@ def main() -> None:
     p.add_argument("--ceiling-seconds", type=float, default=5.0)
     p.add_argument("--timeout", type=float, default=900.0)
     args = p.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    with tempfile.TemporaryDirectory(prefix="msgcore-bench-") as tmp, store_servers(Path(tmp)) as servers:
-        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp), servers.pids))
+    run_with_store_servers(bench, args)
 
 
 if __name__ == "__main__":

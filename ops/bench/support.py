@@ -3,13 +3,18 @@ MSGCORE_PG_URL name others), percentiles and CPU time of a process tree."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import signal
+import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -90,3 +95,14 @@ def store_servers(work: Path) -> Iterator[StoreServers]:
     finally:
         for s in reversed(started):
             s.stop()
+
+
+Bench = Callable[[Any, str, str, Path, dict[str, int]], Awaitable[None]]
+
+
+def run_with_store_servers(bench: Bench, args: Any, prefix: str = "msgcore-bench-") -> None:
+    """Run `bench(args, mongo_url, pg_url, work_dir, server_pids)` against `store_servers` in a temp
+    dir; SIGTERM unwinds like Ctrl-C, so the servers this run started are stopped."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, store_servers(Path(tmp)) as servers:
+        asyncio.run(bench(args, servers.mongo_url, servers.pg_url, Path(tmp), servers.pids))
