@@ -22,13 +22,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from core.domain.email_events import SUPPRESSED
+from core.domain.consent import REJECTION_REASONS, rejection_reason
 from core.domain.message import tenant_lane
 from core.ids import new_message_id
 from core.store.eventstore import EventStore, IdempotencyRecord, IdempotencyReplay
 from core.store.lanes import ACTIVE, LaneStore
 from core.store.routes import RouteTable
-from core.store.submission import OPTED_OUT, Submission, accepted, rejected_at_acceptance, routed_at_acceptance
+from core.store.submission import Submission, accepted, rejected_at_acceptance, routed_at_acceptance
 from core.store.suppressions import SuppressionStore
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ class SubmissionService:
             await self.routes.refresh(now)
             writes = [w if i in blocked else routed_at_acceptance(w, self.routes.routes, self.routes.status,
                                                                   self.rng, now) for i, w in enumerate(writes)]
-        # An e-mail's suppression (a hard bounce, a complaint, an entry on the list) is `suppressed`.
-        reasons = {i: SUPPRESSED if submissions[i].channel == "email" else OPTED_OUT for i in blocked}
+        reasons = {i: rejection_reason(submissions[i].channel) for i in blocked}
         for i, scope in blocked.items():
             writes[i] = rejected_at_acceptance(writes[i], now, reasons[i], {"scope": scope})
         rejected = {ids[i]: reasons[i] for i in blocked}
@@ -118,7 +117,7 @@ class SubmissionService:
         """For a replay: which of the earlier ids were rejected at acceptance (one query)."""
         states = await self.events.states(ids)
         return {mid: str(st.extra.get("reason")) for mid, st in states.items()
-                if st.state == "rejected" and st.version == 2 and st.extra.get("reason") in (OPTED_OUT, SUPPRESSED)}
+                if st.state == "rejected" and st.version == 2 and st.extra.get("reason") in REJECTION_REASONS}
 
     async def _ensure_marketing_lane(self, tenant_id: str, now: datetime) -> None:
         """Register the tenant's marketing lane before its first marketing message is accepted."""

@@ -25,6 +25,15 @@ from enum import StrEnum
 ALL_SENDERS = "*"
 CHANNELS = frozenset({"sms"})
 STREAM_PREFIX = "sup:"
+# Why a message to a suppressed recipient is `rejected` (at acceptance, by the router, or refused in a
+# campaign upload): an SMS recipient opted out; an e-mail address is suppressed (also by a hard bounce
+# or a complaint).
+OPTED_OUT, SUPPRESSED = "opted_out", "suppressed"
+REJECTION_REASONS = frozenset({OPTED_OUT, SUPPRESSED})
+
+
+def rejection_reason(channel: str) -> str:
+    return SUPPRESSED if channel == "email" else OPTED_OUT
 MAX_KEYWORD_LEN = 20
 MAX_TENANT_KEYWORDS = 50
 MAX_CONFIRM_TEXT = 160

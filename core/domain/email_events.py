@@ -38,7 +38,6 @@ from core.domain.message import ALLOWED_FROM, MessageState
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 MAX_EVENTS = 5000  # per POST (SendGrid batches far fewer); more is refused whole
-SUPPRESSED = "suppressed"  # the reason of an e-mail `rejected` for a suppressed recipient
 HARD, SOFT = "hard", "soft"
 # `dropped` reasons that are about the address itself (SendGrid's own lists): as final as a bounce.
 ADDRESS_DROP_REASONS = frozenset({"bounced address", "unsubscribed address", "spam reporting address", "invalid"})

@@ -46,10 +46,9 @@ from core.domain.campaign import (
     CampaignStatus,
     apply_action,
 )
-from core.domain.consent import ALL_SENDERS
+from core.domain.consent import ALL_SENDERS, rejection_reason
 from core.domain.email import EmailContent
 from core.domain.email_campaign import EmailRecipient, EmailTemplates
-from core.domain.email_events import SUPPRESSED
 from core.domain.message import campaign_lane, route_topic, send_topics
 from core.domain.recipients import Recipient, RowProblem
 from core.domain.templates import Template
@@ -57,7 +56,7 @@ from core.ids import campaign_message_id, new_campaign_id
 from core.store.errors import StoreUnavailable
 from core.store.eventstore import EventStore
 from core.store.lanes import LaneStore
-from core.store.submission import OPTED_OUT, Submission, accepted
+from core.store.submission import Submission, accepted
 from core.store.suppressions import SuppressionStore
 from core.store.timers import Timers
 from core.store.topics import Write
@@ -367,6 +366,5 @@ def _first_of_each(campaign_id: str, recipients: Sequence[Recipient | EmailRecip
 def _refused(channel: str, row: int, to: str, scope: str) -> RowProblem:
     """A row to a recipient on the suppression list: `suppressed` (e-mail) or `opted_out` (SMS)."""
     shown = "every sender" if scope == ALL_SENDERS else f"sender {scope}"
-    if channel == "email":
-        return RowProblem(row, SUPPRESSED, f"the address is suppressed ({shown})", to)
-    return RowProblem(row, OPTED_OUT, f"the number opted out ({shown})", to)
+    what = "the address is suppressed" if channel == "email" else "the number opted out"
+    return RowProblem(row, rejection_reason(channel), f"{what} ({shown})", to)

@@ -111,8 +111,6 @@ def routed_at_acceptance(write: Write, routes: Sequence[Route], status: Mapping[
     return Write(write.message_id, [write.events[0], doc], [None, topic])
 
 
-OPTED_OUT = "opted_out"
-
 
 def rejected_at_acceptance(write: Write, now: datetime, reason: str, data: Mapping[str, Any] | None = None) -> Write:
     """`write` (an `accepted` write) as `accepted` + `rejected` (seq 2) with `reason`: no topic, no

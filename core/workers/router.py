@@ -26,7 +26,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from core import metrics
-from core.domain.email_events import SUPPRESSED
+from core.domain.consent import rejection_reason
 from core.domain.errors import NoRoute
 from core.domain.events import EventType
 from core.domain.message import MessageState, event_doc, lane_of_topic, send_topics, state_of_accepted
@@ -35,7 +35,6 @@ from core.store.errors import CheckpointMoved
 from core.store.eventstore import EventStore
 from core.store.lanes import ALL, SHARED, LaneBook, TopicReader
 from core.store.routes import RouteStore, RouteTable
-from core.store.submission import OPTED_OUT
 from core.store.suppressions import SuppressionStore
 from core.store.timers import HOLD_S, timer_doc
 from core.store.topics import Write
@@ -158,9 +157,8 @@ class Router:
             self.rejected += 1
             log.info("router: message=%s tenant=%s recipient opted out (scope %s): rejected", mid, state.tenant_id,
                      self._blocked[mid])
-            reason = SUPPRESSED if state.channel == "email" else OPTED_OUT  # as at acceptance
             return Write(mid, [event_doc(state, EventType.REJECTED, now,
-                                         {"reason": reason, "scope": self._blocked[mid]})])
+                                         {"reason": rejection_reason(state.channel), "scope": self._blocked[mid]})])
         if state.tenant_id in self.reader.book.suspended:
             self.held += 1
             log.info("router: message=%s tenant=%s suspended: held", mid, state.tenant_id)
